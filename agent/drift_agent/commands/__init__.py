@@ -1,0 +1,1 @@
+"""Subcommands of `drift` that belong to the engine itself."""

@@ -1,0 +1,48 @@
+"""`drift generate "prompt"`: one-shot generation with the engine (the embedded model by default)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .engine_args import add_engine_args, config_error_message, engine_config_from_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a completion for a prompt")
+    p.add_argument("prompt", nargs="+", help="prompt text (several: generated as one batch)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = engine_config_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"drift generate: invalid configuration: {config_error_message(exc)}", file=sys.stderr)
+        return 2
+    from ..engine.llm_engine import LLMEngine
+    from ..engine.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.sample_seed,
+    )
+    engine = LLMEngine(config)
+    prompts = list(args.prompt)
+    if not args.raw and getattr(engine.tokenizer, "chat_template", None):
+        prompts = [
+            engine.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+    for out in engine.generate(prompts, params):
+        print(out.text.strip())
+    return 0

@@ -1,0 +1,179 @@
+"""asyncio front of the engine: the model loop runs in its own thread; each request streams its outputs
+through an asyncio queue. Cancelling the consumer (a client disconnect) aborts the request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from .errors import EngineDeadError, EngineOverloadedError
+from .llm_engine import LLMEngine
+from .outputs import EngineStats, RequestOutput
+from .sampling_params import SamplingParams
+from .sequence import SLO, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting_requests or engine.config.max_waiting_requests
+        self._commands: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # guards _streams and the pending-add count
+        self._pending_adds = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self._stats = engine.stats()
+        # Hooks called on the engine thread after each step (metrics, policy changes); must be quick.
+        self.step_hooks: list = []
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="drift-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> EngineStats:
+        """Snapshot taken by the engine thread after its last step (never blocks on the model)."""
+        return self._stats
+
+    def call_in_engine_thread(self, fn) -> None:
+        """Run `fn(engine)` on the engine thread between steps (e.g. switching the policy)."""
+        self._commands.put(("call", fn))
+
+    # ---- requests -----------------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        slo: SLO | None = None,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate synchronously (errors raise before the first yield), then stream outputs until finished."""
+        if not self.is_running:
+            raise EngineDeadError(f"engine is not running: {self.error!r}" if self.error else "engine not started")
+        request_id = request_id or uuid.uuid4().hex
+        seq = self.engine.make_sequence(request_id, prompt, params, slo, arrival_time)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self._stats.num_waiting + self._pending_adds >= self.max_waiting:
+                raise EngineOverloadedError(f"waiting queue is full ({self.max_waiting} requests)")
+            if request_id in self._streams:
+                from .errors import InvalidRequestError
+
+                raise InvalidRequestError(f"duplicate request id {request_id!r}")
+            self._streams[request_id] = stream
+            self._pending_adds += 1
+        self._commands.put(("add", seq))
+        return self._iterate(request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # ---- engine thread --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self._stats = self.engine.stats()
+                    for out in outputs:
+                        self._deliver(out)
+                    for hook in self.step_hooks:
+                        hook(self.engine, outputs)
+        except BaseException as exc:  # the loop must never die silently: fail every open request
+            log.exception("engine loop died")
+            self.error = exc
+            with self._lock:
+                streams = list(self._streams.values())
+                self._streams.clear()
+            for stream in streams:
+                stream.put(EngineDeadError(f"engine loop died: {exc!r}"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd, arg = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(cmd, arg)
+            try:
+                cmd, arg = self._commands.get_nowait()
+            except queue.Empty:
+                break
+        self._stats = self.engine.stats()
+
+    def _handle(self, cmd: str, arg: object) -> None:
+        if cmd == "add":
+            seq = arg
+            assert isinstance(seq, Sequence)
+            with self._lock:
+                self._pending_adds -= 1
+                stream = self._streams.get(seq.request_id)
+            if stream is None:  # cancelled before it reached the engine
+                return
+            try:
+                self.engine.add_sequence(seq)
+            except Exception as exc:
+                with self._lock:
+                    self._streams.pop(seq.request_id, None)
+                stream.put(exc)
+        elif cmd == "abort":
+            rid = str(arg)
+            with self._lock:
+                self._streams.pop(rid, None)
+            self.engine.abort_request(rid)
+        elif cmd == "call":
+            arg(self.engine)  # type: ignore[operator]
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+        if stream is not None:
+            stream.put(out)

@@ -1,0 +1,76 @@
+"""Engine configuration: one pydantic model, filled from CLI flags, DRIFT_* env vars and an optional YAML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PolicyName = Literal["prefill-first", "chunked", "static-split", "drift"]
+POLICIES: tuple[str, ...] = ("prefill-first", "chunked", "static-split", "drift")
+
+
+class PartitionConfig(BaseModel):
+    """How the GPU's SMs are split between prefill and decode (used by `static-split` and `drift`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["auto", "static", "off"] = "auto"
+    # For mode=static (and the static-split policy): the prefill share of SMs, decode gets the rest.
+    prefill_sm_share: float = Field(0.5, ge=0.0, le=1.0)
+    # Which partitioner realises the split: green contexts, MPS, or a shared (no-op) partitioner.
+    backend: Literal["auto", "green-context", "mps", "shared"] = "auto"
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str | None = Field(None, description="Hugging Face model directory; None serves the embedded default")
+    served_model_name: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int | None = Field(None, ge=16, description="context window; default: the model's")
+    block_size: int = Field(16, ge=1, le=1024)
+    num_kv_blocks: int | None = Field(None, ge=1, description="fixed KV pool size; overrides the memory budget")
+    kv_cache_memory_gb: float | None = Field(None, gt=0, description="KV budget in GiB (CPU default: 2)")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16, description="token budget of one step (chunk size)")
+    max_waiting_requests: int = Field(1024, ge=1, description="bounded queue; past it requests get 429")
+    policy: PolicyName = "chunked"
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    enable_prefix_caching: bool = True
+    attention_backend: Literal["auto", "sdpa", "flash-attn", "flashinfer", "flex"] = "auto"
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
+    seed: int = 0
+    slo_ttft_ms: float = Field(1000.0, gt=0, description="default TTFT target for requests without one")
+    slo_tpot_ms: float = Field(100.0, gt=0, description="default TPOT target for requests without one")
+    profile_path: str | None = Field(None, description="performance-model JSON from `drift profile`")
+    trace_path: str | None = Field(None, description="write every scheduling decision as JSON lines here")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.max_model_len is not None and self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be at least block_size")
+        return self
+
+    @classmethod
+    def from_sources(
+        cls, yaml_path: str | Path | None = None, env: dict[str, str] | None = None, **overrides: Any
+    ) -> EngineConfig:
+        """Merge, lowest precedence first: YAML file, DRIFT_* environment, explicit overrides (CLI flags)."""
+        data: dict[str, Any] = {}
+        if yaml_path is not None:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{yaml_path}: expected a mapping of engine options")
+            data.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        for key, value in (env or {}).items():
+            if key.startswith("DRIFT_") and key != "DRIFT_ADMIN_TOKEN":
+                name = key[len("DRIFT_") :].lower()
+                if name in cls.model_fields:
+                    data[name] = value
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)

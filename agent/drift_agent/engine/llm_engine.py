@@ -1,0 +1,335 @@
+"""The synchronous engine: add_request / step / abort, and a `generate()` convenience for offline use."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .errors import InvalidRequestError, ModelLoadError
+from .model_runner import (
+    CPU_DEFAULT_KV_GB,
+    DTYPES,
+    ModelRunner,
+    kv_bytes_per_token,
+    num_kv_blocks_for_budget,
+    resolve_device,
+)
+from .outputs import EngineStats, RequestOutput
+from .policies import SEQUENTIAL_POLICIES
+from .sampler import TokenLogprobs
+from .sampling_params import SamplingParams
+from .scheduler import Policy, Scheduler, SchedulerConfig
+from .sequence import SLO, FinishReason, RequestTimes, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def make_policy(name: str, config: EngineConfig) -> Policy:
+    if name in SEQUENTIAL_POLICIES:
+        return SEQUENTIAL_POLICIES[name]()
+    from ..multiplex.policies import make_multiplex_policy
+
+    return make_multiplex_policy(name, config)
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_reported_tokens: int = 0
+    num_reported_logprobs: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides: object) -> None:
+        from ..models.loader import load_model, load_tokenizer
+
+        config = config or EngineConfig()
+        if overrides:
+            config = config.model_copy(update=overrides)
+            config = EngineConfig.model_validate(config.model_dump())
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model_dir = self._resolve_model_dir(config.model)
+        self.model_name = config.served_model_name or (
+            config.model if config.model else "SmolLM2-135M-Instruct"
+        )
+        self.device = resolve_device(config.device)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        dtype_name = config.dtype
+        if dtype_name == "auto":
+            # bf16 matmuls are slow on CPUs without AMX; the model's own dtype on GPUs.
+            dtype_name = "float32" if self.device.type == "cpu" else "bfloat16"
+        self.dtype = DTYPES[dtype_name]
+        model, hf_config = load_model(self.model_dir, self.dtype, self.device)
+        self.hf_config = hf_config
+        self.eos_token_ids = self._eos_ids(hf_config)
+
+        model_max = int(getattr(hf_config, "max_position_embeddings", 4096))
+        max_model_len = min(config.max_model_len or model_max, model_max)
+        num_blocks = self._num_kv_blocks(model, max_model_len)
+        pool_tokens = num_blocks * config.block_size
+        if pool_tokens < max_model_len:
+            log.warning("KV pool holds %d tokens; capping the context window from %d", pool_tokens, max_model_len)
+            max_model_len = pool_tokens
+        self.max_model_len = max_model_len
+        self.runner = ModelRunner(model, self.device, self.dtype, config.block_size, num_blocks, self.eos_token_ids)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        sched_cfg = SchedulerConfig(
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=max_model_len,
+        )
+        self.scheduler = Scheduler(sched_cfg, self.block_manager, make_policy(config.policy, config))
+        self.requests: dict[str, _Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        log.info(
+            "engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_size=%d max_model_len=%d policy=%s",
+            self.model_dir, self.device, self.dtype, num_blocks, config.block_size, max_model_len, config.policy,
+        )
+
+    # ---- construction helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _resolve_model_dir(model: str | None) -> Path:
+        if model is None:
+            from ..models.embedded import embedded_model_dir
+
+            return embedded_model_dir()
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory not found: {model} (Drift loads local Hugging Face directories)")
+        return path
+
+    def _eos_ids(self, hf_config: object) -> frozenset[int]:
+        ids: set[int] = set()
+        gen_cfg = self.model_dir / "generation_config.json"
+        if gen_cfg.exists():
+            import json
+
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = getattr(hf_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(int(i) for i in ids)
+
+    def _num_kv_blocks(self, model: torch.nn.Module, max_model_len: int) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_token = kv_bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, self.dtype)
+        useful = cfg.max_num_seqs * max_model_len
+        if cfg.kv_cache_memory_gb is not None:
+            budget = cfg.kv_cache_memory_gb * 2**30
+        elif self.device.type == "cuda":
+            from .model_runner import gpu_kv_budget_bytes
+
+            # Activations of one full step: hidden states and MLP intermediates for the token budget.
+            hidden = int(getattr(self.hf_config, "hidden_size", 4096))
+            inter = int(getattr(self.hf_config, "intermediate_size", 4 * hidden))
+            reserve = cfg.max_num_batched_tokens * (4 * hidden + 3 * inter) * self.dtype.itemsize + 2**30
+            budget = gpu_kv_budget_bytes(self.device, cfg.gpu_memory_utilization, reserve)
+        else:
+            budget = CPU_DEFAULT_KV_GB * 2**30
+        return num_kv_blocks_for_budget(budget, cfg.block_size, per_token, useful)
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty")
+            ids = self.tokenizer(prompt).input_ids
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.runner.model.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if not ids:
+            raise InvalidRequestError("prompt must contain at least one token")
+        return ids
+
+    def make_sequence(
+        self,
+        request_id: str,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        slo: SLO | None = None,
+        arrival_time: float | None = None,
+    ) -> Sequence:
+        """Validate a request and build its sequence without touching engine state (safe off-thread)."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise InvalidRequestError("the engine runs one sequence per request; fan out n>1 as n requests")
+        seq = Sequence(
+            request_id=request_id,
+            prompt_token_ids=self.tokenize(prompt),
+            params=params,
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+            slo=slo or SLO(self.config.slo_ttft_ms / 1e3, self.config.slo_tpot_ms / 1e3),
+            times=RequestTimes(arrival=arrival_time if arrival_time is not None else time.monotonic()),
+        )
+        self.scheduler.check_fits(seq)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise InvalidRequestError(f"duplicate request id {seq.request_id!r}")
+        self.scheduler.add(seq)
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params)
+        self.requests[seq.request_id] = _Request(seq, detok)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        slo: SLO | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.add_sequence(self.make_sequence(request_id, prompt, params, slo, arrival_time))
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort at any time; blocks are freed now, or when the sequence's running batch returns."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq, FinishReason.ABORT)
+        if req.seq.is_finished:
+            self._forget(req)
+        return True
+
+    def _forget(self, req: _Request) -> None:
+        self.requests.pop(req.seq.request_id, None)
+        self.runner.release(req.seq.seq_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        now = time.monotonic()
+        sched_out = self.scheduler.schedule(now)
+        if sched_out.is_empty:
+            if self.scheduler.has_unfinished:
+                raise RuntimeError("scheduler made no progress with unfinished requests (a bug)")
+            return []
+        outputs: list[RequestOutput] = []
+        for batch in sched_out.batches:
+            self.prompt_tokens_total += sum(i.num_new_tokens for i in batch.items if i.seq.is_prefilling)
+            result = self.runner.execute(batch)
+            done_at = time.monotonic()
+            for seq in self.scheduler.on_batch_done(batch, result.tokens):
+                req = self.requests.get(seq.request_id)
+                if req is None:
+                    continue
+                lp = result.logprobs.get(seq.seq_id)
+                if lp is not None:
+                    req.logprobs.append(lp)
+                out = self._advance(req, done_at)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _advance(self, req: _Request, now: float) -> RequestOutput | None:
+        seq = req.seq
+        new_ids = seq.output_token_ids[req.num_reported_tokens :]
+        if new_ids:
+            self.generation_tokens_total += len(new_ids)
+            if seq.times.first_token is None:
+                seq.times.first_token = now
+            seq.times.last_token = now
+            stop = req.detok.update(new_ids)
+            if stop is not None and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.STOP, stop)
+        if not new_ids and not seq.is_finished:
+            return None
+        if seq.is_finished:
+            req.detok.finish()
+            seq.times.finished = now
+            self._forget(req)
+        req.num_reported_tokens = seq.num_output_tokens
+        delta_lp = req.logprobs[req.num_reported_logprobs :]
+        req.num_reported_logprobs = len(req.logprobs)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=req.detok.output_text,
+            token_ids=seq.output_token_ids,
+            delta_text=req.detok.take_delta(),
+            delta_token_ids=new_ids,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            stop_reason=seq.stop_reason,
+            num_cached_tokens=max(seq.num_cached_tokens, 0),
+            logprobs=list(req.logprobs) if seq.params.logprobs is not None else None,
+            delta_logprobs=delta_lp,
+            times=seq.times,
+            slo=seq.slo,
+        )
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=bm.usage,
+            num_kv_blocks=bm.num_blocks,
+            num_free_kv_blocks=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens_total,
+            generation_tokens=self.generation_tokens_total,
+        )
+
+    # ---- offline convenience ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | Seq[str] | Seq[Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError("need one SamplingParams per prompt, or a single one for all")
+        base = f"gen-{time.monotonic_ns()}-"
+        ids = [f"{base}{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generate", unit="req")
+        try:
+            while len(final) < len(ids):
+                for out in self.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            for rid in ids:
+                if rid not in final:
+                    self.abort_request(rid)
+        return [final[rid] for rid in ids]

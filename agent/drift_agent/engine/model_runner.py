@@ -1,0 +1,167 @@
+"""Runs scheduled batches through the model over the paged KV pool and samples the next tokens.
+
+Owns the device state: weights, the KV pool tensors, per-request RNGs. Everything about *which* tokens run
+comes from the scheduler's `Batch`; this module only turns it into flat tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..models.attention_metadata import AttentionMetadata
+from .sampler import SampleRequest, Sampler, TokenLogprobs
+from .scheduler import Batch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_DEFAULT_KV_GB = 2.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+@dataclass
+class StepResult:
+    """Sampled token and its logprobs per sequence id, for the items of a batch that sample."""
+
+    tokens: dict[int, int]
+    logprobs: dict[int, TokenLogprobs]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        num_blocks: int,
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
+        self.generators: dict[int, torch.Generator] = {}
+        shape = (2, model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.kv_pool = torch.zeros(shape, dtype=dtype, device=device)
+        model.bind_kv_cache([(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(model.num_layers)])
+
+    # ---- inputs ---------------------------------------------------------------------------------------
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_lens: list[int] = []
+        seq_lens: list[int] = []
+        logits_rows: list[int] = []
+        max_blocks = max(len(i.seq.block_table) for i in batch.items)
+        tables = torch.zeros((len(batch.items), max_blocks), dtype=torch.int32)
+        for row, item in enumerate(batch.items):
+            seq, start, end = item.seq, item.start, item.end
+            table = seq.block_table
+            ids += seq.token_ids[start:end]
+            pos = range(start, end)
+            positions += pos
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            q_lens.append(end - start)
+            seq_lens.append(end)
+            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            if item.samples:
+                logits_rows.append(len(ids) - 1)
+        dev = self.device
+        qsl = [0]
+        for q in q_lens:
+            qsl.append(qsl[-1] + q)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=tables.to(dev),
+            query_lens_cpu=q_lens,
+            seq_lens_cpu=seq_lens,
+            block_size=bs,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return input_ids, pos_t, meta, logits_rows
+
+    # ---- execution -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_logits(self, batch: Batch) -> torch.Tensor:
+        input_ids, positions, meta, rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        if not rows:
+            return hidden.new_empty((0, 0))
+        return self.model.compute_logits(hidden[rows])
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch) -> StepResult:
+        logits = self.forward_logits(batch)
+        sampling = [i.seq for i in batch.items if i.samples]
+        if not sampling:
+            return StepResult({}, {})
+        requests = [self._sample_request(seq) for seq in sampling]
+        result = self.sampler(logits.float(), requests)
+        tokens = {seq.seq_id: tok for seq, tok in zip(sampling, result.token_ids, strict=True)}
+        logprobs = {
+            seq.seq_id: lp for seq, lp in zip(sampling, result.logprobs, strict=True) if lp is not None
+        }
+        return StepResult(tokens, logprobs)
+
+    def _sample_request(self, seq) -> SampleRequest:
+        params = seq.params
+        gen = None
+        if params.seed is not None and not params.greedy:
+            gen = self.generators.get(seq.seq_id)
+            if gen is None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(params.seed)
+                self.generators[seq.seq_id] = gen
+        suppress: frozenset[int] = frozenset()
+        if seq.num_output_tokens < params.min_tokens:
+            suppress = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else seq.eos_token_ids)
+        return SampleRequest(
+            params=params,
+            token_ids=seq.token_ids,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            generator=gen,
+            suppress_token_ids=suppress,
+        )
+
+    def release(self, seq_id: int) -> None:
+        self.generators.pop(seq_id, None)
+
+
+def num_kv_blocks_for_budget(
+    budget_bytes: float, block_size: int, per_token_bytes: int, max_useful_tokens: int
+) -> int:
+    """Blocks that fit the byte budget, capped at what max_num_seqs full-length sequences could ever use."""
+    by_budget = int(budget_bytes // (per_token_bytes * block_size))
+    cap = -(-max_useful_tokens // block_size)
+    return max(1, min(by_budget, cap))
+
+
+def gpu_kv_budget_bytes(device: torch.device, utilization: float, activation_reserve: int) -> int:
+    """What is left for KV under `utilization` of the whole device, after weights and a reserve for
+    activations measured on a profile run."""
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    return max(0, int(total * utilization) - used - activation_reserve)

@@ -1,0 +1,48 @@
+"""What the engine hands back per request per step: cumulative text and tokens plus this step's delta."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .sampler import TokenLogprobs
+from .sequence import SLO, RequestTimes
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    delta_text: str
+    delta_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None
+    delta_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    times: RequestTimes = field(default_factory=RequestTimes)
+    slo: SLO = field(default_factory=SLO)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks held by live sequences
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found cached
+    num_preemptions: int
+    prompt_tokens: int  # prompt tokens computed (excluding cache hits)
+    generation_tokens: int

@@ -1,0 +1,233 @@
+"""Continuous batching over the block manager. Pure: sequences and block ids in, batches out.
+
+The `Scheduler` owns the queues and the mechanics every policy shares (admit with prefix-cache lookup, grow,
+preempt, finish, post-process a finished batch). A `Policy` decides what runs next and returns a
+`SchedulerOutput` holding one or more batches; sequential policies return one batch per step, a multiplexing
+policy returns a prefill batch and a decode batch meant to run concurrently on separate SM partitions.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from .block_manager import BlockManager
+from .errors import PromptTooLongError
+from .sequence import FinishReason, Sequence, SequenceStatus
+
+Phase = Literal["prefill", "decode", "mixed"]
+
+
+@dataclass
+class SchedulerConfig:
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first token position computed in this batch (== seq.num_computed_tokens when scheduled)
+    num_new_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the known tokens, so the model produces the next one."""
+        return self.end == self.seq.num_tokens
+
+
+@dataclass
+class Batch:
+    items: list[ScheduledSeq]
+    phase: Phase
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(i.num_new_tokens for i in self.items)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class SchedulerOutput:
+    batches: list[Batch] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    # (prefill SMs, decode SMs) chosen by a multiplexing policy; None for sequential policies.
+    split: tuple[int, int] | None = None
+    # Free-form facts about the decision for the trace (predicted latencies, reasons).
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.batches
+
+
+class Policy(Protocol):
+    name: str
+
+    def schedule(self, sched: Scheduler, now: float) -> SchedulerOutput: ...
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: Policy) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.policy = policy
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- request lifecycle ---------------------------------------------------------------------------
+    def check_fits(self, seq: Sequence) -> None:
+        """Reject now what could never run, instead of letting it wait forever."""
+        n = seq.num_prompt_tokens
+        if n + 1 > self.config.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {n} tokens; the context window is {self.config.max_model_len} "
+                f"(prompt plus at least one output token must fit)"
+            )
+        if self.bm.blocks_needed(n + 1) > self.bm.num_blocks:
+            raise PromptTooLongError(
+                f"prompt has {n} tokens but the KV pool holds only {self.bm.num_blocks * self.bm.block_size}"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        """End a sequence now (stop string, abort). An in-flight one is finished when its batch returns."""
+        if seq.is_finished:
+            return
+        if seq.finish_reason is None or reason is FinishReason.ABORT:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq.in_flight:
+            seq.abort_pending = True
+            return
+        self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.bm.free_seq(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.abort_pending = False
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        out = self.policy.schedule(self, now)
+        for batch in out.batches:
+            for item in batch.items:
+                if item.seq.times.first_scheduled is None:
+                    item.seq.times.first_scheduled = now
+        return out
+
+    # ---- mechanics shared by policies ----------------------------------------------------------------
+    def try_admit(self, seq: Sequence, max_new_tokens: int, whole_only: bool = False) -> ScheduledSeq | None:
+        """Move waiting `seq` into running with up to `max_new_tokens` of its prompt scheduled (all of it
+        or nothing when `whole_only`). Prefix-cache hits are skipped over. Returns None, changing nothing,
+        if it does not fit."""
+        if len(self.running) >= self.config.max_num_seqs or max_new_tokens <= 0:
+            return None
+        cached = self.bm.find_cached_prefix(seq)
+        n_cached = len(cached) * self.bm.block_size
+        if whole_only and seq.num_tokens - n_cached > max_new_tokens:
+            return None
+        n_new = min(seq.num_tokens - n_cached, max_new_tokens)
+        if not self.bm.allocate(seq, n_new, cached):
+            return None
+        if seq.num_cached_tokens < 0:  # count each request's lookup once, not again after a preemption
+            seq.num_cached_tokens = n_cached
+            self.bm.record_prefix_lookup(seq.num_prompt_tokens, n_cached)
+        seq.num_computed_tokens = n_cached
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        seq.status = SequenceStatus.RUNNING
+        return self._scheduled(seq, n_new)
+
+    def try_grow(self, seq: Sequence, num_new_tokens: int) -> ScheduledSeq | None:
+        if not self.bm.allocate(seq, num_new_tokens):
+            return None
+        return self._scheduled(seq, num_new_tokens)
+
+    @staticmethod
+    def _scheduled(seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+        # Marked at once, so nothing scheduled earlier in the same step is picked as a preemption victim.
+        seq.in_flight = True
+        return ScheduledSeq(seq, seq.num_computed_tokens, num_new_tokens)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: drop the KV (it stays in the prefix cache until evicted) and requeue
+        at the front, so the request resumes before newer ones."""
+        assert not seq.in_flight, "cannot preempt a sequence whose batch is running"
+        self.running.remove(seq)
+        self.bm.free_seq(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def grow_or_preempt(self, seq: Sequence, num_new_tokens: int, preempted: list[Sequence]) -> ScheduledSeq | None:
+        """Find room for `seq` to compute `num_new_tokens` more, preempting the newest running sequences
+        (never in-flight ones, which includes everything already scheduled this step) until it fits;
+        preempts `seq` itself when nothing else can go."""
+        while True:
+            item = self.try_grow(seq, num_new_tokens)
+            if item is not None:
+                return item
+            victims = [s for s in self.running if s is not seq and not s.in_flight]
+            if not victims:
+                self.preempt(seq)
+                preempted.append(seq)
+                return None
+            victim = victims[-1]
+            self.preempt(victim)
+            preempted.append(victim)
+
+    # ---- completion ------------------------------------------------------------------------------------
+    def on_batch_done(self, batch: Batch, sampled: dict[int, int]) -> list[Sequence]:
+        """Advance KV progress, append sampled tokens (keyed by seq_id), finish sequences that stop.
+        Returns the sequences that advanced (finished ones included)."""
+        touched = []
+        for item in batch.items:
+            seq = item.seq
+            seq.in_flight = False
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens = item.end
+            self.bm.register_full_blocks(seq)
+            if seq.abort_pending:
+                self._retire(seq)
+                touched.append(seq)
+                continue
+            token = sampled.get(seq.seq_id)
+            if token is not None:
+                seq.append_token(token)
+                if seq.check_stop_token():
+                    self._retire(seq)
+            touched.append(seq)
+        return touched

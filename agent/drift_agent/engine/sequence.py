@@ -1,0 +1,135 @@
+"""A request's state as the scheduler sees it: token ids, KV progress, block table. No tensors."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    ABORT = "abort"
+
+
+@dataclass
+class SLO:
+    """Per-request latency targets in seconds (None: no target)."""
+
+    ttft: float | None = None
+    tpot: float | None = None
+    priority: int = 0
+
+
+@dataclass
+class RequestTimes:
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation stream. `num_computed_tokens` counts tokens whose KV is in the pool."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 30
+    slo: SLO = field(default_factory=SLO)
+    times: RequestTimes = field(default_factory=RequestTimes)
+    seq_id: int = field(default_factory=lambda: next(_ids))
+
+    token_ids: list[int] = field(init=False)
+    status: SequenceStatus = field(init=False, default=SequenceStatus.WAITING)
+    finish_reason: FinishReason | None = field(init=False, default=None)
+    stop_reason: str | int | None = field(init=False, default=None)
+    num_computed_tokens: int = field(init=False, default=0)
+    num_cached_tokens: int = field(init=False, default=-1)  # prefix-cache hit at first admission
+    num_preemptions: int = field(init=False, default=0)
+    block_table: list[int] = field(init=False, default_factory=list)
+    block_hashes: list[int] = field(init=False, default_factory=list)  # chained hash per full block
+    num_registered_blocks: int = field(init=False, default=0)  # leading blocks published to the prefix cache
+    in_flight: bool = field(init=False, default=False)  # part of a batch that has not completed yet
+    abort_pending: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, prompt={self.num_prompt_tokens}, out={self.num_output_tokens}, "
+            f"computed={self.num_computed_tokens}, {self.status.value})"
+        )
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while some tokens besides the newest sampled one still lack KV."""
+        return self.num_tokens - self.num_computed_tokens > 1 or self.num_output_tokens == 0
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        """Output tokens allowed, bounded by the context window."""
+        room = self.max_model_len - self.num_prompt_tokens
+        return room if self.params.max_tokens is None else min(self.params.max_tokens, room)
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def check_stop_token(self) -> bool:
+        """Length / EOS / stop-token finish after the newest token; stop *strings* are the detokenizer's."""
+        n_out = self.num_output_tokens
+        if n_out == 0:
+            return False
+        last = self.token_ids[-1]
+        if n_out >= self.params.min_tokens:
+            if not self.params.ignore_eos and last in self.eos_token_ids:
+                self.finish_reason, self.stop_reason = FinishReason.STOP, None
+                return True
+            if last in self.params.stop_token_ids:
+                self.finish_reason, self.stop_reason = FinishReason.STOP, last
+                return True
+        if n_out >= self.max_tokens:
+            self.finish_reason = FinishReason.LENGTH
+            return True
+        return False

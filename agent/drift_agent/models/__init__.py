@@ -1,0 +1,1 @@
+"""Model definitions (Llama family) over Drift's paged KV cache, and their loaders."""

@@ -1,0 +1,143 @@
+"""Scheduling policies on the pure scheduler: batch shapes, budgets, preemption, rejection."""
+
+from __future__ import annotations
+
+import pytest
+
+from drift_agent.engine.block_manager import BlockManager
+from drift_agent.engine.errors import PromptTooLongError
+from drift_agent.engine.policies import ChunkedPolicy, PrefillFirstPolicy
+from drift_agent.engine.sampling_params import SamplingParams
+from drift_agent.engine.scheduler import Scheduler, SchedulerConfig
+from drift_agent.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+def make(policy, num_blocks=64, block_size=4, budget=16, max_seqs=8, max_len=256):
+    cfg = SchedulerConfig(block_size, max_seqs, budget, max_len)
+    return Scheduler(cfg, BlockManager(num_blocks, block_size), policy())
+
+
+def seq(n: int, rid: str, max_tokens: int = 4, first: int = 0) -> Sequence:
+    return Sequence(rid, list(range(first, first + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+
+def run_batch(sched, out, token=1):
+    for b in out.batches:
+        sched.on_batch_done(b, {i.seq.seq_id: token for i in b.items if i.samples})
+
+
+def test_prefill_first_never_mixes_phases():
+    sched = make(PrefillFirstPolicy)
+    a = seq(6, "a")
+    sched.add(a)
+    run_batch(sched, sched.schedule(0))  # a prefilled, one token out
+    sched.add(seq(6, "b", first=100))
+    out = sched.schedule(0)
+    assert [b.phase for b in out.batches] == ["prefill"]
+    assert [i.seq.request_id for i in out.batches[0].items] == ["b"]
+    run_batch(sched, out)
+    out = sched.schedule(0)
+    assert out.batches[0].phase == "decode" and {i.seq.request_id for i in out.batches[0].items} == {"a", "b"}
+
+
+def test_prefill_first_chunks_only_an_oversized_first_prompt():
+    sched = make(PrefillFirstPolicy, budget=16)
+    sched.add(seq(40, "long"))
+    sched.add(seq(4, "short", first=200))
+    out = sched.schedule(0)
+    items = out.batches[0].items
+    assert [(i.seq.request_id, i.num_new_tokens) for i in items] == [("long", 16)]
+    assert not items[0].samples
+    run_batch(sched, out)
+    out = sched.schedule(0)
+    assert [(i.seq.request_id, i.num_new_tokens) for i in out.batches[0].items] == [("long", 16)]
+
+
+def test_chunked_mixes_decodes_with_prefill_chunks_within_budget():
+    sched = make(ChunkedPolicy, budget=10)
+    a = seq(4, "a", max_tokens=10)
+    sched.add(a)
+    run_batch(sched, sched.schedule(0))
+    sched.add(seq(30, "b", first=50))
+    out = sched.schedule(0)
+    batch = out.batches[0]
+    assert batch.phase == "mixed"
+    assert [(i.seq.request_id, i.num_new_tokens) for i in batch.items] == [("a", 1), ("b", 9)]
+    assert batch.num_tokens <= 10
+    run_batch(sched, out)
+    # b continues its prefill next to a's decode until its prompt is done.
+    out = sched.schedule(0)
+    assert [(i.seq.request_id, i.num_new_tokens) for i in out.batches[0].items] == [("a", 1), ("b", 9)]
+
+
+def test_max_num_seqs_bounds_running():
+    sched = make(ChunkedPolicy, budget=100, max_seqs=2)
+    for k in range(4):
+        sched.add(seq(3, f"s{k}", first=10 * k))
+    out = sched.schedule(0)
+    assert len(out.batches[0].items) == 2 and sched.num_waiting == 2
+
+
+@pytest.mark.parametrize("policy", [PrefillFirstPolicy, ChunkedPolicy])
+def test_preemption_when_pool_runs_dry_then_everything_completes(policy):
+    # 6 blocks of 4 tokens; three sequences that would need 3 blocks each at the end.
+    sched = make(policy, num_blocks=6, block_size=4, budget=32)
+    seqs = [seq(4, f"s{k}", max_tokens=8, first=20 * k) for k in range(3)]
+    for s in seqs:
+        sched.add(s)
+    preempted = 0
+    for _ in range(200):
+        if not sched.has_unfinished:
+            break
+        out = sched.schedule(0)
+        preempted += len(out.preempted)
+        run_batch(sched, out)
+    assert not sched.has_unfinished and preempted > 0
+    assert all(s.num_output_tokens == 8 and s.finish_reason is FinishReason.LENGTH for s in seqs)
+    assert sched.bm.num_free_blocks == 6
+
+
+def test_preempted_sequence_resumes_with_prefix_cache_hits():
+    sched = make(ChunkedPolicy, num_blocks=4, block_size=4, budget=64)
+    a = seq(8, "a", max_tokens=20)
+    sched.add(a)
+    run_batch(sched, sched.schedule(0))
+    sched.preempt(a)
+    assert a.status is SequenceStatus.WAITING and a.num_computed_tokens == 0
+    out = sched.schedule(0)
+    item = out.batches[0].items[0]
+    assert item.start == 8 and item.num_new_tokens == 1  # its 2 full blocks were still cached
+
+
+def test_prompt_too_long_is_rejected_at_add():
+    sched = make(ChunkedPolicy, num_blocks=4, block_size=4, max_len=100)
+    with pytest.raises(PromptTooLongError, match="context window"):
+        sched.add(seq(100, "x"))
+    with pytest.raises(PromptTooLongError, match="KV pool"):
+        sched.add(seq(16, "y"))
+
+
+def test_abort_of_in_flight_sequence_waits_for_its_batch():
+    sched = make(ChunkedPolicy)
+    a = seq(5, "a")
+    sched.add(a)
+    out = sched.schedule(0)
+    sched.finish(a, FinishReason.ABORT)
+    assert not a.is_finished and a.abort_pending and a.block_table
+    run_batch(sched, out)
+    assert a.is_finished and a.finish_reason is FinishReason.ABORT and a.num_output_tokens == 0
+    assert sched.bm.num_free_blocks == sched.bm.num_blocks
+
+
+def test_stop_token_and_eos_finish():
+    sched = make(ChunkedPolicy)
+    s = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), eos_token_ids=frozenset({9}))
+    sched.add(s)
+    run_batch(sched, sched.schedule(0), token=7)
+    assert s.is_finished and s.finish_reason is FinishReason.STOP and s.stop_reason == 7
+    e = Sequence("b", [1, 2, 3], SamplingParams(max_tokens=10, min_tokens=2), eos_token_ids=frozenset({9}))
+    sched.add(e)
+    run_batch(sched, sched.schedule(0), token=9)
+    assert not e.is_finished  # min_tokens not reached yet
+    run_batch(sched, sched.schedule(0), token=9)
+    assert e.is_finished and e.finish_reason is FinishReason.STOP
