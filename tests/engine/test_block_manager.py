@@ -150,3 +150,22 @@ def test_any_interleaving_keeps_blocks_consistent(ops, policy, num_blocks):
     assert bm.num_free_blocks == num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
     assert all(s.is_finished for s in seqs)
+
+
+def test_blocks_filled_while_decoding_are_published_after_a_prefix_hit():
+    bm = BlockManager(16, 4)
+    a = seq(list(range(9)), "a")
+    bm.allocate(a, 9)
+    a.num_computed_tokens = 9
+    bm.register_full_blocks(a)
+    b = seq(list(range(9)), "b")
+    hits = bm.find_cached_prefix(b)
+    assert bm.allocate(b, 1, hits)
+    b.num_computed_tokens = 9
+    for t in (50, 51, 52):  # decode fills block 2 (tokens 8..11)
+        b.append_token(t)
+        assert bm.allocate(b, 1)
+        b.num_computed_tokens += 1
+        bm.register_full_blocks(b)
+    c = seq(list(range(9)) + [50, 51, 52, 53], "c")
+    assert len(bm.find_cached_prefix(c)) == 3

@@ -79,7 +79,9 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Validate synchronously (errors raise before the first yield), then stream outputs until finished."""
         if not self.is_running:
-            raise EngineDeadError(f"engine is not running: {self.error!r}" if self.error else "engine not started")
+            raise EngineDeadError(
+                f"engine is not running: {self.error!r}" if self.error else "engine not started"
+            )
         request_id = request_id or uuid.uuid4().hex
         seq = self.engine.make_sequence(request_id, prompt, params, slo, arrival_time)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())

@@ -90,7 +90,9 @@ class BlockManager:
         self.prefix_hits += num_hit_tokens
 
     # ---- mutations -----------------------------------------------------------------------------------
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] | tuple[int, ...] = ()) -> bool:
+    def can_allocate(
+        self, seq: Sequence, num_new_tokens: int, cached: list[int] | tuple[int, ...] = ()
+    ) -> bool:
         computed = seq.num_computed_tokens + len(cached) * self.block_size
         need = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table) - len(cached)
         # Cached blocks that are currently free stop being allocatable once we take them.
@@ -109,7 +111,8 @@ class BlockManager:
                 del self.free[bid]
             block.ref_count += 1
             seq.block_table.append(bid)
-        seq.num_registered_blocks = max(seq.num_registered_blocks, len(seq.block_table))
+        if cached:  # the reused prefix is published already; fresh blocks are published once full
+            seq.num_registered_blocks = len(seq.block_table)
         computed = seq.num_computed_tokens + len(cached) * self.block_size
         need = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table)
         for _ in range(need):

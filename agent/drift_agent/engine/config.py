@@ -27,13 +27,17 @@ class PartitionConfig(BaseModel):
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    model: str | None = Field(None, description="Hugging Face model directory; None serves the embedded default")
+    model: str | None = Field(
+        None, description="Hugging Face model directory; None serves the embedded default"
+    )
     served_model_name: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: int | None = Field(None, ge=16, description="context window; default: the model's")
     block_size: int = Field(16, ge=1, le=1024)
-    num_kv_blocks: int | None = Field(None, ge=1, description="fixed KV pool size; overrides the memory budget")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="fixed KV pool size; overrides the memory budget"
+    )
     kv_cache_memory_gb: float | None = Field(None, gt=0, description="KV budget in GiB (CPU default: 2)")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     max_num_seqs: int = Field(256, ge=1)

@@ -80,10 +80,14 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks(model, max_model_len)
         pool_tokens = num_blocks * config.block_size
         if pool_tokens < max_model_len:
-            log.warning("KV pool holds %d tokens; capping the context window from %d", pool_tokens, max_model_len)
+            log.warning(
+                "KV pool holds %d tokens; capping the context window from %d", pool_tokens, max_model_len
+            )
             max_model_len = pool_tokens
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, self.device, self.dtype, config.block_size, num_blocks, self.eos_token_ids)
+        self.runner = ModelRunner(
+            model, self.device, self.dtype, config.block_size, num_blocks, self.eos_token_ids
+        )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(
             block_size=config.block_size,
@@ -97,7 +101,13 @@ class LLMEngine:
         self.generation_tokens_total = 0
         log.info(
             "engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_size=%d max_model_len=%d policy=%s",
-            self.model_dir, self.device, self.dtype, num_blocks, config.block_size, max_model_len, config.policy,
+            self.model_dir,
+            self.device,
+            self.dtype,
+            num_blocks,
+            config.block_size,
+            max_model_len,
+            config.policy,
         )
 
     # ---- construction helpers ----------------------------------------------------------------------
@@ -109,7 +119,9 @@ class LLMEngine:
             return embedded_model_dir()
         path = Path(model).expanduser()
         if not path.is_dir():
-            raise ModelLoadError(f"model directory not found: {model} (Drift loads local Hugging Face directories)")
+            raise ModelLoadError(
+                f"model directory not found: {model} (Drift loads local Hugging Face directories)"
+            )
         return path
 
     def _eos_ids(self, hf_config: object) -> frozenset[int]:
@@ -280,6 +292,32 @@ class LLMEngine:
             times=seq.times,
             slo=seq.slo,
         )
+
+    def update_settings(
+        self,
+        policy: str | None = None,
+        partition: dict | None = None,
+        slo_ttft_ms: float | None = None,
+        slo_tpot_ms: float | None = None,
+    ) -> None:
+        """Change the policy, partition settings or default SLO targets at run time (between steps).
+        Validated as a whole first, so a bad value changes nothing."""
+        update: dict = {}
+        if policy is not None:
+            update["policy"] = policy
+        if partition is not None:
+            update["partition"] = self.config.partition.model_dump() | partition
+        if slo_ttft_ms is not None:
+            update["slo_ttft_ms"] = slo_ttft_ms
+        if slo_tpot_ms is not None:
+            update["slo_tpot_ms"] = slo_tpot_ms
+        new = EngineConfig.model_validate(self.config.model_dump() | update)
+        new_policy = make_policy(new.policy, new) if new.policy != self.config.policy else None
+        self.config = new
+        if new_policy is not None:
+            self.scheduler.policy = new_policy
+        elif hasattr(self.scheduler.policy, "reconfigure"):
+            self.scheduler.policy.reconfigure(new)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

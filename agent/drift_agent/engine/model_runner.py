@@ -137,7 +137,9 @@ class ModelRunner:
                 self.generators[seq.seq_id] = gen
         suppress: frozenset[int] = frozenset()
         if seq.num_output_tokens < params.min_tokens:
-            suppress = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else seq.eos_token_ids)
+            suppress = frozenset(params.stop_token_ids) | (
+                frozenset() if params.ignore_eos else seq.eos_token_ids
+            )
         return SampleRequest(
             params=params,
             token_ids=seq.token_ids,

@@ -191,7 +191,9 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def grow_or_preempt(self, seq: Sequence, num_new_tokens: int, preempted: list[Sequence]) -> ScheduledSeq | None:
+    def grow_or_preempt(
+        self, seq: Sequence, num_new_tokens: int, preempted: list[Sequence]
+    ) -> ScheduledSeq | None:
         """Find room for `seq` to compute `num_new_tokens` more, preempting the newest running sequences
         (never in-flight ones, which includes everything already scheduled this step) until it fits;
         preempts `seq` itself when nothing else can go."""

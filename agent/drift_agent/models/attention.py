@@ -1,0 +1,468 @@
+"""Paged attention over Drift's KV pool, with selectable backends.
+
+Every layer first scatters this step's K/V into the pool at `slot_mapping`, then attends over each sequence's
+whole context. A backend turns one step's AttentionMetadata into a *plan* once per forward (gather indices,
+masks, kernel parameters) that all layers reuse, so per-layer work is only the kernels themselves.
+
+Backends: `sdpa` (any device; torch SDPA over a block-table gather), `flash-attn` and `flashinfer` (CUDA,
+fp16/bf16, imported lazily) and `flex` (torch FlexAttention; compiled on CUDA, eager on CPU).
+Query j of a sequence with context length L and n new tokens sits at position L-n+j and attends keys
+0..L-n+j, or only the last `window` of them under a sliding window (HF: key > query - window).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from drift_agent.models.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAMES: tuple[str, ...] = ("auto", "sdpa", "flash-attn", "flashinfer", "flex")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+Window = int | None
+
+
+def _importable(module: str, attr: str | None = None) -> bool:
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # a broken CUDA extension raises all kinds of errors at import
+        logger.debug("%s is installed but does not import: %s", module, exc)
+        return False
+    return attr is None or hasattr(mod, attr)
+
+
+def flash_attn_available() -> bool:
+    return _importable("flash_attn", "flash_attn_varlen_func")
+
+
+def flashinfer_available() -> bool:
+    return _importable("flashinfer", "BatchPrefillWithPagedKVCacheWrapper")
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """Map a requested backend to the one that will actually run on `device` (and `dtype`, if known).
+
+    `auto` picks flash-attn, then flashinfer, on CUDA with half precision, else sdpa. An explicit GPU backend
+    that cannot run here falls back to sdpa with a warning rather than failing the engine.
+    """
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    on_cuda = torch.device(device).type == "cuda"
+    half = dtype is None or dtype in _HALF_DTYPES
+    if name in ("sdpa", "flex"):
+        return name
+    if name == "auto":
+        if on_cuda and half and flash_attn_available():
+            return "flash-attn"
+        if on_cuda and half and flashinfer_available():
+            return "flashinfer"
+        return "sdpa"
+    available = flash_attn_available() if name == "flash-attn" else flashinfer_available()
+    reason = None
+    if not on_cuda:
+        reason = "needs a CUDA device"
+    elif not half:
+        reason = f"does not support {dtype}"
+    elif not available:
+        reason = "is not installed or does not import"
+    if reason is not None:
+        logger.warning("attention backend %s %s; falling back to sdpa", name, reason)
+        return "sdpa"
+    return name
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter new K/V rows [N, kvh, hd] into the flattened pool views [num_blocks*block_size, kvh, hd]."""
+    k_flat.index_copy_(0, slot_mapping, k.to(k_flat.dtype))
+    v_flat.index_copy_(0, slot_mapping, v.to(v_flat.dtype))
+
+
+def _slots(
+    block_tables: torch.Tensor, seq_idx: torch.Tensor, pos: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Flat slot of token position `pos` of sequence `seq_idx` (broadcasting), through the block table."""
+    blocks = block_tables[seq_idx, torch.div(pos, block_size, rounding_mode="floor")].to(torch.int64)
+    return blocks * block_size + pos % block_size
+
+
+class AttentionBackend:
+    """Turns AttentionMetadata into a per-forward plan and runs attention for one layer with it."""
+
+    name = "base"
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype
+    ) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.dtype = dtype
+
+    def plan(self, attn: AttentionMetadata, windows: Iterable[Window]) -> Any:
+        raise TypeError(f"{type(self).__name__} does not define plan()")
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: Any,
+        window: Window,
+    ) -> torch.Tensor:
+        """q [N, H, D], this step's k/v [N, KVH, D] (already in the pool) -> output [N, H, D]."""
+        raise TypeError(f"{type(self).__name__} does not define attend()")
+
+
+# ----------------------------------------------------------------------------------------------------- sdpa
+
+
+@dataclass
+class _PrefillSeq:
+    start: int
+    end: int
+    # Flat slots of the whole context 0..L-1; None when the step holds the whole sequence (use fresh k/v).
+    slots: torch.Tensor | None
+    # Boolean [n, L] mask per window; None means plain causal over fresh k/v (is_causal=True).
+    masks: dict[Window, torch.Tensor | None]
+
+
+@dataclass
+class _SdpaPlan:
+    num_tokens: int
+    dec_rows: torch.Tensor | None = None  # token rows of the q_len == 1 sequences
+    dec_rows_all: bool = False  # every token is a decode row, in order: write the output directly
+    dec_slots: torch.Tensor | None = None  # [Bd, Lmax] flat slots (padding points at slot 0)
+    dec_masks: dict[Window, torch.Tensor | None] = field(default_factory=dict)  # [Bd, 1, 1, Lmax]
+    prefills: list[_PrefillSeq] = field(default_factory=list)
+
+
+class SdpaBackend(AttentionBackend):
+    """torch SDPA: all single-token sequences in one padded, masked call; longer queries one call each."""
+
+    name = "sdpa"
+
+    def plan(self, attn: AttentionMetadata, windows: Iterable[Window]) -> _SdpaPlan:
+        windows = set(windows)
+        qlens, slens = attn.query_lens_cpu, attn.seq_lens_cpu
+        device = attn.block_tables.device
+        plan = _SdpaPlan(num_tokens=attn.num_tokens)
+        starts = [0]
+        for n in qlens:
+            starts.append(starts[-1] + n)
+        dec = [i for i, n in enumerate(qlens) if n == 1]
+        if dec:
+            seq_idx = torch.tensor(dec, dtype=torch.int64, device=device)
+            lens = torch.tensor([slens[i] for i in dec], dtype=torch.int64, device=device)[:, None]
+            max_len = max(slens[i] for i in dec)
+            pos = torch.arange(max_len, dtype=torch.int64, device=device)[None, :]
+            valid = pos < lens
+            plan.dec_slots = torch.where(
+                valid, _slots(attn.block_tables, seq_idx[:, None], pos, attn.block_size), 0
+            )
+            uniform = all(slens[i] == max_len for i in dec)
+            for w in windows:
+                mask = valid if w is None else valid & (pos >= lens - w)
+                needed = not uniform or (w is not None and max_len > w)
+                plan.dec_masks[w] = mask[:, None, None, :] if needed else None
+            plan.dec_rows_all = len(dec) == len(qlens)
+            if not plan.dec_rows_all:
+                plan.dec_rows = torch.tensor([starts[i] for i in dec], dtype=torch.int64, device=device)
+        for i, (n, total) in enumerate(zip(qlens, slens, strict=True)):
+            if n == 1:
+                continue
+            qpos = torch.arange(total - n, total, device=device)[:, None]
+            kpos = torch.arange(total, device=device)[None, :]
+            causal = kpos <= qpos
+            masks: dict[Window, torch.Tensor | None] = {}
+            for w in windows:
+                if w is None:
+                    masks[w] = None if n == total else causal
+                else:
+                    masks[w] = causal & (kpos > qpos - w)
+            slots = None
+            if n != total:
+                pos = torch.arange(total, dtype=torch.int64, device=device)
+                slots = _slots(attn.block_tables, torch.tensor(i, device=device), pos, attn.block_size)
+            plan.prefills.append(_PrefillSeq(starts[i], starts[i] + n, slots, masks))
+        return plan
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: _SdpaPlan,
+        window: Window,
+    ) -> torch.Tensor:
+        k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        out = None if plan.dec_rows_all else q.new_empty(q.shape)
+        if plan.dec_slots is not None:
+            dec_out = self._decode(
+                q if plan.dec_rows is None else q[plan.dec_rows], k_flat, v_flat, plan, window
+            )
+            if plan.dec_rows_all:
+                return dec_out
+            out.index_copy_(0, plan.dec_rows, dec_out)
+        for seq in plan.prefills:
+            out[seq.start : seq.end] = self._prefill(q, k, v, k_flat, v_flat, seq, window)
+        return out
+
+    def _decode(
+        self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, plan: _SdpaPlan, window: Window
+    ) -> torch.Tensor:
+        b = q.shape[0]
+        groups = self.num_heads // self.num_kv_heads
+        # One query per sequence: fold the GQA group into the query axis so K/V are never repeated.
+        qg = q.view(b, self.num_kv_heads, groups, self.head_dim)
+        # index_select on a flat index is several times faster on CPU than 2-D advanced indexing.
+        shape = (b, plan.dec_slots.shape[1], self.num_kv_heads, self.head_dim)
+        flat = plan.dec_slots.view(-1)
+        kg = k_flat.index_select(0, flat).view(shape).transpose(1, 2).to(q.dtype)  # [B, KVH, Lmax, D]
+        vg = v_flat.index_select(0, flat).view(shape).transpose(1, 2).to(q.dtype)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=plan.dec_masks[window], scale=self.scale)
+        return o.reshape(b, self.num_heads, self.head_dim)
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_flat: torch.Tensor,
+        v_flat: torch.Tensor,
+        seq: _PrefillSeq,
+        window: Window,
+    ) -> torch.Tensor:
+        qs = q[seq.start : seq.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if seq.slots is None:
+            ks, vs = k[seq.start : seq.end], v[seq.start : seq.end]
+        else:
+            ks = k_flat.index_select(0, seq.slots).to(q.dtype)
+            vs = v_flat.index_select(0, seq.slots).to(q.dtype)
+        ks = ks.transpose(0, 1).unsqueeze(0)
+        vs = vs.transpose(0, 1).unsqueeze(0)
+        mask = seq.masks[window]
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+        )
+        return o.squeeze(0).transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------------- packed (varlen) plans
+
+
+@dataclass
+class _PackedPlan:
+    cu_q: torch.Tensor  # [B+1] int32
+    cu_k: torch.Tensor  # [B+1] int32
+    max_q: int
+    max_k: int
+    k_slots: torch.Tensor | None  # [sum L] flat slots of every context, packed; None when reading pages
+    block_tables: torch.Tensor
+    extra: dict[Window, Any] = field(default_factory=dict)
+
+
+def _packed_plan(attn: AttentionMetadata, gather: bool) -> _PackedPlan:
+    device = attn.block_tables.device
+    lens = torch.tensor(attn.seq_lens_cpu, dtype=torch.int32, device=device)
+    cu_k = F.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
+    k_slots = None
+    if gather:
+        total = int(sum(attn.seq_lens_cpu))
+        seq_of = torch.repeat_interleave(torch.arange(len(attn.seq_lens_cpu), device=device), lens.long())
+        pos = torch.arange(total, device=device) - cu_k[:-1].long()[seq_of]
+        k_slots = _slots(attn.block_tables, seq_of, pos, attn.block_size)
+    return _PackedPlan(
+        cu_q=attn.query_start_loc.to(device=device, dtype=torch.int32),
+        cu_k=cu_k,
+        max_q=attn.max_query_len,
+        max_k=attn.max_seq_len,
+        k_slots=k_slots,
+        block_tables=attn.block_tables.to(torch.int32),
+    )
+
+
+class FlashAttnBackend(AttentionBackend):
+    """flash-attn 2 varlen kernel; reads pages through block_table when block_size is a multiple of 256
+    (flash-attn's paged-KV constraint), otherwise over a packed gather of each context."""
+
+    name = "flash-attn"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        from flash_attn import flash_attn_varlen_func
+
+        self._fn = flash_attn_varlen_func
+
+    def plan(self, attn: AttentionMetadata, windows: Iterable[Window]) -> _PackedPlan:
+        return _packed_plan(attn, gather=attn.block_size % 256 != 0)
+
+    def attend(self, q, k, v, k_cache, v_cache, plan: _PackedPlan, window: Window) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        window_size = (-1, -1) if window is None else (window - 1, 0)
+        if plan.k_slots is None:
+            keys, values, table = k_cache, v_cache, plan.block_tables
+        else:
+            keys = k_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, plan.k_slots)
+            values = v_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, plan.k_slots)
+            table = None
+        # flash-attn aligns the causal mask bottom-right when seqlen_q < seqlen_k: exactly our offsets.
+        return self._fn(
+            q,
+            keys,
+            values,
+            plan.cu_q,
+            plan.cu_k,
+            plan.max_q,
+            plan.max_k,
+            softmax_scale=self.scale,
+            causal=True,
+            window_size=window_size,
+            block_table=table,
+        )
+
+
+class FlashInferBackend(AttentionBackend):
+    """flashinfer's paged prefill wrapper (NHD layout = our pool layout); one planned wrapper per window."""
+
+    name = "flashinfer"
+    _WORKSPACE_BYTES = 128 * 1024 * 1024
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        import flashinfer
+
+        self._flashinfer = flashinfer
+        # Prefill and decode run concurrently in two threads: each needs its own workspace and wrappers.
+        self._local = threading.local()
+
+    def _wrappers(self, device: torch.device, count: int) -> list[Any]:
+        pool: list[Any] = getattr(self._local, "wrappers", [])
+        while len(pool) < count:
+            workspace = torch.empty(self._WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+            pool.append(self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD"))
+        self._local.wrappers = pool
+        return pool[:count]
+
+    def plan(self, attn: AttentionMetadata, windows: Iterable[Window]) -> _PackedPlan:
+        windows = sorted(set(windows), key=lambda w: -1 if w is None else w)
+        bs = attn.block_size
+        device = attn.block_tables.device
+        nblocks = [(n + bs - 1) // bs for n in attn.seq_lens_cpu]
+        kv_indptr = torch.tensor([0, *torch.tensor(nblocks).cumsum(0).tolist()], dtype=torch.int32)
+        kv_indices = torch.cat([attn.block_tables[i, :nb] for i, nb in enumerate(nblocks)]).to(torch.int32)
+        last_len = torch.tensor([n - (nb - 1) * bs for n, nb in zip(attn.seq_lens_cpu, nblocks, strict=True)])
+        qo_indptr = torch.tensor(
+            [0, *torch.tensor(attn.query_lens_cpu).cumsum(0).tolist()], dtype=torch.int32
+        )
+        plan = _PackedPlan(
+            qo_indptr, kv_indptr, attn.max_query_len, attn.max_seq_len, None, attn.block_tables
+        )
+        for w, wrapper in zip(windows, self._wrappers(device, len(windows)), strict=True):
+            wrapper.plan(
+                qo_indptr.to(device),
+                kv_indptr.to(device),
+                kv_indices.to(device),
+                last_len.to(device=device, dtype=torch.int32),
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                bs,
+                causal=True,
+                window_left=-1 if w is None else w - 1,
+                sm_scale=self.scale,
+                q_data_type=self.dtype,
+                kv_data_type=self.dtype,
+            )
+            plan.extra[w] = wrapper
+        return plan
+
+    def attend(self, q, k, v, k_cache, v_cache, plan: _PackedPlan, window: Window) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return plan.extra[window].run(q, (k_cache, v_cache))
+
+
+class FlexBackend(AttentionBackend):
+    """torch FlexAttention over a packed gather with a document + causal (+ window) block mask."""
+
+    name = "flex"
+
+    def __init__(self, *args: Any, device: torch.device) -> None:
+        super().__init__(*args)
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self._create_block_mask = create_block_mask
+        # Eager flex materialises scores (fine on CPU for tests); CUDA gets the fused compiled kernel.
+        self._fn = torch.compile(flex_attention, dynamic=True) if device.type == "cuda" else flex_attention
+
+    def plan(self, attn: AttentionMetadata, windows: Iterable[Window]) -> _PackedPlan:
+        plan = _packed_plan(attn, gather=True)
+        device = attn.block_tables.device
+        qlens = torch.tensor(attn.query_lens_cpu, device=device)
+        slens = torch.tensor(attn.seq_lens_cpu, device=device)
+        bidx = torch.arange(len(attn.query_lens_cpu), device=device)
+        q_seq = torch.repeat_interleave(bidx, qlens)
+        k_seq = torch.repeat_interleave(bidx, slens)
+        q_pos = torch.arange(q_seq.numel(), device=device) - plan.cu_q[:-1].long()[q_seq]
+        q_pos = q_pos + (slens - qlens)[q_seq]
+        k_pos = torch.arange(k_seq.numel(), device=device) - plan.cu_k[:-1].long()[k_seq]
+        for w in set(windows):
+
+            def mask_mod(b, h, qi, ki, w=w):  # type: ignore[no-untyped-def]
+                ok = (q_seq[qi] == k_seq[ki]) & (k_pos[ki] <= q_pos[qi])
+                return ok if w is None else ok & (k_pos[ki] > q_pos[qi] - w)
+
+            plan.extra[w] = self._create_block_mask(
+                mask_mod, None, None, q_seq.numel(), k_seq.numel(), device=device
+            )
+        return plan
+
+    def attend(self, q, k, v, k_cache, v_cache, plan: _PackedPlan, window: Window) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        keys = k_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, plan.k_slots).to(q.dtype)
+        values = v_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, plan.k_slots).to(q.dtype)
+        o = self._fn(
+            q.transpose(0, 1).unsqueeze(0),
+            keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0),
+            block_mask=plan.extra[window],
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return o.squeeze(0).transpose(0, 1)
+
+
+def create_backend(
+    name: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> AttentionBackend:
+    """Instantiate the backend `resolve_backend` picks for this device and dtype."""
+    device = torch.device(device)
+    resolved = resolve_backend(name, device, dtype)
+    args = (num_heads, num_kv_heads, head_dim, head_dim**-0.5, dtype)
+    if resolved == "flash-attn":
+        return FlashAttnBackend(*args)
+    if resolved == "flashinfer":
+        return FlashInferBackend(*args)
+    if resolved == "flex":
+        return FlexBackend(*args, device=device)
+    return SdpaBackend(*args)
