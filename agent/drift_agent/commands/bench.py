@@ -25,11 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_engine_args(p)
     p.set_defaults(func=run_offline)
 
-    try:
-        from ..bench.cli import add_serve_parser
-    except ImportError:
-        return
+    from ..bench.cli import add_plot_parser, add_serve_parser
+
     add_serve_parser(bsub)
+    add_plot_parser(bsub)
 
 
 def run_offline(args: argparse.Namespace) -> int:

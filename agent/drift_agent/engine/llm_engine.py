@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,18 +28,20 @@ from .outputs import EngineStats, RequestOutput
 from .policies import SEQUENTIAL_POLICIES
 from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
+from .trace import DecisionTrace
 from .scheduler import Policy, Scheduler, SchedulerConfig
 from .sequence import SLO, FinishReason, RequestTimes, Sequence
 
 log = logging.getLogger(__name__)
 
 
-def make_policy(name: str, config: EngineConfig) -> Policy:
+def make_policy(name: str, config: EngineConfig, mux_context: Callable[[], Any] | None = None) -> Policy:
+    """A policy by name; the multiplexing ones also need the engine's perf model and SM splits."""
     if name in SEQUENTIAL_POLICIES:
         return SEQUENTIAL_POLICIES[name]()
     from ..multiplex.policies import make_multiplex_policy
 
-    return make_multiplex_policy(name, config)
+    return make_multiplex_policy(name, config, mux_context() if mux_context else None)
 
 
 @dataclass
@@ -47,6 +51,7 @@ class _Request:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_reported_tokens: int = 0
     num_reported_logprobs: int = 0
+    text: str = ""
 
 
 class LLMEngine:
@@ -95,7 +100,11 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=max_model_len,
         )
-        self.scheduler = Scheduler(sched_cfg, self.block_manager, make_policy(config.policy, config))
+        self._mux: tuple[Any, Any] | None = None  # (MuxContext, ModelMuxExecutor), built on first use
+        self.trace = DecisionTrace(config.trace_path)
+        self.scheduler = Scheduler(
+            sched_cfg, self.block_manager, make_policy(config.policy, config, self._mux_context)
+        )
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -157,6 +166,63 @@ class LLMEngine:
         else:
             budget = CPU_DEFAULT_KV_GB * 2**30
         return num_kv_blocks_for_budget(budget, cfg.block_size, per_token, useful)
+
+    def _mux_context(self) -> Any:
+        """Partitions (created once) and the performance model, for the multiplexing policies."""
+        if self._mux is None:
+            from ..multiplex.analytic import ModelShape
+            from ..multiplex.devices import cpu_device_spec, lookup_device
+            from ..multiplex.model_executor import ModelMuxExecutor
+            from ..multiplex.model_select import select_perf_model
+            from ..multiplex.policies import MuxContext
+            from ..partition import make_partitioner
+
+            cfg = self.config
+            partitioner = make_partitioner(cfg.partition.backend, self.device)
+            if partitioner.reason:
+                log.info("partitioner %s: %s", partitioner.name, partitioner.reason)
+            if self.device.type == "cuda":
+                dev_name = torch.cuda.get_device_name(self.device)
+                spec = lookup_device(dev_name) or cpu_device_spec(cores=partitioner.total_sms)
+            else:
+                dev_name, spec = "cpu", cpu_device_spec(cores=partitioner.total_sms)
+            dtype_name = str(self.dtype).removeprefix("torch.")
+            shape = ModelShape.from_hf_config(self.hf_config, dtype_name)
+            perf, why = select_perf_model(
+                profile_path=cfg.profile_path, model=self.model_name, device_name=dev_name, dtype=dtype_name,
+                shape=shape, device=spec,
+            )
+            log.info("performance model: %s", why)
+            ctx = MuxContext(
+                perf_model=perf,
+                splits=partitioner.splits,
+                num_layers=self.runner.model.num_layers,
+                default_ttft_s=cfg.slo_ttft_ms / 1e3,
+                default_tpot_s=cfg.slo_tpot_ms / 1e3,
+            )
+            self._mux = (ctx, ModelMuxExecutor(self.runner, partitioner))
+        return self._mux[0]
+
+    def _requeue_prefill_jobs(self) -> None:
+        """Hand the old multiplexing policy's half-done prefills back to the queue (as a preemption would),
+        so a policy switch loses only their partial compute, never the requests."""
+        policy = self.scheduler.policy
+        for job in (policy.active, policy.paused):
+            if job is None:
+                continue
+            for item in job.batch.items:
+                seq = item.seq
+                seq.in_flight = False
+                if seq.abort_pending:
+                    self.scheduler.finish(seq, FinishReason.ABORT)
+                elif not seq.is_finished:
+                    self.scheduler.preempt(seq)
+            self._mux[1].finish_prefill(job)
+        policy.active = policy.paused = None
+
+    @property
+    def is_multiplexing(self) -> bool:
+        return bool(getattr(self.scheduler.policy, "multiplexing", False))
 
     # ---- requests -----------------------------------------------------------------------------------
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
@@ -234,6 +300,8 @@ class LLMEngine:
     # ---- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         now = time.monotonic()
+        if self.is_multiplexing:
+            return self._step_multiplexed(now)
         sched_out = self.scheduler.schedule(now)
         if sched_out.is_empty:
             if self.scheduler.has_unfinished:
@@ -244,11 +312,48 @@ class LLMEngine:
             self.prompt_tokens_total += sum(i.num_new_tokens for i in batch.items if i.seq.is_prefilling)
             result = self.runner.execute(batch)
             done_at = time.monotonic()
+            if self.trace.enabled:
+                self.trace.record(
+                    t=now, policy=self.scheduler.policy.name, phase=batch.phase, seqs=batch.num_seqs,
+                    tokens=batch.num_tokens, preempted=len(sched_out.preempted), actual_s=done_at - now,
+                )
             for seq in self.scheduler.on_batch_done(batch, result.tokens):
                 req = self.requests.get(seq.request_id)
                 if req is None:
                     continue
                 lp = result.logprobs.get(seq.seq_id)
+                if lp is not None:
+                    req.logprobs.append(lp)
+                out = self._advance(req, done_at)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _step_multiplexed(self, now: float) -> list[RequestOutput]:
+        from ..multiplex.mux_loop import run_iteration
+
+        self._mux_context()
+        it = run_iteration(self.scheduler, self._mux[1], now)
+        decision = it.output.info.get("decision")
+        if self.trace.enabled and decision is not None:
+            self.trace.record(
+                t=now, policy=self.scheduler.policy.name, **decision.to_dict(),
+                decode_seqs=sum(b.num_seqs for b in it.output.batches), actual_s=it.result.elapsed_s,
+            )
+        if not it.made_progress:
+            if self.scheduler.has_unfinished and not self.scheduler.running:
+                raise RuntimeError(f"multiplexed scheduler made no progress: {decision and decision.reason}")
+            return []
+        outputs: list[RequestOutput] = []
+        done_at = time.monotonic()
+        for batch, seqs in it.completed:
+            if batch.phase == "prefill":
+                self.prompt_tokens_total += batch.num_tokens
+            for seq in seqs:
+                req = self.requests.get(seq.request_id)
+                if req is None:
+                    continue
+                lp = it.result.logprobs.get(seq.seq_id)
                 if lp is not None:
                     req.logprobs.append(lp)
                 out = self._advance(req, done_at)
@@ -264,7 +369,11 @@ class LLMEngine:
             if seq.times.first_token is None:
                 seq.times.first_token = now
             seq.times.last_token = now
-            stop = req.detok.update(new_ids)
+            # A stop token or EOS that ended the sequence is not part of the text (vLLM semantics).
+            by_token = seq.is_finished and seq.finish_reason is FinishReason.STOP and not isinstance(
+                seq.stop_reason, str
+            )
+            stop = req.detok.update(new_ids, stop_terminated=by_token)
             if stop is not None and not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.STOP, stop)
         if not new_ids and not seq.is_finished:
@@ -276,12 +385,15 @@ class LLMEngine:
         req.num_reported_tokens = seq.num_output_tokens
         delta_lp = req.logprobs[req.num_reported_logprobs :]
         req.num_reported_logprobs = len(req.logprobs)
+        # Text is the sum of released deltas: output_text would rebuild the whole string every step.
+        delta = req.detok.take_delta()
+        req.text += delta
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
-            text=req.detok.output_text,
+            text=req.text,
             token_ids=seq.output_token_ids,
-            delta_text=req.detok.take_delta(),
+            delta_text=delta,
             delta_token_ids=new_ids,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
@@ -312,7 +424,9 @@ class LLMEngine:
         if slo_tpot_ms is not None:
             update["slo_tpot_ms"] = slo_tpot_ms
         new = EngineConfig.model_validate(self.config.model_dump() | update)
-        new_policy = make_policy(new.policy, new) if new.policy != self.config.policy else None
+        new_policy = make_policy(new.policy, new, self._mux_context) if new.policy != self.config.policy else None
+        if new_policy is not None and self.is_multiplexing:
+            self._requeue_prefill_jobs()
         self.config = new
         if new_policy is not None:
             self.scheduler.policy = new_policy

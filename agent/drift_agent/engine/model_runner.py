@@ -114,7 +114,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult:
-        logits = self.forward_logits(batch)
+        return self.sample(batch, self.forward_logits(batch))
+
+    def sample(self, batch: Batch, logits: torch.Tensor) -> StepResult:
+        """Sample the next token of every item whose chunk reached the end of its known tokens."""
         sampling = [i.seq for i in batch.items if i.samples]
         if not sampling:
             return StepResult({}, {})

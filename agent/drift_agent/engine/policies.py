@@ -44,7 +44,7 @@ def _admit_waiting(
     return items, budget
 
 
-def _decode_all(sched: Scheduler, budget: int, preempted: list) -> tuple[list[ScheduledSeq], int]:
+def decode_all(sched: Scheduler, budget: int, preempted: list) -> tuple[list[ScheduledSeq], int]:
     """One token for every running, decoding sequence, oldest first; the newest are preempted for room."""
     items: list[ScheduledSeq] = []
     for seq in list(sched.running):
@@ -74,7 +74,7 @@ class PrefillFirstPolicy:
         if items:
             out.batches.append(Batch(items, "prefill"))
             return out
-        items, _ = _decode_all(sched, budget, out.preempted)
+        items, _ = decode_all(sched, budget, out.preempted)
         if items:
             out.batches.append(Batch(items, "decode"))
         return out
@@ -89,7 +89,7 @@ class ChunkedPolicy:
     def schedule(self, sched: Scheduler, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = sched.config.max_num_batched_tokens
-        decodes, budget = _decode_all(sched, budget, out.preempted)
+        decodes, budget = decode_all(sched, budget, out.preempted)
         prefills, budget = _continue_prefills(sched, budget, out.preempted)
         more, budget = _admit_waiting(sched, budget, chunk_any=True, allow_first_chunk=True)
         prefills += more

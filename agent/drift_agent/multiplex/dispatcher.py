@@ -1,0 +1,456 @@
+"""SLO-aware dispatcher: which SM split, which prefills, and how many prefill layers to launch now.
+
+Pure decision logic: no tensors, no I/O, no clock (the current time is `DispatchState.now_s`). The executor
+calls `Dispatcher.decide` after every decode step and after every prefill layer block, executes the decision,
+and logs the predicted latencies next to the measured ones.
+
+Rules (mode `slo`):
+
+1. Decode gets the *smallest* SM share whose predicted step time, with the contention factor when prefill
+   co-runs, fits the tightest step budget among the running requests; prefill gets the rest. The step budget
+   of a request follows its TPOT target and its slack (see `DecodeRequest.step_budget`).
+2. No prefill work → decode gets the whole device; no decode → prefill gets the whole device.
+3. New prefills are taken earliest-deadline-first (requests that cannot meet their TTFT even alone on the whole
+   GPU go last), within free KV blocks (minus a watermark), a token budget and a batch cap. The head of the
+   queue is never skipped for a later, smaller request (so large prompts cannot starve); a request that would
+   make an already-picked request miss its TTFT is not added.
+4. A prefill is launched a block of layers at a time, sized so one block takes about one decode step; the
+   dispatcher re-decides after each block. With no decode running, all remaining layers go at once.
+5. A waiting prefill may *overtake* the in-flight one only if it is shorter than the in-flight one's remaining
+   time, has an earlier deadline, would miss its TTFT by waiting but meets it by overtaking, and the in-flight
+   one still meets its own TTFT afterwards. Never recursively: nothing overtakes while a prefill is paused.
+6. When no mixed split meets the decode budget, degrade predictably, *decode first with a bounded prefill
+   stall*: decode runs alone on the whole device (the fastest it can be; TPOT wins) for up to
+   `max_prefill_stall_steps` consecutive decisions, then prefill gets one turn on the mixed split with the
+   largest decode share (or, on a device without mixed splits, one layer block sized to one decode budget while
+   decode waits), and the count restarts. So TTFT degrades boundedly and TPOT degrades only on the turn steps.
+
+Mode `static` (the `static-split` policy, for comparisons): one fixed split for both phases, whatever the load;
+prefill selection and layer blocks as above.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+from ..partition.base import Split
+from ..partition.splits import nearest_split
+from .perf_model import PerfModel, PrefillShape
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """A request in the running decode batch."""
+
+    request_id: str
+    context_tokens: int  # KV tokens it holds (prompt + generated so far)
+    tpot_target_s: float
+    tokens_since_first: int = 0  # output tokens produced after the first one
+    time_since_first_token_s: float = 0.0
+
+    def step_budget(self, max_borrow: float, catch_up_floor: float) -> float:
+        """Time the next step may take so the request's average TPOT stays on target.
+
+        After one more token the average is (elapsed + t) / (n + 1) ≤ target ⇔ t ≤ target·(n+1) − elapsed.
+        The slack banked by a request ahead of schedule is capped at `max_borrow`·target (1.0 = a strict
+        per-token budget); a request behind schedule must catch up, but its budget is floored at
+        `catch_up_floor`·target so one late request cannot demand an impossible step.
+        """
+        t = self.tpot_target_s
+        slack = t * (self.tokens_since_first + 1) - self.time_since_first_token_s
+        return min(max(slack, catch_up_floor * t), max_borrow * t)
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """A request waiting for its prefill."""
+
+    request_id: str
+    new_tokens: int
+    cached_tokens: int
+    arrival_s: float
+    ttft_deadline_s: float  # absolute time the first token is due
+    kv_blocks: int  # KV blocks its prefill must allocate
+
+    @property
+    def shape(self) -> PrefillShape:
+        return PrefillShape(self.new_tokens, self.cached_tokens)
+
+
+@dataclass(frozen=True)
+class InFlightPrefill:
+    """A prefill batch that has started (some layers done) — the active one, or one that was overtaken."""
+
+    request_ids: tuple[str, ...]
+    shapes: tuple[PrefillShape, ...]
+    layers_done: int
+    ttft_deadline_s: float  # earliest deadline in the batch
+
+
+@dataclass(frozen=True)
+class DispatchState:
+    now_s: float
+    splits: Sequence[Split]
+    decode: Sequence[DecodeRequest] = ()
+    waiting: Sequence[PrefillRequest] = ()
+    free_kv_blocks: int = 0
+    in_flight: InFlightPrefill | None = None
+    paused: InFlightPrefill | None = None  # overtaken by `in_flight`; resumes when it finishes
+
+
+class PrefillAction(str, Enum):
+    NONE = "none"
+    LAUNCH = "launch"  # start a new batch (`launch_ids`)
+    CONTINUE = "continue"  # next layer block of `in_flight`
+    OVERTAKE = "overtake"  # pause `in_flight`, start a new batch (`launch_ids`)
+    RESUME = "resume"  # `in_flight` is done; continue the paused batch
+
+
+Mode = Literal["idle", "decode-only", "prefill-only", "multiplex", "decode-first", "prefill-turn", "static"]
+
+
+@dataclass(frozen=True)
+class DispatchDecision:
+    split: Split
+    mode: Mode
+    run_decode: bool
+    prefill_action: PrefillAction
+    launch_ids: tuple[str, ...]  # new prefills to start, in EDF order (LAUNCH / OVERTAKE)
+    prefill_layers: int  # layers of the active prefill batch to launch now (0: none)
+    predicted_decode_step_s: float | None
+    predicted_prefill_block_s: float | None
+    predicted_prefill_remaining_s: float | None  # whole remaining prefill of the active batch
+    predicted_ttft_s: Mapping[str, float]  # absolute predicted first-token time of the active batch
+    decode_budget_s: float | None  # tightest step budget of the running requests
+    reason: str
+
+    @property
+    def tpot_ok(self) -> bool:
+        if self.decode_budget_s is None or self.predicted_decode_step_s is None:
+            return True
+        return self.predicted_decode_step_s <= self.decode_budget_s
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly, for the decision trace."""
+        return {
+            "split": [self.split.prefill_sms, self.split.decode_sms],
+            "mode": self.mode,
+            "run_decode": self.run_decode,
+            "prefill_action": self.prefill_action.value,
+            "launch_ids": list(self.launch_ids),
+            "prefill_layers": self.prefill_layers,
+            "predicted_decode_step_s": self.predicted_decode_step_s,
+            "predicted_prefill_block_s": self.predicted_prefill_block_s,
+            "predicted_prefill_remaining_s": self.predicted_prefill_remaining_s,
+            "predicted_ttft_s": dict(self.predicted_ttft_s),
+            "decode_budget_s": self.decode_budget_s,
+            "tpot_ok": self.tpot_ok,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    mode: Literal["slo", "static"] = "slo"
+    static_prefill_share: float = 0.5  # static mode: the mixed split nearest this prefill share
+    max_prefill_tokens: int = (
+        16384  # token budget of one new prefill batch (a longer single prompt goes alone)
+    )
+    max_prefill_batch: int = 64
+    kv_watermark_blocks: int = 0  # KV blocks kept free for decode growth
+    block_decode_steps: float = 1.0  # a prefill layer block ≈ this many predicted decode steps
+    prefill_only_block_s: float | None = None  # block length with no decode running; None = all layers
+    tpot_margin: float = 0.0  # require predicted·(1 + margin) ≤ budget
+    max_slack_borrow: float = 1.0
+    catch_up_floor: float = 0.5
+    max_prefill_stall_steps: int = 8
+    allow_overtake: bool = True
+    overtake_only_if_needed: bool = True
+    deprioritize_hopeless: bool = True
+    protect_batch_deadlines: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("slo", "static"):
+            raise ValueError(f"dispatcher mode must be 'slo' or 'static', got {self.mode!r}")
+        if not 0.0 < self.static_prefill_share < 1.0:
+            raise ValueError("static_prefill_share must be in (0, 1)")
+        if self.max_prefill_tokens <= 0 or self.max_prefill_batch <= 0 or self.block_decode_steps <= 0:
+            raise ValueError("max_prefill_tokens, max_prefill_batch and block_decode_steps must be positive")
+        if self.kv_watermark_blocks < 0 or self.max_prefill_stall_steps < 0 or self.tpot_margin < 0:
+            raise ValueError("kv_watermark_blocks, max_prefill_stall_steps and tpot_margin must be >= 0")
+        if not 0.0 < self.catch_up_floor <= 1.0 <= self.max_slack_borrow:
+            raise ValueError("need 0 < catch_up_floor <= 1 <= max_slack_borrow")
+
+
+@dataclass
+class _Plan:
+    action: PrefillAction = PrefillAction.NONE
+    launch: tuple[PrefillRequest, ...] = ()
+    shapes: tuple[PrefillShape, ...] = ()
+    ids: tuple[str, ...] = ()
+    start_layer: int = 0
+    note: str = ""
+    extra: list[str] = field(default_factory=list)
+
+
+class Dispatcher:
+    """Stateful only in the prefill-stall counter of rule 6 (deterministic; `reset()` clears it) and a memo of
+    whole-device prefill times by shape."""
+
+    def __init__(self, model: PerfModel, config: DispatcherConfig | None = None) -> None:
+        self.model = model
+        self.config = config or DispatcherConfig()
+        self._stall_steps = 0
+        self._alone: dict[tuple[int, int], float] = {}
+
+    def reset(self) -> None:
+        self._stall_steps = 0
+
+    @property
+    def prefill_stall_steps(self) -> int:
+        return self._stall_steps
+
+    # --- helpers ------------------------------------------------------------------------------------
+    @staticmethod
+    def _ends(splits: Sequence[Split]) -> tuple[Split, Split]:
+        prefill_end = max(splits, key=lambda s: (s.prefill_sms, -s.decode_sms))
+        decode_end = max(splits, key=lambda s: (s.decode_sms, -s.prefill_sms))
+        if prefill_end.prefill_sms == 0 or decode_end.decode_sms == 0:
+            raise ValueError("splits must give prefill SMs in one split and decode SMs in one split")
+        return prefill_end, decode_end
+
+    def _alone_s(self, r: PrefillRequest) -> float:
+        """Prefill time of `r` alone on the whole device, memoised by shape (a decision may sort a long queue)."""
+        key = (r.new_tokens, r.cached_tokens)
+        t = self._alone.get(key)
+        if t is None:
+            if len(self._alone) >= 65536:
+                self._alone.clear()
+            t = self._alone[key] = self.model.prefill_time(r.shape, self.model.total_sms)
+        return t
+
+    def _hopeless(self, r: PrefillRequest, now: float) -> bool:
+        return now + self._alone_s(r) > r.ttft_deadline_s
+
+    def _edf(self, waiting: Sequence[PrefillRequest], now: float) -> list[PrefillRequest]:
+        def key(r: PrefillRequest) -> tuple:
+            late = self.config.deprioritize_hopeless and self._hopeless(r, now)
+            return (late, r.ttft_deadline_s, r.arrival_s, r.request_id)
+
+        return sorted(waiting, key=key)
+
+    def _select(
+        self,
+        ordered: Sequence[PrefillRequest],
+        free_blocks: int,
+        sms: int,
+        contended: bool,
+        now: float,
+        max_time: float | None = None,
+    ) -> list[PrefillRequest]:
+        cfg = self.config
+        blocks_left = free_blocks - cfg.kv_watermark_blocks
+        picked: list[PrefillRequest] = []
+        tokens = 0
+        for r in ordered:
+            if r.kv_blocks > blocks_left:
+                break  # no backfilling past the head: a large prompt must not starve
+            if picked and (
+                tokens + r.new_tokens > cfg.max_prefill_tokens or len(picked) >= cfg.max_prefill_batch
+            ):
+                break
+            trial = [*picked, r]
+            t = self.model.prefill_time([q.shape for q in trial], sms, contended=contended)
+            if max_time is not None and t > max_time:
+                break
+            if picked and cfg.protect_batch_deadlines:
+                protected = [q for q in picked if not (cfg.deprioritize_hopeless and self._hopeless(q, now))]
+                if any(now + t > q.ttft_deadline_s for q in protected):
+                    break
+            picked.append(r)
+            blocks_left -= r.kv_blocks
+            tokens += r.new_tokens
+        return picked
+
+    def _decode_fit(
+        self, splits: Sequence[Split], batch: int, kv: int, budget: float
+    ) -> tuple[Split | None, float | None]:
+        """Smallest-decode mixed split meeting the budget with prefill co-running."""
+        for s in sorted((s for s in splits if s.is_mixed), key=lambda s: (s.decode_sms, -s.prefill_sms)):
+            t = self.model.decode_time(batch, kv, s.decode_sms, contended=True)
+            if t * (1.0 + self.config.tpot_margin) <= budget:
+                return s, t
+        return None, None
+
+    # --- entry point --------------------------------------------------------------------------------
+    def decide(self, state: DispatchState) -> DispatchDecision:
+        cfg = self.config
+        if not state.splits:
+            raise ValueError("dispatcher needs at least one split")
+        prefill_end, decode_end = self._ends(state.splits)
+        now = state.now_s
+        batch = len(state.decode)
+        kv = sum(r.context_tokens for r in state.decode)
+        budget = (
+            min(r.step_budget(cfg.max_slack_borrow, cfg.catch_up_floor) for r in state.decode)
+            if batch
+            else None
+        )
+        ordered = self._edf(state.waiting, now)
+        head_fits = bool(ordered) and ordered[0].kv_blocks <= state.free_kv_blocks - cfg.kv_watermark_blocks
+        started = state.in_flight is not None or state.paused is not None
+        prefill_work = started or head_fits
+
+        # 1. the split ----------------------------------------------------------------------------------
+        prefill_runs = prefill_work
+        turn = False  # rule 6 prefill turn
+        if cfg.mode == "static":
+            if not any(s.is_mixed for s in state.splits):
+                raise ValueError("static mode needs a mixed split (both phases with SMs)")
+            split = nearest_split(list(state.splits), cfg.static_prefill_share)
+            mode: Mode = "static"
+            reason = f"static split {split.label}"
+        elif not batch and not prefill_work:
+            split, mode, reason = decode_end, "idle", "no work"
+        elif not prefill_work:
+            split, mode = decode_end, "decode-only"
+            reason = "no prefill can start" if state.waiting else "no prefill waiting"
+        elif not batch:
+            split, mode, reason = prefill_end, "prefill-only", "no decode running"
+        else:
+            assert budget is not None
+            fit, _ = self._decode_fit(state.splits, batch, kv, budget)
+            if fit is not None:
+                split, mode = fit, "multiplex"
+                reason = f"smallest decode share meeting {budget * 1e3:.1f} ms step budget"
+            elif self._stall_steps < cfg.max_prefill_stall_steps:
+                split, mode, prefill_runs = decode_end, "decode-first", False
+                reason = (
+                    f"no mixed split meets {budget * 1e3:.1f} ms; decode alone, prefill stalled "
+                    f"{self._stall_steps + 1}/{cfg.max_prefill_stall_steps}"
+                )
+            else:
+                mixed = [s for s in state.splits if s.is_mixed]
+                split = max(mixed, key=lambda s: s.decode_sms) if mixed else prefill_end
+                mode, turn = "prefill-turn", True
+                reason = f"prefill turn after {self._stall_steps} stalled steps"
+        self._stall_steps = self._stall_steps + 1 if mode == "decode-first" else 0
+
+        # 2. the prefill plan ---------------------------------------------------------------------------
+        run_decode = batch > 0 and split.decode_sms > 0
+        p_sms = split.prefill_sms
+        plan = _Plan()
+        if prefill_runs and p_sms > 0:
+            plan = self._plan_prefill(state, ordered, p_sms, contended=run_decode)
+
+        # 3. predictions and layer count ----------------------------------------------------------------
+        prefill_active = plan.action != PrefillAction.NONE
+        decode_step = (
+            self.model.decode_time(batch, kv, split.decode_sms, contended=prefill_active)
+            if run_decode
+            else None
+        )
+        layers = 0
+        block_s = remaining_s = None
+        ttft: dict[str, float] = {}
+        if prefill_active:
+            remaining = self.model.num_layers - plan.start_layer
+            if decode_step is not None:
+                target = cfg.block_decode_steps * decode_step
+            elif turn and budget is not None:
+                target = budget  # decode waits for this block: keep it to about one step budget
+            else:
+                target = cfg.prefill_only_block_s if cfg.prefill_only_block_s is not None else math.inf
+            layers = (
+                remaining
+                if math.isinf(target)
+                else self.model.layers_within(
+                    plan.shapes, p_sms, plan.start_layer, target, contended=run_decode
+                )
+            )
+            block_s = self.model.prefill_layers_time(
+                plan.shapes, p_sms, plan.start_layer, layers, contended=run_decode
+            )
+            remaining_s = self.model.prefill_layers_time(
+                plan.shapes, p_sms, plan.start_layer, remaining, contended=run_decode
+            )
+            ttft = {rid: now + remaining_s for rid in plan.ids}
+            reason += f"; prefill {plan.action.value}{plan.note}"
+        elif prefill_work and mode != "decode-first":
+            reason += "; no prefill fits"
+        return DispatchDecision(
+            split=split,
+            mode=mode,
+            run_decode=run_decode,
+            prefill_action=plan.action,
+            launch_ids=tuple(r.request_id for r in plan.launch),
+            prefill_layers=layers,
+            predicted_decode_step_s=decode_step,
+            predicted_prefill_block_s=block_s,
+            predicted_prefill_remaining_s=remaining_s,
+            predicted_ttft_s=ttft,
+            decode_budget_s=budget,
+            reason=reason,
+        )
+
+    def _plan_prefill(
+        self, state: DispatchState, ordered: list[PrefillRequest], sms: int, contended: bool
+    ) -> _Plan:
+        now, cfg = state.now_s, self.config
+        active = state.in_flight
+        if active is None and state.paused is not None:
+            p = state.paused
+            return _Plan(PrefillAction.RESUME, (), p.shapes, p.request_ids, p.layers_done)
+        if active is None:
+            picked = self._select(ordered, state.free_kv_blocks, sms, contended, now)
+            if not picked:
+                return _Plan()
+            return _Plan(
+                PrefillAction.LAUNCH,
+                tuple(picked),
+                tuple(r.shape for r in picked),
+                tuple(r.request_id for r in picked),
+                0,
+                f" {len(picked)} request(s)",
+            )
+        cont = _Plan(PrefillAction.CONTINUE, (), active.shapes, active.request_ids, active.layers_done, "")
+        if not (cfg.allow_overtake and state.paused is None and ordered):
+            return cont
+        # Rule 5: a short, earlier-deadline batch may overtake if the in-flight one still meets its TTFT.
+        rem = self.model.prefill_layers_time(
+            active.shapes,
+            sms,
+            active.layers_done,
+            self.model.num_layers - active.layers_done,
+            contended=contended,
+        )
+        slack = active.ttft_deadline_s - (now + rem)  # time the in-flight batch can still give away
+        if slack <= 0:
+            return cont
+        eligible = [
+            r
+            for r in ordered
+            if r.ttft_deadline_s < active.ttft_deadline_s
+            and not (cfg.deprioritize_hopeless and self._hopeless(r, now))
+        ]
+        picked = self._select(eligible, state.free_kv_blocks, sms, contended, now, max_time=min(rem, slack))
+        if not picked:
+            return cont
+        t_w = self.model.prefill_time([r.shape for r in picked], sms, contended=contended)
+        if t_w >= rem or now + t_w + rem > active.ttft_deadline_s:
+            return cont
+        rescued = [r for r in picked if now + t_w <= r.ttft_deadline_s < now + rem + t_w]
+        if cfg.overtake_only_if_needed and not rescued:
+            return cont
+        return _Plan(
+            PrefillAction.OVERTAKE,
+            tuple(picked),
+            tuple(r.shape for r in picked),
+            tuple(r.request_id for r in picked),
+            0,
+            f" {len(picked)} request(s) ahead of {len(active.request_ids)} in flight",
+        )

@@ -1,0 +1,189 @@
+"""The multiplexing policies, `drift` (adaptive) and `static-split` (fixed split, like semi-PD), as scheduler
+policies. Pure: they turn the scheduler's queues into a `DispatchState`, ask the `Dispatcher`, and act on its
+decision. A prefill runs as a *job* launched a few layers at a time across iterations while decode steps run
+beside it; `mux_loop.run_iteration` drives jobs and batches the same way for the real engine and the simulator.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.scheduler import Batch, Scheduler, SchedulerOutput
+from ..engine.sequence import Sequence
+from ..partition.base import Split
+from .dispatcher import (
+    DecodeRequest,
+    Dispatcher,
+    DispatcherConfig,
+    DispatchState,
+    InFlightPrefill,
+    PrefillAction,
+    PrefillRequest,
+)
+from .perf_model import PerfModel, PrefillShape
+
+# Waiting requests the dispatcher looks at per decision (EDF over the oldest ones keeps decisions O(1)-ish).
+MAX_WAITING_CONSIDERED = 256
+_job_ids = itertools.count()
+
+
+@dataclass
+class PrefillJob:
+    """A prefill batch in progress: its sequences stay in flight until the last layer has run."""
+
+    batch: Batch
+    num_layers: int
+    ttft_deadline_s: float
+    layers_done: int = 0
+    job_id: int = field(default_factory=lambda: next(_job_ids))
+
+    @property
+    def done(self) -> bool:
+        return self.layers_done >= self.num_layers
+
+    def as_in_flight(self) -> InFlightPrefill:
+        return InFlightPrefill(
+            request_ids=tuple(i.seq.request_id for i in self.batch.items),
+            shapes=tuple(PrefillShape(i.num_new_tokens, i.start) for i in self.batch.items),
+            layers_done=self.layers_done,
+            ttft_deadline_s=self.ttft_deadline_s,
+        )
+
+
+@dataclass
+class MuxContext:
+    """What a multiplexing policy needs from the engine (or simulator) it runs in."""
+
+    perf_model: PerfModel
+    splits: list[Split]
+    num_layers: int
+    default_ttft_s: float
+    default_tpot_s: float
+
+
+def dispatcher_config(name: str, partition: Any) -> DispatcherConfig:
+    """`static-split`, or `drift` with partition mode static/off, uses one fixed split; `drift` with auto adapts."""
+    fixed = name == "static-split" or getattr(partition, "mode", "auto") in ("static", "off")
+    share = min(max(float(getattr(partition, "prefill_sm_share", 0.5)), 0.01), 0.99)
+    return DispatcherConfig(mode="static" if fixed else "slo", static_prefill_share=share)
+
+
+class MultiplexPolicy:
+    multiplexing = True
+
+    def __init__(self, name: str, ctx: MuxContext, config: DispatcherConfig) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.splits = list(ctx.splits)
+        if getattr(config, "mode", "slo") == "static" and not any(s.is_mixed for s in self.splits):
+            raise ValueError("static split needs a device with at least one mixed split")
+        self.dispatcher = Dispatcher(ctx.perf_model, config)
+        self.active: PrefillJob | None = None
+        self.paused: PrefillJob | None = None
+        self.last_decision: dict[str, Any] | None = None
+
+    def reconfigure(self, engine_config: Any) -> None:
+        """Partition settings changed at run time (admin API)."""
+        self.dispatcher = Dispatcher(self.ctx.perf_model, dispatcher_config(self.name, engine_config.partition))
+        self.ctx.default_ttft_s = engine_config.slo_ttft_ms / 1e3
+        self.ctx.default_tpot_s = engine_config.slo_tpot_ms / 1e3
+
+    # ---- state for the dispatcher ------------------------------------------------------------------
+    def _decode_request(self, seq: Sequence, now: float) -> DecodeRequest:
+        first = seq.times.first_token
+        return DecodeRequest(
+            request_id=seq.request_id,
+            context_tokens=seq.num_tokens,
+            tpot_target_s=seq.slo.tpot or self.ctx.default_tpot_s,
+            tokens_since_first=max(seq.num_output_tokens - 1, 0),
+            time_since_first_token_s=0.0 if first is None else max(now - first, 0.0),
+        )
+
+    def _prefill_request(self, sched: Scheduler, seq: Sequence) -> PrefillRequest:
+        bm = sched.bm
+        cached = bm.find_cached_prefix(seq)
+        revived = sum(1 for b in cached if bm.blocks[b].ref_count == 0)
+        return PrefillRequest(
+            request_id=seq.request_id,
+            new_tokens=seq.num_tokens - len(cached) * bm.block_size,
+            cached_tokens=len(cached) * bm.block_size,
+            arrival_s=seq.times.arrival,
+            ttft_deadline_s=seq.times.arrival + (seq.slo.ttft or self.ctx.default_ttft_s),
+            kv_blocks=bm.blocks_needed(seq.num_tokens) - len(cached) + revived,
+        )
+
+    # ---- the policy ----------------------------------------------------------------------------------
+    def schedule(self, sched: Scheduler, now: float) -> SchedulerOutput:
+        out = SchedulerOutput()
+        decoding = [s for s in sched.running if not s.in_flight and not s.is_prefilling]
+        waiting = list(itertools.islice(sched.waiting, MAX_WAITING_CONSIDERED))
+        if len(sched.running) >= sched.config.max_num_seqs:
+            waiting = []  # no slot to admit into
+        state = DispatchState(
+            now_s=now,
+            splits=self.splits,
+            decode=[self._decode_request(s, now) for s in decoding],
+            waiting=[self._prefill_request(sched, s) for s in waiting],
+            free_kv_blocks=sched.bm.num_free_blocks,
+            in_flight=self.active.as_in_flight() if self.active else None,
+            paused=self.paused.as_in_flight() if self.paused else None,
+        )
+        decision = self.dispatcher.decide(state)
+        new_job = False
+        if decision.prefill_action in (PrefillAction.LAUNCH, PrefillAction.OVERTAKE):
+            job = self._launch(sched, decision.launch_ids, waiting)
+            if job is not None:
+                if decision.prefill_action is PrefillAction.OVERTAKE and self.active is not None:
+                    self.paused = self.active
+                self.active, new_job = job, True
+        elif decision.prefill_action is PrefillAction.RESUME and self.active is None:
+            self.active, self.paused = self.paused, None
+        if decision.run_decode:
+            from ..engine.policies import decode_all
+
+            items, _ = decode_all(sched, 1 << 30, out.preempted)
+            if items:
+                out.batches.append(Batch(items, "decode"))
+        layers = 0
+        if self.active is not None:
+            layers = min(decision.prefill_layers, self.active.num_layers - self.active.layers_done)
+        out.split = (decision.split.prefill_sms, decision.split.decode_sms)
+        out.info = {
+            "prefill_job": self.active if layers > 0 else None,
+            "new_prefill_job": self.active if new_job else None,
+            "prefill_layers": layers,
+            "decision": decision,
+        }
+        self.last_decision = decision.to_dict()
+        return out
+
+    def _launch(self, sched: Scheduler, ids: tuple[str, ...], waiting: list[Sequence]) -> PrefillJob | None:
+        by_id = {s.request_id: s for s in waiting}
+        items = []
+        for rid in ids:
+            seq = by_id.get(rid)
+            if seq is None:
+                continue
+            item = sched.try_admit(seq, seq.num_tokens, whole_only=True)
+            if item is not None:
+                items.append(item)
+        if not items:
+            return None
+        deadline = min(s.seq.times.arrival + (s.seq.slo.ttft or self.ctx.default_ttft_s) for s in items)
+        return PrefillJob(Batch(items, "prefill"), self.ctx.num_layers, deadline)
+
+    def on_job_done(self, job: PrefillJob) -> None:
+        if job is self.active:
+            self.active = None
+        elif job is self.paused:
+            self.paused = None
+
+
+def make_multiplex_policy(name: str, engine_config: Any, ctx: MuxContext | None) -> MultiplexPolicy:
+    if name not in ("drift", "static-split"):
+        raise ValueError(f"unknown policy {name!r}; choose prefill-first, chunked, static-split or drift")
+    if ctx is None:
+        raise ValueError(f"policy {name!r} needs a performance model and SM splits (a MuxContext)")
+    return MultiplexPolicy(name, ctx, dispatcher_config(name, engine_config.partition))

@@ -1,0 +1,1 @@
+"""Tests of PD multiplexing: performance model, dispatcher, partitioners, profiling."""

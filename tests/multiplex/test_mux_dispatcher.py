@@ -1,0 +1,349 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from drift_agent.multiplex.dispatcher import (
+    DecodeRequest,
+    Dispatcher,
+    DispatcherConfig,
+    DispatchState,
+    InFlightPrefill,
+    PrefillAction,
+    PrefillRequest,
+)
+from drift_agent.multiplex.perf_model import PrefillShape
+from drift_agent.partition import Split, candidate_splits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.multiplex.mux_synth import SynthModel
+
+SPLITS = candidate_splits(132, 8, 8)  # (132,0), (112,20) … (72,60), (0,132)
+MIXED = [s for s in SPLITS if s.is_mixed]
+
+
+def decodes(n: int, tpot: float = 0.03, ctx: int = 1024) -> list[DecodeRequest]:
+    return [DecodeRequest(f"d{i}", ctx, tpot) for i in range(n)]
+
+
+def req(rid: str, tokens: int, deadline: float, blocks: int = 8, arrival: float = 0.0, cached: int = 0):
+    return PrefillRequest(rid, tokens, cached, arrival, deadline, blocks)
+
+
+def state(**kw) -> DispatchState:
+    kw.setdefault("now_s", 0.0)
+    kw.setdefault("splits", SPLITS)
+    kw.setdefault("free_kv_blocks", 10_000)
+    return DispatchState(**kw)
+
+
+def test_decode_only_gets_whole_device() -> None:
+    d = Dispatcher(SynthModel()).decide(state(decode=decodes(8)))
+    assert d.split == Split(0, 132) and d.mode == "decode-only" and d.run_decode
+    assert d.prefill_action is PrefillAction.NONE and d.prefill_layers == 0
+    assert d.predicted_decode_step_s == pytest.approx(SynthModel().decode_time(8, 8 * 1024, 132))
+
+
+def test_prefill_only_gets_whole_device_and_all_layers() -> None:
+    d = Dispatcher(SynthModel()).decide(state(waiting=[req("a", 1000, 5.0)]))
+    assert d.split == Split(132, 0) and d.mode == "prefill-only" and not d.run_decode
+    assert d.prefill_action is PrefillAction.LAUNCH and d.launch_ids == ("a",)
+    assert d.prefill_layers == 10
+    assert d.predicted_prefill_remaining_s == pytest.approx(0.1)
+    assert d.predicted_ttft_s == {"a": pytest.approx(0.1)}
+
+
+def test_idle() -> None:
+    d = Dispatcher(SynthModel()).decide(state())
+    assert d.mode == "idle" and not d.run_decode and d.prefill_action is PrefillAction.NONE
+
+
+@pytest.mark.parametrize("tpot", [0.012, 0.015, 0.02, 0.03, 0.05])
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_chooses_smallest_decode_share_meeting_tpot(tpot: float, batch: int) -> None:
+    model = SynthModel()
+    d = Dispatcher(model).decide(state(decode=decodes(batch, tpot), waiting=[req("a", 2000, 10.0)]))
+    feasible = [
+        s for s in MIXED if model.decode_time(batch, batch * 1024, s.decode_sms, contended=True) <= tpot
+    ]
+    if feasible:
+        best = min(feasible, key=lambda s: s.decode_sms)
+        assert d.mode == "multiplex" and d.split == best
+        assert d.tpot_ok and d.predicted_decode_step_s <= tpot
+        smaller = [s for s in MIXED if s.decode_sms < best.decode_sms]
+        for s in smaller:  # every smaller share would miss the TPOT
+            assert model.decode_time(batch, batch * 1024, s.decode_sms, contended=True) > tpot
+    else:
+        assert d.mode == "decode-first"
+
+
+def test_decode_share_grows_with_tighter_tpot_and_bigger_batch() -> None:
+    model = SynthModel()
+    shares = []
+    for tpot in (0.05, 0.03, 0.02, 0.015):
+        d = Dispatcher(model).decide(state(decode=decodes(16, tpot), waiting=[req("a", 500, 10.0)]))
+        shares.append(d.split.decode_sms)
+    assert shares == sorted(shares) and shares[0] < shares[-1]
+    by_batch = [
+        Dispatcher(model)
+        .decide(state(decode=decodes(b, 0.02), waiting=[req("a", 500, 10.0)]))
+        .split.decode_sms
+        for b in (1, 32, 64)
+    ]
+    assert by_batch == sorted(by_batch)
+
+
+def test_contention_factor_is_applied() -> None:
+    # Without contention (factor 1) the same load fits a smaller decode share.
+    tight = Dispatcher(SynthModel(decode_slowdown=1.5)).decide(
+        state(decode=decodes(16, 0.02), waiting=[req("a", 500, 9)])
+    )
+    loose = Dispatcher(SynthModel(decode_slowdown=1.0)).decide(
+        state(decode=decodes(16, 0.02), waiting=[req("a", 500, 9)])
+    )
+    assert tight.split.decode_sms > loose.split.decode_sms
+
+
+def test_slack_lets_ahead_requests_borrow_and_late_ones_catch_up() -> None:
+    cfg = DispatcherConfig(max_slack_borrow=2.0)
+    ahead = [
+        DecodeRequest("x", 1024, 0.02, tokens_since_first=100, time_since_first_token_s=1.0)
+    ]  # avg 10 ms
+    late = [DecodeRequest("x", 1024, 0.02, tokens_since_first=100, time_since_first_token_s=2.005)]
+    on_time = [DecodeRequest("x", 1024, 0.02)]
+    w = [req("a", 500, 9.0)]
+    budget = {}
+    share = {}
+    for name, dec in (("ahead", ahead), ("late", late), ("on_time", on_time)):
+        d = Dispatcher(SynthModel(), cfg).decide(state(decode=dec, waiting=w))
+        budget[name], share[name] = d.decode_budget_s, d.split.decode_sms
+    assert budget["ahead"] == pytest.approx(0.04)  # capped at 2 x target
+    assert budget["on_time"] == pytest.approx(0.02)
+    assert budget["late"] == pytest.approx(0.02 * 101 - 2.005)  # must catch up: 15 ms
+    assert share["ahead"] <= share["on_time"] <= share["late"]
+    floor = DecodeRequest("x", 1024, 0.02, 10, 100.0).step_budget(1.0, 0.5)
+    assert floor == pytest.approx(0.01)  # hopelessly late: floored at half the target
+
+
+def test_prefills_launch_earliest_deadline_first() -> None:
+    w = [
+        req("late", 100, 3.0, arrival=0.0),
+        req("soon", 100, 1.0, arrival=0.2),
+        req("mid", 100, 2.0, arrival=0.1),
+    ]
+    d = Dispatcher(SynthModel()).decide(state(decode=decodes(4), waiting=w))
+    assert d.launch_ids == ("soon", "mid", "late")
+    tie = [req("b", 100, 1.0, arrival=0.2), req("a", 100, 1.0, arrival=0.1)]
+    assert Dispatcher(SynthModel()).decide(state(waiting=tie)).launch_ids == ("a", "b")
+
+
+def test_hopeless_requests_go_last() -> None:
+    # "doomed" cannot make its deadline even alone on the whole GPU (1000 tokens = 0.1 s).
+    w = [req("doomed", 1000, 0.05), req("ok", 100, 1.0)]
+    d = Dispatcher(SynthModel()).decide(state(waiting=w))
+    assert d.launch_ids == ("ok", "doomed")
+    d2 = Dispatcher(SynthModel(), DispatcherConfig(deprioritize_hopeless=False)).decide(state(waiting=w))
+    assert d2.launch_ids[0] == "doomed"
+
+
+def test_head_of_line_blocks_on_kv_and_decode_gets_everything() -> None:
+    w = [req("big", 100, 1.0, blocks=500), req("small", 100, 2.0, blocks=1)]
+    d = Dispatcher(SynthModel()).decide(state(decode=decodes(4), waiting=w, free_kv_blocks=100))
+    assert d.launch_ids == () and d.split == Split(0, 132) and d.mode == "decode-only"
+    assert "no prefill can start" in d.reason
+
+
+def test_token_budget_and_batch_cap() -> None:
+    cfg = DispatcherConfig(max_prefill_tokens=1000, max_prefill_batch=3)
+    w = [req(f"r{i}", 400, 10.0 + i) for i in range(5)]
+    d = Dispatcher(SynthModel(), cfg).decide(state(waiting=w))
+    assert d.launch_ids == ("r0", "r1")  # 800 tokens; a third would exceed 1000
+    small = [req(f"r{i}", 10, 10.0 + i) for i in range(5)]
+    assert len(Dispatcher(SynthModel(), cfg).decide(state(waiting=small)).launch_ids) == 3
+    long_alone = Dispatcher(SynthModel(), cfg).decide(state(waiting=[req("huge", 5000, 10.0), *small]))
+    assert long_alone.launch_ids == ("huge",)  # a prompt over the budget still runs, alone
+
+
+def test_batch_does_not_push_picked_request_past_deadline() -> None:
+    # "tight" alone takes 0.01 s; adding 2000 tokens (0.2 s) would miss its 0.05 s deadline.
+    w = [req("tight", 100, 0.05), req("bulk", 2000, 5.0)]
+    d = Dispatcher(SynthModel()).decide(state(waiting=w))
+    assert d.launch_ids == ("tight",)
+    d2 = Dispatcher(SynthModel(), DispatcherConfig(protect_batch_deadlines=False)).decide(state(waiting=w))
+    assert d2.launch_ids == ("tight", "bulk")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    blocks=st.lists(st.integers(1, 64), min_size=0, max_size=12),
+    tokens=st.lists(st.integers(1, 4000), min_size=12, max_size=12),
+    deadlines=st.lists(st.floats(0.01, 20.0), min_size=12, max_size=12),
+    free=st.integers(0, 200),
+    watermark=st.integers(0, 20),
+    batch=st.integers(0, 64),
+)
+def test_never_overcommits_kv(blocks, tokens, deadlines, free, watermark, batch) -> None:
+    w = [req(f"r{i}", tokens[i], deadlines[i], blocks=b) for i, b in enumerate(blocks)]
+    cfg = DispatcherConfig(kv_watermark_blocks=watermark)
+    d = Dispatcher(SynthModel(), cfg).decide(state(decode=decodes(batch), waiting=w, free_kv_blocks=free))
+    by_id = {r.request_id: r for r in w}
+    assert sum(by_id[i].kv_blocks for i in d.launch_ids) <= max(0, free - watermark)
+    assert len(set(d.launch_ids)) == len(d.launch_ids)
+    assert d.split in SPLITS
+    if batch and d.run_decode and d.mode == "multiplex":
+        assert d.tpot_ok
+
+
+def test_layer_blocks_are_about_one_decode_step() -> None:
+    model = SynthModel()
+    d = Dispatcher(model).decide(state(decode=decodes(16), waiting=[req("a", 300, 10.0)]))
+    assert d.mode == "multiplex" and d.prefill_action is PrefillAction.LAUNCH
+    assert 1 <= d.prefill_layers < model.num_layers
+    assert d.predicted_prefill_block_s <= d.predicted_decode_step_s
+    one_more = model.prefill_layers_time(
+        PrefillShape(300), d.split.prefill_sms, 0, d.prefill_layers + 1, contended=True
+    )
+    assert one_more > d.predicted_decode_step_s
+    two = Dispatcher(model, DispatcherConfig(block_decode_steps=2.0)).decide(
+        state(decode=decodes(16), waiting=[req("a", 300, 10.0)])
+    )
+    assert two.prefill_layers >= d.prefill_layers
+
+
+def test_at_least_one_layer_even_if_a_layer_exceeds_a_step() -> None:
+    d = Dispatcher(SynthModel(per_token_s=1e-2)).decide(
+        state(decode=decodes(4), waiting=[req("a", 4000, 1e4)])
+    )
+    assert d.prefill_layers == 1
+
+
+def test_prefill_only_block_cap() -> None:
+    cfg = DispatcherConfig(prefill_only_block_s=0.03)
+    d = Dispatcher(SynthModel(), cfg).decide(state(waiting=[req("a", 1000, 5.0)]))  # 0.01 s per layer
+    assert d.prefill_layers == 3
+
+
+def _flight(layers_done: int, tokens: int, deadline: float) -> InFlightPrefill:
+    return InFlightPrefill(("long",), (PrefillShape(tokens),), layers_done, deadline)
+
+
+def test_continue_in_flight_next_block() -> None:
+    d = Dispatcher(SynthModel()).decide(state(decode=decodes(16), in_flight=_flight(4, 4000, 100.0)))
+    assert d.prefill_action is PrefillAction.CONTINUE and d.launch_ids == ()
+    assert 1 <= d.prefill_layers <= 6
+    assert set(d.predicted_ttft_s) == {"long"}
+
+
+def test_short_prefill_overtakes_when_long_still_meets_ttft() -> None:
+    # Long: 20000 tokens, 0 layers done -> ~2 s alone on the whole GPU; deadline far away.
+    long = _flight(0, 20000, 100.0)
+    short = req("short", 200, 0.5)  # would miss 0.5 s if it waited ~2 s; alone it takes ~0.02 s
+    d = Dispatcher(SynthModel()).decide(state(waiting=[short], in_flight=long))
+    assert d.prefill_action is PrefillAction.OVERTAKE and d.launch_ids == ("short",)
+    assert d.predicted_ttft_s["short"] <= 0.5
+
+
+def test_no_overtake_if_long_would_miss_its_ttft() -> None:
+    model = SynthModel()
+    rem = model.prefill_time(PrefillShape(20000), 132)
+    long = _flight(0, 20000, rem + 0.005)  # 5 ms of slack < the short one's 20 ms
+    d = Dispatcher(model).decide(state(waiting=[req("short", 200, 0.5)], in_flight=long))
+    assert d.prefill_action is PrefillAction.CONTINUE
+
+
+def test_no_overtake_when_not_needed_or_not_shorter() -> None:
+    long = _flight(0, 20000, 100.0)
+    relaxed = req("short", 200, 50.0)  # can wait: meets its TTFT after the long one
+    d = Dispatcher(SynthModel()).decide(state(waiting=[relaxed], in_flight=long))
+    assert d.prefill_action is PrefillAction.CONTINUE
+    eager = Dispatcher(SynthModel(), DispatcherConfig(overtake_only_if_needed=False))
+    assert eager.decide(state(waiting=[relaxed], in_flight=long)).prefill_action is PrefillAction.OVERTAKE
+    nearly_done = _flight(9, 20000, 100.0)  # 0.2 s left < the 0.5 s of a 5000-token request
+    d2 = Dispatcher(SynthModel()).decide(state(waiting=[req("mid", 5000, 0.6)], in_flight=nearly_done))
+    assert d2.prefill_action is PrefillAction.CONTINUE
+    off = Dispatcher(SynthModel(), DispatcherConfig(allow_overtake=False))
+    assert (
+        off.decide(state(waiting=[req("s", 200, 0.5)], in_flight=long)).prefill_action
+        is PrefillAction.CONTINUE
+    )
+
+
+def test_never_overtakes_recursively() -> None:
+    running_overtaker = _flight(0, 2000, 100.0)
+    paused = _flight(3, 20000, 200.0)
+    d = Dispatcher(SynthModel()).decide(
+        state(waiting=[req("tiny", 10, 0.05)], in_flight=running_overtaker, paused=paused)
+    )
+    assert d.prefill_action is PrefillAction.CONTINUE
+
+
+def test_resume_paused_after_overtaker_finished() -> None:
+    paused = _flight(3, 20000, 200.0)
+    d = Dispatcher(SynthModel()).decide(state(paused=paused, waiting=[req("x", 10, 0.05)]))
+    assert d.prefill_action is PrefillAction.RESUME and d.launch_ids == ()
+    assert d.prefill_layers == 7  # no decode: all remaining layers
+
+
+def test_degrades_decode_first_then_bounded_prefill_turn() -> None:
+    cfg = DispatcherConfig(max_prefill_stall_steps=3)
+    disp = Dispatcher(SynthModel(), cfg)
+    infeasible = state(decode=decodes(64, tpot=0.006), waiting=[req("a", 1000, 10.0)])  # 10 ms even alone
+    modes = [disp.decide(infeasible) for _ in range(9)]
+    assert [m.mode for m in modes] == ["decode-first"] * 3 + ["prefill-turn"] + ["decode-first"] * 3 + [
+        "prefill-turn"
+    ] + ["decode-first"]
+    for m in modes:
+        if m.mode == "decode-first":
+            assert m.split == Split(0, 132) and m.prefill_action is PrefillAction.NONE and m.run_decode
+        else:
+            assert m.split == max(MIXED, key=lambda s: s.decode_sms)
+            assert m.prefill_action is PrefillAction.LAUNCH and m.run_decode and not m.tpot_ok
+    # Work that fits again resets the stall counter.
+    disp.decide(state(decode=decodes(1, tpot=1.0), waiting=[req("a", 1000, 10.0)]))
+    assert disp.prefill_stall_steps == 0
+
+
+def test_no_stall_allowed_means_immediate_prefill_turn() -> None:
+    disp = Dispatcher(SynthModel(), DispatcherConfig(max_prefill_stall_steps=0))
+    d = disp.decide(state(decode=decodes(64, tpot=0.006), waiting=[req("a", 1000, 10.0)]))
+    assert d.mode == "prefill-turn"
+
+
+def test_device_without_mixed_splits_time_shares() -> None:
+    ends = [Split(16, 0), Split(0, 16)]
+    disp = Dispatcher(SynthModel(total_sms=16), DispatcherConfig(max_prefill_stall_steps=1))
+    s = state(splits=ends, decode=decodes(4, tpot=0.05), waiting=[req("a", 4000, 100.0)])
+    first, second = disp.decide(s), disp.decide(s)
+    assert first.mode == "decode-first" and first.split == Split(0, 16)
+    assert second.mode == "prefill-turn" and second.split == Split(16, 0) and not second.run_decode
+    # The prefill turn's block is kept to about one decode budget so decode is not starved.
+    assert second.predicted_prefill_block_s <= 0.05 or second.prefill_layers == 1
+
+
+def test_static_mode_keeps_fixed_split() -> None:
+    disp = Dispatcher(SynthModel(), DispatcherConfig(mode="static", static_prefill_share=0.7))
+    expect = min(MIXED, key=lambda s: abs(s.prefill_sms / 132 - 0.7))
+    for s in (
+        state(decode=decodes(4)),
+        state(waiting=[req("a", 100, 1.0)]),
+        state(decode=decodes(64, 0.001), waiting=[req("a", 100, 1.0)]),
+    ):
+        d = disp.decide(s)
+        assert d.mode == "static" and d.split == expect
+    with pytest.raises(ValueError, match="mixed split"):
+        disp.decide(state(splits=[Split(8, 0), Split(0, 8)], decode=decodes(1)))
+
+
+def test_decision_serialises_and_validates_config() -> None:
+    d = Dispatcher(SynthModel()).decide(state(decode=decodes(4), waiting=[req("a", 300, 1.0)]))
+    data = json.loads(json.dumps(d.to_dict()))
+    assert data["prefill_action"] == "launch" and data["split"] == [d.split.prefill_sms, d.split.decode_sms]
+    with pytest.raises(ValueError):
+        DispatcherConfig(mode="bogus")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        DispatcherConfig(max_prefill_tokens=0)
+    with pytest.raises(ValueError):
+        Dispatcher(SynthModel()).decide(state(splits=[]))
+    assert math.isinf(SynthModel().decode_time(1, 10, 0))
