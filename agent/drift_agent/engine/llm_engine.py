@@ -106,6 +106,9 @@ class LLMEngine:
             sched_cfg, self.block_manager, make_policy(config.policy, config, self._mux_context)
         )
         self.requests: dict[str, _Request] = {}
+        self._decisions: dict[str, int] = {}
+        self._split: tuple[int, int] | None = None
+        self._last_step: tuple[float | None, float | None] = (None, None)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info(
@@ -335,6 +338,11 @@ class LLMEngine:
         self._mux_context()
         it = run_iteration(self.scheduler, self._mux[1], now)
         decision = it.output.info.get("decision")
+        if decision is not None:
+            self._decisions[decision.mode] = self._decisions.get(decision.mode, 0) + 1
+            self._split = it.output.split
+            predicted = decision.predicted_decode_step_s or decision.predicted_prefill_block_s
+            self._last_step = (predicted, it.result.elapsed_s)
         if self.trace.enabled and decision is not None:
             self.trace.record(
                 t=now, policy=self.scheduler.policy.name, **decision.to_dict(),
@@ -446,6 +454,12 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens_total,
             generation_tokens=self.generation_tokens_total,
+            policy=self.scheduler.policy.name,
+            split=self._split if self.is_multiplexing else None,
+            total_sms=self._mux[0].splits[0].total if self._mux else None,
+            decisions=dict(self._decisions),
+            predicted_step_s=self._last_step[0],
+            actual_step_s=self._last_step[1],
         )
 
     # ---- offline convenience ------------------------------------------------------------------------

@@ -46,3 +46,10 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int  # prompt tokens computed (excluding cache hits)
     generation_tokens: int
+    policy: str = "chunked"
+    # Multiplexing policies: the split in force (prefill SMs, decode SMs) out of total_sms; None otherwise.
+    split: tuple[int, int] | None = None
+    total_sms: int | None = None
+    decisions: dict[str, int] = field(default_factory=dict)  # dispatcher decisions by mode
+    predicted_step_s: float | None = None  # latest decision's predicted decode step (or prefill block)
+    actual_step_s: float | None = None  # and what that iteration actually took
