@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from drift_agent.engine.block_manager import BlockManager
 from drift_agent.engine.errors import PromptTooLongError
 from drift_agent.engine.policies import ChunkedPolicy, PrefillFirstPolicy

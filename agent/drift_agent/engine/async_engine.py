@@ -8,7 +8,6 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -28,6 +27,43 @@ class _Stream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator. Leaving it before the request finished (break,
+    cancellation, a client disconnect) or dropping it unread aborts the request and frees its KV blocks."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, stream: _Stream) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._stream = stream
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._stream.queue.get()
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+    def __del__(self) -> None:
+        if not self.finished:
+            self.engine.abort(self.request_id)
 
 
 class AsyncLLMEngine:
@@ -76,7 +112,7 @@ class AsyncLLMEngine:
         request_id: str | None = None,
         slo: SLO | None = None,
         arrival_time: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> RequestStream:
         """Validate synchronously (errors raise before the first yield), then stream outputs until finished."""
         if not self.is_running:
             raise EngineDeadError(
@@ -95,22 +131,7 @@ class AsyncLLMEngine:
             self._streams[request_id] = stream
             self._pending_adds += 1
         self._commands.put(("add", seq))
-        return self._iterate(request_id, stream)
-
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, request_id, stream)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -165,10 +186,11 @@ class AsyncLLMEngine:
                     self._streams.pop(seq.request_id, None)
                 stream.put(exc)
         elif cmd == "abort":
-            rid = str(arg)
-            with self._lock:
-                self._streams.pop(rid, None)
-            self.engine.abort_request(rid)
+            # The stream stays registered until the final 'abort' output reaches it (now, or when the
+            # request's running batch returns), so nobody waiting on it hangs.
+            out = self.engine.abort_request(str(arg))
+            if out is not None:
+                self._deliver(out)
         elif cmd == "call":
             arg(self.engine)  # type: ignore[operator]
 

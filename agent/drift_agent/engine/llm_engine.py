@@ -28,9 +28,9 @@ from .outputs import EngineStats, RequestOutput
 from .policies import SEQUENTIAL_POLICIES
 from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
-from .trace import DecisionTrace
 from .scheduler import Policy, Scheduler, SchedulerConfig
 from .sequence import SLO, FinishReason, RequestTimes, Sequence
+from .trace import DecisionTrace
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,13 @@ class LLMEngine:
             self._mux[1].finish_prefill(job)
         policy.active = policy.paused = None
 
+    def _realized_split(self) -> tuple[int, int] | None:
+        if self._split is None or self._mux is None:
+            return None
+        from ..partition.base import Split
+
+        return self._mux[1].partitioner.realized_sm_counts(Split(*self._split))
+
     @property
     def is_multiplexing(self) -> bool:
         return bool(getattr(self.scheduler.policy, "multiplexing", False))
@@ -283,15 +290,14 @@ class LLMEngine:
     ) -> None:
         self.add_sequence(self.make_sequence(request_id, prompt, params, slo, arrival_time))
 
-    def abort_request(self, request_id: str) -> bool:
-        """Abort at any time; blocks are freed now, or when the sequence's running batch returns."""
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort at any time. Returns the final output (finish_reason 'abort') when the request ends now; a
+        request whose batch is running ends when that batch returns, and its final output comes from `step`."""
         req = self.requests.get(request_id)
         if req is None:
-            return False
+            return None
         self.scheduler.finish(req.seq, FinishReason.ABORT)
-        if req.seq.is_finished:
-            self._forget(req)
-        return True
+        return self._advance(req, time.monotonic()) if req.seq.is_finished else None
 
     def _forget(self, req: _Request) -> None:
         self.requests.pop(req.seq.request_id, None)
@@ -456,7 +462,8 @@ class LLMEngine:
             generation_tokens=self.generation_tokens_total,
             policy=self.scheduler.policy.name,
             split=self._split if self.is_multiplexing else None,
-            total_sms=self._mux[0].splits[0].total if self._mux else None,
+            realized_split=self._realized_split() if self.is_multiplexing else None,
+            total_sms=self._mux[1].partitioner.total_sms if self._mux else None,
             decisions=dict(self._decisions),
             predicted_step_s=self._last_step[0],
             actual_step_s=self._last_step[1],

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.attention_metadata import AttentionMetadata
-from .sampler import SampleRequest, Sampler, TokenLogprobs
+from .sampler import Sampler, SampleRequest, TokenLogprobs
 from .scheduler import Batch
 
 log = logging.getLogger(__name__)

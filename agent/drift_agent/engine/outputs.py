@@ -49,6 +49,7 @@ class EngineStats:
     policy: str = "chunked"
     # Multiplexing policies: the split in force (prefill SMs, decode SMs) out of total_sms; None otherwise.
     split: tuple[int, int] | None = None
+    realized_split: tuple[int, int] | None = None  # SMs the partitioner really gives each phase under `split`
     total_sms: int | None = None
     decisions: dict[str, int] = field(default_factory=dict)  # dispatcher decisions by mode
     predicted_step_s: float | None = None  # latest decision's predicted decode step (or prefill block)

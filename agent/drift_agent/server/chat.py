@@ -1,0 +1,138 @@
+"""POST /v1/chat/completions: the prompt is rendered with the tokenizer's chat template."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from . import chat_template
+from .errors import APIError, error_body, from_engine_error
+from .generation import Aborted, GenerationGroup
+from .logprobs import chat_logprobs
+from .protocol import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    ChatStreamChoice,
+    UsageInfo,
+)
+from .sampling import check_context, sampling_params
+from .serving import (
+    SSE_DONE,
+    Job,
+    cached,
+    collect_tracked,
+    final_of,
+    prepare,
+    sse,
+    state_of,
+    stream_response,
+    usage_flags,
+)
+
+
+async def create_chat_completion(req: ChatCompletionRequest, request: Request) -> Response:
+    state = state_of(request)
+    rid, slo, arrival = prepare(state, request, req, "chatcmpl")
+    tokenizer = state.engine.tokenizer
+    text = chat_template.render(
+        tokenizer,
+        req.messages,
+        add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
+        template_kwargs=req.chat_template_kwargs,
+    )
+    ids = chat_template.tokenize_rendered(tokenizer, text)
+    params0 = sampling_params(req, 0)
+    try:
+        if not ids:
+            raise APIError(400, "the rendered chat prompt is empty", param="messages")
+        check_context(len(ids), params0.max_tokens, state.engine.max_model_len, "messages")
+    except Exception as exc:
+        raise from_engine_error(exc) from None
+    echo = ""
+    if req.echo and req.messages[-1].role == "assistant":
+        echo = chat_template.message_text(req.messages[-1], len(req.messages) - 1)
+    job = Job(state, req, rid, [ids], slo, arrival, [echo])
+    group = await job.start()
+    if req.stream:
+        return stream_response(job, group, _chat_stream(job, group))
+    items = await collect_tracked(job, group, request)
+    num_top = req.top_logprobs or 0
+    choices: list[ChatChoice] = []
+    tokens: list[int] = []
+    for index in range(job.num_choices):
+        out, finish, stop = final_of(items[index])
+        last = out or group.choices[index].last
+        logprobs = None
+        if req.logprobs and last is not None:
+            logprobs = ChatChoiceLogprobs(
+                content=chat_logprobs(last.logprobs or [], job.decode_token, num_top)
+            )
+        message = ChatMessageOut(content=echo + (last.text if last else ""))
+        choices.append(
+            ChatChoice(
+                index=index, message=message, logprobs=logprobs, finish_reason=finish, stop_reason=stop
+            )
+        )
+        tokens.append(last.num_output_tokens if last else 0)
+    resp = ChatCompletionResponse(
+        id=rid,
+        created=job.created,
+        model=state.model_name,
+        choices=choices,
+        usage=job.usage(tokens, cached(job, group)),
+    )
+    return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
+
+
+async def _chat_stream(job: Job, group: GenerationGroup) -> AsyncIterator[str]:
+    req = job.req
+    assert isinstance(req, ChatCompletionRequest)
+    include_usage, continuous = usage_flags(req)
+    tokens = [0] * job.num_choices
+    num_top = req.top_logprobs or 0
+
+    def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+        return sse(
+            ChatCompletionChunk(
+                id=job.id, created=job.created, model=job.state.model_name, choices=choices, usage=usage
+            )
+        )
+
+    # As OpenAI does: every choice opens with its role before any content.
+    for index in range(job.num_choices):
+        opening = {"role": "assistant", "content": job.echo_texts[0]}
+        yield chunk([ChatStreamChoice(index=index, delta=opening)], job.usage(tokens) if continuous else None)
+    async for index, item in group:
+        if isinstance(item, BaseException):
+            err = from_engine_error(item)
+            yield sse(error_body(err.status, err.message, err.param, err.code))
+            break
+        if isinstance(item, Aborted):
+            yield chunk([ChatStreamChoice(index=index, delta={}, finish_reason="abort")])
+            continue
+        logprobs = None
+        if req.logprobs and item.delta_logprobs:
+            logprobs = ChatChoiceLogprobs(
+                content=chat_logprobs(item.delta_logprobs, job.decode_token, num_top)
+            )
+        tokens[index] = item.num_output_tokens
+        if not item.delta_text and not item.finished and logprobs is None:
+            continue
+        choice = ChatStreamChoice(
+            index=index,
+            delta={"content": item.delta_text} if item.delta_text else {},
+            logprobs=logprobs,
+            finish_reason=item.finish_reason if item.finished else None,
+            stop_reason=item.stop_reason if item.finished else None,
+        )
+        yield chunk([choice], job.usage(tokens) if continuous else None)
+    if include_usage:
+        yield chunk([], job.usage(tokens, cached(job, group)))
+    yield SSE_DONE

@@ -1,0 +1,121 @@
+"""OpenAI-shaped errors, `{"error": {"message", "type", "param", "code"}}`, and the app's exception handlers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    ModelLoadError,
+    PromptTooLongError,
+)
+
+log = logging.getLogger(__name__)
+
+# OpenAI's error `type` per HTTP status.
+_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error the API reports as is: status, message and OpenAI's optional `param` / `code`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {
+        "error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}
+    }
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(
+        error_body(err.status, err.message, err.param, err.code), err.status, headers=err.headers
+    )
+
+
+def from_engine_error(exc: Exception, retry_after_s: int = 1) -> APIError:
+    """Map an engine exception to the status a client should see."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, PromptTooLongError):
+        return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc))
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(
+            429, f"server overloaded: {exc}", code="overloaded", headers={"Retry-After": str(retry_after_s)}
+        )
+    if isinstance(exc, (EngineDeadError, ModelLoadError)):
+        return APIError(503, f"engine unavailable: {exc}", code="engine_dead")
+    log.exception("unexpected error while serving a request", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts: list[str] = []
+    param: str | None = None
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            parts.append(f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+            continue
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{'.'.join(loc) or 'request body'}: {e.get('msg')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Like vLLM: a malformed OpenAI request is a 400, not FastAPI's default 422.
+        message, param = _validation_message(exc)
+        return error_response(APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        return error_response(APIError(exc.status_code, str(exc.detail), headers=headers))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(from_engine_error(exc))

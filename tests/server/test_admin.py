@@ -1,0 +1,132 @@
+"""GET/PUT /admin/policy: bearer-token auth, validation through EngineConfig, applied on the engine thread."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from drift_agent.server.settings import ServerSettings
+
+from tests.server.conftest import LiveServer, start_server
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def admin_live(async_engine) -> Iterator[LiveServer]:
+    live = start_server(async_engine, ServerSettings(host="127.0.0.1", port=0, admin_token=TOKEN))
+    with live.client() as http:
+        original = http.get("/admin/policy").json()
+    yield live
+    with live.client() as http:  # the engine is shared with other test modules: put everything back
+        assert http.put("/admin/policy", json=original, headers=AUTH).status_code == 200
+    live.stop()
+
+
+def test_get_shape(admin_live: LiveServer) -> None:
+    with admin_live.client() as http:
+        body = http.get("/admin/policy").json()
+    assert set(body) == {"policy", "partition", "slo"}
+    assert set(body["partition"]) == {"mode", "prefill_sm_share", "backend"}
+    assert set(body["slo"]) == {"ttft_ms", "tpot_ms"}
+    assert body["policy"] == "chunked"
+
+
+def test_auth(admin_live: LiveServer) -> None:
+    change = {"slo": {"ttft_ms": 250.0}}
+    with admin_live.client() as http:
+        r = http.put("/admin/policy", json=change)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert (
+            http.put("/admin/policy", json=change, headers={"Authorization": "Bearer wrong"}).status_code
+            == 403
+        )
+        assert http.put("/admin/policy", json=change, headers={"Authorization": TOKEN}).status_code == 401
+        assert http.get("/admin/policy").json()["slo"]["ttft_ms"] != 250.0
+        r = http.put("/admin/policy", json=change, headers=AUTH)
+        assert r.status_code == 200 and r.json()["slo"]["ttft_ms"] == 250.0
+
+
+def test_apply_and_metrics(admin_live: LiveServer) -> None:
+    with admin_live.client() as http:
+        r = http.put(
+            "/admin/policy",
+            headers=AUTH,
+            json={
+                "policy": "prefill-first",
+                "partition": {"mode": "static", "prefill_sm_share": 0.7},
+                "slo": {"ttft_ms": 500.0, "tpot_ms": 40.0},
+            },
+        )
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "policy": "prefill-first",
+            "partition": {"mode": "static", "prefill_sm_share": 0.7, "backend": "auto"},
+            "slo": {"ttft_ms": 500.0, "tpot_ms": 40.0},
+        }
+        assert http.get("/admin/policy").json() == r.json()
+        assert admin_live.async_engine.engine.config.policy == "prefill-first"
+        # The new default targets and policy show in /metrics, and requests still run under the new policy.
+        ok = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+        assert ok.status_code == 200
+    m = admin_live.metrics()
+    assert m[("drift_policy_info", frozenset({("policy", "prefill-first")}))] == 1
+    assert m[("drift_policy_info", frozenset({("policy", "chunked")}))] == 0
+    assert m[("drift_slo_target_seconds", frozenset({("phase", "ttft")}))] == 0.5
+    assert m[("drift_slo_target_seconds", frozenset({("phase", "tpot")}))] == 0.04
+
+
+def test_switch_to_multiplexing_policy(admin_live: LiveServer) -> None:
+    with admin_live.client() as http:
+        r = http.put(
+            "/admin/policy", headers=AUTH, json={"policy": "static-split", "partition": {"mode": "static"}}
+        )
+        assert r.status_code == 200, r.text
+        ok = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 5, "ignore_eos": True})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+    m = admin_live.metrics()
+    assert m[("drift_policy_info", frozenset({("policy", "static-split")}))] == 1
+    prefill = m[("drift_partition_sm_share", frozenset({("phase", "prefill")}))]
+    decode = m[("drift_partition_sm_share", frozenset({("phase", "decode")}))]
+    assert 0 < prefill <= 1 and 0 < decode <= 1  # a static split gives both phases SMs
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"policy": "fastest"},
+        {"partition": {"prefill_sm_share": 1.5}},
+        {"partition": {"mode": "sometimes"}},
+        {"slo": {"ttft_ms": -1}},
+        {"slo": {"tpot_ms": "fast"}},
+        {"unknown": 1},
+        {"partition": {"sms": 3}},
+    ],
+)
+def test_invalid_values_are_422_and_change_nothing(admin_live: LiveServer, change: dict) -> None:
+    with admin_live.client() as http:
+        before = http.get("/admin/policy").json()
+        r = http.put("/admin/policy", json=change, headers=AUTH)
+        assert r.status_code == 422, r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert http.get("/admin/policy").json() == before
+
+
+def test_malformed_body_is_422_but_only_after_auth(admin_live: LiveServer) -> None:
+    with admin_live.client() as http:
+        bad = {"content": b"{oops", "headers": {"content-type": "application/json"}}
+        assert http.put("/admin/policy", **bad).status_code == 401
+        assert (
+            http.put("/admin/policy", content=b"{oops", headers={**bad["headers"], **AUTH}).status_code == 422
+        )
+
+
+def test_disabled_without_token(live: LiveServer) -> None:
+    with live.client() as http:
+        assert http.get("/admin/policy").status_code == 200
+        r = http.put(
+            "/admin/policy", json={"slo": {"ttft_ms": 1.0}}, headers={"Authorization": "Bearer anything"}
+        )
+        assert r.status_code == 403 and "disabled" in r.json()["error"]["message"]
