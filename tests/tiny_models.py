@@ -167,7 +167,15 @@ def make_tiny_model(arch: str, dir: Path, seed: int = 0, **config_overrides: Any
     _randomize(model, seed, float(kwargs["initializer_range"]))
     if config.tie_word_embeddings:
         model.tie_weights()
-    model.save_pretrained(str(dir), safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would clutter every test log
+    try:
+        model.save_pretrained(str(dir), safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     GenerationConfig(
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False
     ).save_pretrained(str(dir))
@@ -199,6 +207,7 @@ def tiny_model_dir(arch: str, seed: int = 0, **config_overrides: Any) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=root))
     try:
         make_tiny_model(arch, staging, seed=seed, **config_overrides)
+        staging.chmod(0o755)
         try:
             os.rename(staging, target)
         except OSError:

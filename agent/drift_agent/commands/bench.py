@@ -15,9 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
     p = bsub.add_parser("offline", help="offline throughput: Drift's engine vs transformers' batched generate")
-    p.add_argument("--num-prompts", type=int, default=48)
-    p.add_argument("--input-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
-    p.add_argument("--output-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", type=int, nargs=2, default=[16, 192], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, default=[8, 96], metavar=("MIN", "MAX"))
     p.add_argument("--hf-batch-size", type=int, default=16, help="transformers' static batch size")
     p.add_argument("--workload-seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true", help="only measure Drift")

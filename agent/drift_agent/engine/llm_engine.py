@@ -76,7 +76,7 @@ class LLMEngine:
             # bf16 matmuls are slow on CPUs without AMX; the model's own dtype on GPUs.
             dtype_name = "float32" if self.device.type == "cpu" else "bfloat16"
         self.dtype = DTYPES[dtype_name]
-        model, hf_config = load_model(self.model_dir, self.dtype, self.device)
+        model, hf_config = load_model(self.model_dir, self.dtype, self.device, config.attention_backend)
         self.hf_config = hf_config
         self.eos_token_ids = self._eos_ids(hf_config)
 
@@ -112,10 +112,12 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info(
-            "engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_size=%d max_model_len=%d policy=%s",
+            "engine ready: model=%s device=%s dtype=%s attention=%s kv_blocks=%d block_size=%d "
+            "max_model_len=%d policy=%s",
             self.model_dir,
             self.device,
             self.dtype,
+            model.attention_backend,
             num_blocks,
             config.block_size,
             max_model_len,

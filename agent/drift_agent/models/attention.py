@@ -315,7 +315,16 @@ class FlashAttnBackend(AttentionBackend):
     def plan(self, attn: AttentionMetadata, windows: Iterable[Window]) -> _PackedPlan:
         return _packed_plan(attn, gather=attn.block_size % 256 != 0)
 
-    def attend(self, q, k, v, k_cache, v_cache, plan: _PackedPlan, window: Window) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: _PackedPlan,
+        window: Window,
+    ) -> torch.Tensor:
         window_size = (-1, -1) if window is None else (window - 1, 0)
         if plan.k_slots is None:
             keys, values, table = k_cache, v_cache, plan.block_tables
@@ -376,11 +385,12 @@ class FlashInferBackend(AttentionBackend):
             qo_indptr, kv_indptr, attn.max_query_len, attn.max_seq_len, None, attn.block_tables
         )
         for w, wrapper in zip(windows, self._wrappers(device, len(windows)), strict=True):
+            # Host-side indptr/lengths (as vLLM passes them) let plan() schedule without a device sync.
             wrapper.plan(
-                qo_indptr.to(device),
-                kv_indptr.to(device),
-                kv_indices.to(device),
-                last_len.to(device=device, dtype=torch.int32),
+                qo_indptr,
+                kv_indptr,
+                kv_indices,
+                last_len.to(torch.int32),
                 self.num_heads,
                 self.num_kv_heads,
                 self.head_dim,
@@ -394,7 +404,16 @@ class FlashInferBackend(AttentionBackend):
             plan.extra[w] = wrapper
         return plan
 
-    def attend(self, q, k, v, k_cache, v_cache, plan: _PackedPlan, window: Window) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: _PackedPlan,
+        window: Window,
+    ) -> torch.Tensor:
         return plan.extra[window].run(q, (k_cache, v_cache))
 
 
@@ -424,7 +443,9 @@ class FlexBackend(AttentionBackend):
         k_pos = torch.arange(k_seq.numel(), device=device) - plan.cu_k[:-1].long()[k_seq]
         for w in set(windows):
 
-            def mask_mod(b, h, qi, ki, w=w):  # type: ignore[no-untyped-def]
+            def mask_mod(
+                b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, w: Window = w
+            ) -> torch.Tensor:
                 ok = (q_seq[qi] == k_seq[ki]) & (k_pos[ki] <= q_pos[qi])
                 return ok if w is None else ok & (k_pos[ki] > q_pos[qi] - w)
 
@@ -433,7 +454,16 @@ class FlexBackend(AttentionBackend):
             )
         return plan
 
-    def attend(self, q, k, v, k_cache, v_cache, plan: _PackedPlan, window: Window) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: _PackedPlan,
+        window: Window,
+    ) -> torch.Tensor:
         keys = k_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, plan.k_slots).to(q.dtype)
         values = v_cache.view(-1, self.num_kv_heads, self.head_dim).index_select(0, plan.k_slots).to(q.dtype)
         o = self._fn(

@@ -87,6 +87,7 @@ def embedded_model_dir(progress: bool = True) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
         try:
             _convert(gguf, staging, progress)
+            staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared read-only
             if target.exists():  # stale cache from an older format
                 shutil.rmtree(target)
             os.rename(staging, target)
