@@ -14,7 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
-    p = bsub.add_parser("offline", help="offline throughput: Drift's engine vs transformers' batched generate")
+    p = bsub.add_parser(
+        "offline", help="offline throughput: Drift's engine vs transformers' batched generate"
+    )
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, nargs=2, default=[16, 192], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=[8, 96], metavar=("MIN", "MAX"))
@@ -52,7 +54,9 @@ def run_offline(args: argparse.Namespace) -> int:
     engine = LLMEngine(config)
     special = set(engine.tokenizer.all_special_ids)
     vocab = [i for i in range(min(engine.runner.model.vocab_size, len(engine.tokenizer))) if i not in special]
-    wl = make_workload(vocab, args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.workload_seed)
+    wl = make_workload(
+        vocab, args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.workload_seed
+    )
     print(
         f"workload: {args.num_prompts} prompts, {wl.num_prompt_tokens} prompt tokens, "
         f"{wl.num_output_tokens} output tokens; torch threads={torch.get_num_threads()}"
