@@ -1,0 +1,217 @@
+"""The LLMService spec as pydantic models: the operator's single reading of the CR.
+
+Defaults, enums and bounds mirror the CRD's OpenAPI schema (a test compares the two), and the model validators
+re-check the CRD's CEL rules, so a spec that reached us without server-side validation (an old API server, a
+test emulator) is still reported as invalid in status rather than half-applied.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from drift_agent.engine.config import PolicyName
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from .constants import ANNOTATION_REPLICAS_OWNER, DEFAULT_IMAGE
+
+DURATION_PATTERN = r"^[1-9][0-9]*(s|m|h)$"
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+QuantityValue = str | int
+
+
+class SpecError(ValueError):
+    """The spec cannot be served as written; the message is shown in the Ready condition."""
+
+
+def parse_duration(text: str) -> float:
+    """'90s' / '5m' / '1h' -> seconds (the CRD's pattern admits exactly these)."""
+    match = re.fullmatch(DURATION_PATTERN, text)
+    if match is None:
+        raise ValueError(f"invalid duration {text!r}: expected a number and s|m|h, e.g. '5m'")
+    return float(text[:-1]) * _DURATION_UNITS[text[-1]]
+
+
+class _CRModel(BaseModel):
+    # camelCase on the wire (as in every Kubernetes API), snake_case in Python.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class ModelSpec(_CRModel):
+    source: Literal["embedded", "pvc", "hostPath", "image"] = "embedded"
+    # pvc/hostPath: a directory relative to the volume's root; image: an absolute path inside the image.
+    path: str | None = Field(None, max_length=4096)
+    claim_name: str | None = Field(None, max_length=253)
+    host_path: str | None = Field(None, max_length=4096)
+    served_model_name: str | None = None
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ModelSpec:
+        if self.source == "pvc" and not self.claim_name:
+            raise ValueError("model.claimName is required when model.source is 'pvc'")
+        if self.source == "hostPath" and not self.host_path:
+            raise ValueError("model.hostPath is required when model.source is 'hostPath'")
+        if self.source == "image" and not (self.path and self.path.startswith("/")):
+            raise ValueError("model.path must be an absolute path when model.source is 'image'")
+        if (
+            self.source in ("pvc", "hostPath")
+            and self.path
+            and (self.path.startswith("/") or ".." in self.path)
+        ):
+            raise ValueError("model.path must be relative to the volume (no leading '/', no '..')")
+        if self.source == "embedded" and (self.path or self.claim_name or self.host_path):
+            raise ValueError("model.path/claimName/hostPath make no sense with model.source 'embedded'")
+        return self
+
+
+class EngineSpec(_CRModel):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    block_size: int = Field(16, ge=1, le=1024)
+    num_kv_blocks: int | None = Field(None, ge=1)
+    kv_cache_memory_gb: float | None = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    max_waiting_requests: int = Field(1024, ge=1)
+    enable_prefix_caching: bool = True
+    attention_backend: Literal["auto", "sdpa", "flash-attn", "flashinfer", "flex"] = "auto"
+    num_threads: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0)
+    profile_path: str | None = None
+
+
+class PartitionSpec(_CRModel):
+    mode: Literal["auto", "static", "off"] = "auto"
+    # auto: the starting split, then steered by the operator; static: the fixed split.
+    prefill_sm_share: float = Field(0.5, ge=0.0, le=1.0)
+    min_prefill_sm_share: float = Field(0.1, ge=0.0, le=1.0)
+    max_prefill_sm_share: float = Field(0.9, ge=0.0, le=1.0)
+    step: float = Field(0.05, gt=0.0, le=0.5)
+    cooldown_seconds: int = Field(60, ge=0)
+    backend: Literal["auto", "green-context", "mps", "shared"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> PartitionSpec:
+        if self.min_prefill_sm_share > self.max_prefill_sm_share:
+            raise ValueError("partition.minPrefillSmShare must not exceed partition.maxPrefillSmShare")
+        if self.mode == "auto" and not (
+            self.min_prefill_sm_share <= self.prefill_sm_share <= self.max_prefill_sm_share
+        ):
+            raise ValueError(
+                "partition.prefillSmShare must lie within [minPrefillSmShare, maxPrefillSmShare]"
+            )
+        return self
+
+
+class SLOSpec(_CRModel):
+    ttft_ms: float = Field(1000.0, gt=0)
+    tpot_ms: float = Field(100.0, gt=0)
+    attainment_target: float = Field(0.9, gt=0.0, le=1.0)
+    window: str = Field("5m", pattern=DURATION_PATTERN)
+
+    @property
+    def window_seconds(self) -> float:
+        return parse_duration(self.window)
+
+
+class ScalingSpec(_CRModel):
+    replicas_owner: Literal["operator", "external"] = "operator"
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+    max_step: int = Field(2, ge=1)
+    max_scale_down_step: int = Field(1, ge=1)
+    scale_up_cooldown_seconds: int = Field(60, ge=0)
+    scale_down_cooldown_seconds: int = Field(300, ge=0)
+    scale_down_stabilization_seconds: int = Field(300, ge=0)
+    headroom: float = Field(0.05, ge=0.0, le=1.0)
+    min_requests: int = Field(20, ge=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ScalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("scaling.minReplicas must not exceed scaling.maxReplicas")
+        return self
+
+
+class Toleration(_CRModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourcesSpec(_CRModel):
+    gpus_per_replica: int = Field(0, ge=0)
+    gpu_resource_name: str = Field("nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-zA-Z0-9._-]+$")
+    requests: dict[str, QuantityValue] = Field(default_factory=dict)
+    limits: dict[str, QuantityValue] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    runtime_class_name: str | None = None
+
+
+class EnvVar(_CRModel):
+    name: str = Field(min_length=1)
+    value: str | None = None
+    value_from: dict[str, Any] | None = None
+
+
+class MonitoringSpec(_CRModel):
+    enabled: bool = True
+    prometheus_url: str | None = Field(None, pattern=r"^https?://")
+    scrape_interval: str = Field("15s", pattern=DURATION_PATTERN)
+    labels: dict[str, str] = Field(default_factory=dict)
+    stale_after_seconds: int = Field(120, ge=1)
+
+
+class LLMServiceSpec(_CRModel):
+    replicas: int = Field(1, ge=0)
+    image: str = Field(DEFAULT_IMAGE, min_length=1)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    policy: PolicyName = "drift"
+    partition: PartitionSpec = Field(default_factory=PartitionSpec)
+    slo: SLOSpec = Field(default_factory=SLOSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    env: list[EnvVar] = Field(default_factory=list)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+
+    @property
+    def partition_steerable(self) -> bool:
+        """Whether the operator moves the SM split: only policies that run a partition, in auto mode."""
+        return self.partition.mode == "auto" and self.policy in ("drift", "static-split")
+
+
+def _format_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"spec.{loc}: {msg}" if loc else f"spec: {msg}")
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def parse_spec(raw: Mapping[str, Any] | None) -> LLMServiceSpec:
+    """Validate a CR's spec; raise SpecError with a short, user-facing message when it is invalid."""
+    try:
+        return LLMServiceSpec.model_validate(dict(raw or {}))
+    except ValidationError as exc:
+        raise SpecError(_format_error(exc)) from exc
+
+
+def replicas_owner(
+    spec: LLMServiceSpec, annotations: Mapping[str, str] | None
+) -> Literal["operator", "external"]:
+    """Who writes spec.replicas: the operator's loop, or an HPA/KEDA (spec field or annotation says so)."""
+    if (annotations or {}).get(ANNOTATION_REPLICAS_OWNER, "").lower() == "external":
+        return "external"
+    return spec.scaling.replicas_owner

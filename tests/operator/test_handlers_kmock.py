@@ -1,0 +1,290 @@
+"""The operator end to end against kmock's Kubernetes emulator: kopf, our handlers, real HTTP to fake agents."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import kmock
+import pytest
+
+from .fakes import (
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    LLMS,
+    PODMONITORS,
+    SECRETS,
+    SERVICES,
+    Cluster,
+    GenerateNameEmulator,
+    eventually,
+)
+
+pytestmark = pytest.mark.kmock(cls=GenerateNameEmulator)
+
+# Fast-moving loop settings, so decisions happen within a few 0.2 s ticks.
+FAST = {
+    "slo": {"window": "60s", "attainmentTarget": 0.9},
+    "scaling": {"maxReplicas": 4, "maxStep": 2, "scaleUpCooldownSeconds": 0, "minRequests": 5},
+    "partition": {"cooldownSeconds": 0},
+}
+
+
+def _cond(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    assert obj is not None
+    found = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_]
+    assert found, f"no {type_} condition yet"
+    return found[0]
+
+
+def _must(value: Any) -> Any:
+    assert value is not None
+    return value
+
+
+def _token(cluster: Cluster, name: str) -> str:
+    secret = _must(cluster.get(SECRETS, f"{name}-admin-token"))
+    return base64.b64decode(secret["data"]["token"]).decode()
+
+
+async def test_create_renders_children_status_and_events(cluster: Cluster, operator: Any) -> None:
+    cluster.add_llmservice(
+        "chat", {"replicas": 2, "resources": {"gpusPerReplica": 1}, "policy": "static-split"}
+    )
+
+    deployment = await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")))
+    assert deployment["spec"]["replicas"] == 2
+    pod_spec = deployment["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    assert container["command"][:2] == ["drift", "serve"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True
+    service = _must(cluster.get(SERVICES, "chat"))
+    assert service["spec"]["ports"][0]["name"] == "http"
+    configmap = _must(cluster.get(CONFIGMAPS, "chat-engine"))
+    assert "policy: static-split" in configmap["data"]["engine.yaml"]
+    assert len(_token(cluster, "chat")) >= 32
+    for obj in (deployment, service, configmap, cluster.get(SECRETS, "chat-admin-token")):
+        ref = _must(obj)["metadata"]["ownerReferences"][0]
+        assert ref["uid"] == "uid-chat" and ref["controller"] is True and ref["kind"] == "LLMService"
+    assert not cluster.exists(PODMONITORS, "chat")  # no Prometheus Operator in this cluster
+
+    llms = await eventually(
+        lambda: _cond(cluster.get(LLMS, "chat"), "MetricsAvailable") and cluster.get(LLMS, "chat")
+    )
+    status = llms["status"]
+    assert status["selector"] == "app.kubernetes.io/component=agent,serving.drift.dev/llmservice=chat"
+    assert status["observedGeneration"] == 1
+    assert _cond(llms, "Ready")["reason"] == "NoReplicasReady"  # the emulator runs no controllers
+    assert _cond(llms, "MetricsAvailable")["reason"] == "MetricsMissing"
+    assert _cond(llms, "SLOMet")["status"] == "Unknown"
+    assert llms["metadata"]["finalizers"] == ["serving.drift.dev/finalizer"]
+    await eventually(lambda: _must(cluster.events("Created") or None))
+    await eventually(lambda: _must(cluster.events("MetricsMissing") or None))
+
+
+async def test_violation_scales_out_and_shifts_partition(
+    cluster: Cluster, operator: Any, agents: Any
+) -> None:
+    cluster.add_llmservice("chat", {"replicas": 1, **FAST})
+    await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")))
+    cluster.mark_deployment_ready("chat", 1)
+    agent = await agents(ttft_met_fraction=0.5, tpot_met_fraction=1.0)
+    cluster.add_agent_pod("chat", agent)
+
+    await eventually(lambda: _must(cluster.get(LLMS, "chat")["spec"]["replicas"] == 2 or None))
+    await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")["spec"]["replicas"] == 2 or None))
+    decisions = await eventually(lambda: _must(cluster.get(LLMS, "chat")["status"].get("lastDecisions")))
+    scale = [d for d in decisions if d["type"] == "Scale"][0]
+    assert (scale["from"], scale["to"], scale["reason"]) == ("1", "2", "SLOViolated")
+    assert "throughput" in scale["message"]  # sized by observed goodput, not a blind +1
+    partition = await eventually(
+        lambda: [d for d in cluster.get(LLMS, "chat")["status"]["lastDecisions"] if d["type"] == "Partition"][
+            0
+        ]
+    )
+    assert (partition["from"], partition["to"], partition["reason"]) == ("0.50", "0.55", "TTFTViolated")
+
+    # The new split reached the agent through the admin API, authenticated with the generated token.
+    put = await eventually(
+        lambda: [p for p in agent.policy_puts if p["body"]["partition"]["prefill_sm_share"] >= 0.55][0]
+    )
+    assert put["authorization"] == f"Bearer {_token(cluster, 'chat')}"
+    assert put["body"]["policy"] == "drift" and put["body"]["slo"] == {"ttft_ms": 1000.0, "tpot_ms": 100.0}
+
+    status = cluster.get(LLMS, "chat")["status"]
+    assert status["attainment"]["ttft"] == pytest.approx(0.5)
+    assert status["attainment"]["tpot"] == pytest.approx(1.0)
+    assert _cond(cluster.get(LLMS, "chat"), "SLOMet")["reason"] == "AttainmentBelowTarget"
+    assert status["replicaStatus"][0]["policy"] == "drift"
+    await eventually(lambda: _must(cluster.events("ScaledOut") or None))
+    await eventually(lambda: _must(cluster.events("PartitionShifted") or None))
+
+
+async def test_external_autoscaler_keeps_replicas_and_steers_partition(
+    cluster: Cluster, operator: Any, agents: Any
+) -> None:
+    cluster.add_llmservice(
+        "chat", {"replicas": 1, **FAST}, annotations={"serving.drift.dev/replicas-owner": "external"}
+    )
+    await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")))
+    cluster.mark_deployment_ready("chat", 1)
+    agent = await agents(ttft_met_fraction=1.0, tpot_met_fraction=0.5)  # decode is starved
+    cluster.add_agent_pod("chat", agent)
+
+    await eventually(
+        lambda: [p for p in agent.policy_puts if p["body"]["partition"]["prefill_sm_share"] <= 0.45][0]
+    )
+
+    def steered_not_scaled() -> None:
+        llms = _must(cluster.get(LLMS, "chat"))
+        assert llms["spec"]["replicas"] == 1
+        assert llms["status"]["scaling"]["owner"] == "external"
+        assert llms["status"]["scaling"]["lastEvaluation"]["reason"] == "ExternalAutoscaler"
+        assert llms["status"]["partition"]["prefillSmShare"] <= 0.45
+        assert [d["type"] for d in llms["status"]["lastDecisions"]] == ["Partition"] * len(
+            llms["status"]["lastDecisions"]
+        )
+        assert llms["status"]["lastDecisions"][0]["reason"] == "TPOTViolated"
+
+    await eventually(steered_not_scaled)
+
+
+async def test_agents_without_slo_counters_hold_with_metrics_missing(
+    cluster: Cluster, operator: Any, agents: Any
+) -> None:
+    cluster.add_llmservice("chat", {"replicas": 1, **FAST})
+    await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")))
+    cluster.mark_deployment_ready("chat", 1)
+    agent = await agents(with_counters=False)
+    cluster.add_agent_pod("chat", agent)
+
+    def held() -> dict[str, Any]:
+        llms = _must(cluster.get(LLMS, "chat"))
+        assert "counters" in _cond(llms, "MetricsAvailable")["message"]
+        return llms
+
+    llms = await eventually(held)
+    assert _cond(llms, "MetricsAvailable")["reason"] == "MetricsMissing"
+    assert llms["status"]["scaling"]["lastEvaluation"]["action"] == "hold"
+    await asyncio.sleep(0.6)
+    llms = _must(cluster.get(LLMS, "chat"))
+    assert llms["spec"]["replicas"] == 1 and "lastDecisions" not in llms["status"]
+
+
+async def test_invalid_spec_is_reported_then_fixed(cluster: Cluster, operator: Any) -> None:
+    cluster.add_llmservice("chat", {"scaling": {"minReplicas": 5, "maxReplicas": 2}})
+
+    ready = await eventually(lambda: _cond(cluster.get(LLMS, "chat"), "Ready"))
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert "minReplicas must not exceed" in ready["message"]
+    assert not cluster.exists(DEPLOYMENTS, "chat")
+    await eventually(lambda: _must(cluster.events("InvalidSpec") or None))
+
+    await cluster.patch_llmservice("chat", {"spec": {"scaling": {"minReplicas": 1}}})
+    await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")))
+    await eventually(
+        lambda: _must(_cond(cluster.get(LLMS, "chat"), "Ready")["reason"] != "InvalidSpec" or None)
+    )
+
+
+async def test_reconcile_is_idempotent_and_restores_hand_edits(cluster: Cluster, operator: Any) -> None:
+    cluster.add_llmservice("chat", {"replicas": 1})
+    deployment = await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")))
+    await eventually(lambda: _cond(cluster.get(LLMS, "chat"), "MetricsAvailable"))  # the timer has run
+    writes_before = len(cluster.requests("PATCH", DEPLOYMENTS)) + len(cluster.requests("POST", DEPLOYMENTS))
+    await asyncio.sleep(0.8)  # several loop ticks, each re-reconciling
+    writes_after = len(cluster.requests("PATCH", DEPLOYMENTS)) + len(cluster.requests("POST", DEPLOYMENTS))
+    assert writes_after == writes_before == 1  # created once, never rewritten
+
+    edited = dict(deployment)
+    edited["spec"] = {**deployment["spec"], "replicas": 7}
+    edited["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest"
+    cluster.set_object(DEPLOYMENTS, "chat", edited)
+
+    def restored() -> None:
+        live = _must(cluster.get(DEPLOYMENTS, "chat"))
+        assert live["spec"]["replicas"] == 1
+        assert live["spec"]["template"]["spec"]["containers"][0]["image"].startswith("ghcr.io/drift-serving/")
+
+    await eventually(restored)
+    await eventually(lambda: _must(cluster.events("Restored") or None))
+
+
+async def test_delete_releases_the_object(cluster: Cluster, operator: Any) -> None:
+    cluster.add_llmservice("chat", {})
+    await eventually(lambda: _cond(cluster.get(LLMS, "chat"), "MetricsAvailable"))
+    await cluster.delete_llmservice("chat")
+    # The finalizer is removed once the timer is stopped; then the object is gone.
+    await eventually(lambda: _must(cluster.get(LLMS, "chat") is None or None))
+    # Children are left to the garbage collector, which follows their controller owner reference.
+    assert (
+        _must(cluster.get(DEPLOYMENTS, "chat"))["metadata"]["ownerReferences"][0]["blockOwnerDeletion"]
+        is True
+    )
+
+
+async def test_podmonitor_is_created_when_prometheus_operator_is_installed(
+    cluster: Cluster, operator: Any
+) -> None:
+    cluster.enable_monitoring_crds()
+    cluster.add_llmservice("chat", {"monitoring": {"labels": {"release": "kube-prometheus-stack"}}})
+    monitor = await eventually(lambda: _must(cluster.get(PODMONITORS, "chat")))
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    assert monitor["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
+
+
+async def test_prometheus_source_feeds_attainment(cluster: Cluster, operator: Any, agents: Any) -> None:
+    prometheus = kmock.RawHandler()
+    vector = [
+        {"metric": {"phase": phase, "outcome": outcome}, "value": [0, str(value)]}
+        for (phase, outcome), value in {
+            ("ttft", "met"): 95,
+            ("ttft", "missed"): 5,
+            ("tpot", "met"): 80,
+            ("tpot", "missed"): 20,
+            ("both", "met"): 78,
+            ("both", "missed"): 22,
+        }.items()
+    ]
+
+    def answer(request: Any) -> dict[str, Any]:
+        query = request.params.get("query", "")
+        result = [{"metric": {}, "value": [0, "3"]}] if query.startswith("time()") else vector
+        return {"status": "success", "data": {"resultType": "vector", "result": result}}
+
+    prometheus["get /api/v1/query"] << answer
+    agent = await agents()  # before the Prometheus server: kmock servers must stop in reverse order
+    async with prometheus, kmock.Server(prometheus) as server:
+        spec = {**FAST, "monitoring": {"prometheusUrl": str(server.url).rstrip("/")}}
+        cluster.add_llmservice("chat", spec)
+        await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")))
+        cluster.mark_deployment_ready("chat", 1)
+        cluster.add_agent_pod("chat", agent)
+        attainment = await eventually(lambda: cluster.get(LLMS, "chat")["status"]["attainment"]["both"] and (
+            cluster.get(LLMS, "chat")["status"]["attainment"]))  # fmt: skip
+        assert attainment == {**attainment, "ttft": 0.95, "tpot": 0.8, "both": 0.78, "requests": 100}
+        queries = [r.params["query"] for r in prometheus]
+        assert any('llmservice="chat"' in q and 'namespace="ns1"' in q for q in queries)
+
+
+async def test_a_foreign_object_with_a_childs_name_is_left_alone(cluster: Cluster, operator: Any) -> None:
+    foreign = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "chat", "namespace": Cluster.NAMESPACE, "labels": {"team": "other"}},
+        "spec": {"replicas": 3},
+    }
+    cluster.set_object(DEPLOYMENTS, "chat", foreign)
+    cluster.add_llmservice("chat", {})
+
+    ready = await eventually(lambda: _cond(cluster.get(LLMS, "chat"), "Ready"))
+    assert (ready["status"], ready["reason"]) == ("False", "ReconcileFailed")
+    assert "Deployment/chat" in ready["message"] and "not created by this LLMService" in ready["message"]
+    assert _must(cluster.get(DEPLOYMENTS, "chat")) == foreign
+    assert not cluster.requests("PATCH", DEPLOYMENTS)

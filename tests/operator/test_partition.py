@@ -1,0 +1,90 @@
+"""Partition decisions: shift toward the violating phase, within bounds, at a bounded pace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from drift_operator.attainment import WindowStats
+from drift_operator.health import MetricsHealth
+from drift_operator.partition import decide_partition, desired_share
+from drift_operator.spec import parse_spec
+
+OK = MetricsHealth("True", "MetricsAvailable", "fresh")
+NOW = 5000.0
+
+
+def stats(ttft: float, tpot: float, requests: float = 100) -> WindowStats:
+    return WindowStats(
+        met={"ttft": ttft * requests, "tpot": tpot * requests, "both": min(ttft, tpot) * requests},
+        missed={
+            "ttft": (1 - ttft) * requests,
+            "tpot": (1 - tpot) * requests,
+            "both": (1 - min(ttft, tpot)) * requests,
+        },
+        duration_s=60,
+    )
+
+
+def decide(
+    ttft: float, tpot: float, current: float = 0.5, raw: dict[str, Any] | None = None, **kw: Any
+) -> Any:
+    spec = parse_spec(raw or {"partition": {"cooldownSeconds": 60}, "slo": {"attainmentTarget": 0.9}})
+    return decide_partition(
+        spec,
+        now=NOW,
+        current=current,
+        metrics=kw.get("metrics", OK),
+        stats=kw.get("window", stats(ttft, tpot, kw.get("requests", 100))),
+        last_change_time=kw.get("last_change_time"),
+    )
+
+
+CASES = [
+    ("TTFT misses, TPOT slack: more prefill", dict(ttft=0.7, tpot=0.99), "shift", 0.55, "TTFTViolated"),
+    ("TPOT misses, TTFT slack: more decode", dict(ttft=0.99, tpot=0.7), "shift", 0.45, "TPOTViolated"),
+    ("both miss, TTFT clearly worse", dict(ttft=0.5, tpot=0.85), "shift", 0.55, "TTFTViolated"),
+    ("both miss, TPOT clearly worse", dict(ttft=0.85, tpot=0.5), "shift", 0.45, "TPOTViolated"),
+    ("both miss about equally: scaling's job", dict(ttft=0.8, tpot=0.82), "hold", 0.5, "BothViolated"),
+    ("both met", dict(ttft=0.95, tpot=0.97), "hold", 0.5, "SLOMet"),
+    ("at the prefill bound", dict(ttft=0.5, tpot=1.0, current=0.9), "hold", 0.9, "AtPartitionBound"),
+    ("near the bound: clamped", dict(ttft=0.5, tpot=1.0, current=0.88), "shift", 0.9, "TTFTViolated"),
+    ("at the decode bound", dict(ttft=1.0, tpot=0.5, current=0.1), "hold", 0.1, "AtPartitionBound"),
+    ("cooldown", dict(ttft=0.5, tpot=1.0, last_change_time=NOW - 30), "hold", 0.5, "PartitionCooldown"),
+    ("after cooldown", dict(ttft=0.5, tpot=1.0, last_change_time=NOW - 61), "shift", 0.55, "TTFTViolated"),
+    ("stale metrics hold", dict(ttft=0.1, tpot=1.0, metrics=MetricsHealth("False", "MetricsStale", "x")), "hold", 0.5, "MetricsStale"),
+    ("too few requests", dict(ttft=0.1, tpot=1.0, requests=5), "hold", 0.5, "InsufficientTraffic"),
+    ("static mode is not steered", dict(ttft=0.1, tpot=1.0, raw={"partition": {"mode": "static"}}), "hold", 0.5, "NotSteerable"),
+    ("chunked has no partition", dict(ttft=0.1, tpot=1.0, raw={"policy": "chunked"}), "hold", 0.5, "NotSteerable"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,inputs,action,desired,reason", CASES, ids=[c[0] for c in CASES])
+def test_partition_decision_table(
+    name: str, inputs: dict[str, Any], action: str, desired: float, reason: str
+) -> None:
+    decision = decide(**inputs)
+    assert (decision.action, decision.reason) == (action, reason), decision.message
+    assert decision.desired == pytest.approx(desired)
+
+
+def test_desired_share_static_start_and_clamp() -> None:
+    auto = parse_spec(
+        {"partition": {"prefillSmShare": 0.4, "minPrefillSmShare": 0.3, "maxPrefillSmShare": 0.7}}
+    )
+    assert desired_share(auto, None) == 0.4
+    assert desired_share(auto, 0.95) == 0.7  # bounds tightened after the split moved
+    static = parse_spec({"partition": {"mode": "static", "prefillSmShare": 0.25}})
+    assert desired_share(static, 0.6) == 0.25
+
+
+def test_repeated_violations_walk_the_split_one_step_at_a_time() -> None:
+    share, time = 0.5, None
+    shares = []
+    for _ in range(12):
+        decision = decide(ttft=0.5, tpot=1.0, current=share, last_change_time=time)
+        if decision.changed:
+            share, time = decision.desired, NOW
+        shares.append(share)
+        time = time - 61 if time is not None else None  # the next tick is past the cooldown
+    assert shares[:3] == pytest.approx([0.55, 0.6, 0.65]) and shares[-1] == pytest.approx(0.9)

@@ -1,0 +1,225 @@
+"""Rendering: golden expectations on the fields that matter, and validity against Kubernetes and the agent."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from drift_agent.engine.config import EngineConfig
+from drift_operator.render import (
+    Owner,
+    config_hash,
+    render_children,
+    render_engine_config,
+    render_secret,
+)
+from drift_operator.spec import SpecError, parse_spec
+
+OWNER = Owner(name="chat", namespace="team-a", uid="0000-1111")
+
+
+def _children(raw: dict[str, Any], owner_of: str = "operator", monitoring: bool = True) -> Any:
+    return render_children(OWNER, parse_spec(raw), owner_of, monitoring)
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_deployment_golden_fields_embedded_cpu() -> None:
+    deployment = _children({"replicas": 2}).deployment
+    meta = deployment["metadata"]
+    assert (meta["name"], meta["namespace"]) == ("chat", "team-a")
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "serving.drift.dev/v1alpha1",
+            "kind": "LLMService",
+            "name": "chat",
+            "uid": "0000-1111",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["selector"] == {
+        "matchLabels": {"serving.drift.dev/llmservice": "chat", "app.kubernetes.io/component": "agent"}
+    }
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    container = _container(deployment)
+    assert container["command"] == [
+        "drift", "serve", "--host", "0.0.0.0", "--port", "8000", "--config", "/etc/drift/engine.yaml",
+    ]  # fmt: skip
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http", "scheme": "HTTP"}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 600
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    token = next(e for e in container["env"] if e["name"] == "DRIFT_ADMIN_TOKEN")
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "chat-admin-token", "key": "token"}}
+    assert "resources" not in container or "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/drift"]["readOnly"] is True and "/tmp" in mounts and "/models" not in mounts
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    assert spec["template"]["metadata"]["annotations"]["serving.drift.dev/config-hash"]
+
+
+def test_deployment_for_an_8b_model_on_a_gpu_node() -> None:
+    raw = {
+        "model": {"source": "pvc", "claimName": "models", "path": "Llama-3.1-8B"},
+        "resources": {
+            "gpusPerReplica": 1,
+            "requests": {"cpu": "4", "memory": "32Gi"},
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "runtimeClassName": "nvidia",
+        },
+        "env": [{"name": "NCCL_DEBUG", "value": "WARN"}],
+        "imagePullSecrets": ["regcred"],
+    }
+    deployment = _children(raw).deployment
+    container = _container(deployment)
+    assert container["command"][-2:] == ["--model", "/models/Llama-3.1-8B"]
+    assert container["resources"] == {
+        "requests": {"cpu": "4", "memory": "32Gi"},
+        "limits": {"nvidia.com/gpu": "1"},
+    }
+    assert container["env"][-1] == {"name": "NCCL_DEBUG", "value": "WARN"}
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["runtimeClassName"] == "nvidia" and pod["imagePullSecrets"] == [{"name": "regcred"}]
+    # No surge: a GPU cluster rarely has a spare GPU for an extra pod during a rollout.
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+@pytest.mark.parametrize(
+    "model,expected",
+    [
+        ({"source": "hostPath", "hostPath": "/data/models", "path": "qwen"}, "/models/qwen"),
+        ({"source": "hostPath", "hostPath": "/data/models/qwen"}, "/models"),
+        ({"source": "image", "path": "/opt/models/qwen"}, "/opt/models/qwen"),
+    ],
+)
+def test_model_sources(model: dict[str, Any], expected: str) -> None:
+    deployment = _children({"model": model}).deployment
+    assert _container(deployment)["command"][-2:] == ["--model", expected]
+    volumes = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert ("model" in volumes) == (model["source"] != "image")
+
+
+def test_replicas_clamped_for_the_operator_but_not_for_an_external_autoscaler() -> None:
+    raw = {"replicas": 0, "scaling": {"minReplicas": 2, "maxReplicas": 3}}
+    assert _children(raw).deployment["spec"]["replicas"] == 2
+    assert _children(raw, owner_of="external").deployment["spec"]["replicas"] == 0
+    assert _children({**raw, "replicas": 9}).deployment["spec"]["replicas"] == 3
+
+
+def test_service_exposes_the_http_port() -> None:
+    service = _children({}).service
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
+    ]
+    assert service["spec"]["selector"] == {
+        "serving.drift.dev/llmservice": "chat",
+        "app.kubernetes.io/component": "agent",
+    }
+
+
+def test_engine_config_is_what_the_agent_loads(tmp_path: Path) -> None:
+    raw = {
+        "engine": {"dtype": "bfloat16", "maxModelLen": 4096, "maxNumBatchedTokens": 1024},
+        "policy": "static-split",
+        "partition": {"mode": "static", "prefillSmShare": 0.3, "backend": "mps"},
+        "slo": {"ttftMs": 400, "tpotMs": 40},
+        "model": {"servedModelName": "chat-model"},
+    }
+    configmap = _children(raw).configmap
+    assert configmap["metadata"]["name"] == "chat-engine"
+    path = tmp_path / "engine.yaml"
+    path.write_text(configmap["data"]["engine.yaml"])
+    loaded = EngineConfig.from_sources(path)
+    assert (
+        loaded.dtype == "bfloat16" and loaded.max_model_len == 4096 and loaded.max_num_batched_tokens == 1024
+    )
+    assert loaded.policy == "static-split" and loaded.partition.prefill_sm_share == 0.3
+    assert loaded.partition.backend == "mps" and loaded.partition.mode == "static"
+    assert (loaded.slo_ttft_ms, loaded.slo_tpot_ms) == (400, 40)
+    assert loaded.served_model_name == "chat-model"
+
+
+def test_engine_config_rejections_become_spec_errors() -> None:
+    # maxModelLen set with a step budget below the block size: valid field by field, rejected as a whole.
+    spec = parse_spec({"engine": {"maxModelLen": 64, "blockSize": 64, "maxNumBatchedTokens": 32}})
+    with pytest.raises(SpecError, match="rejected by the agent"):
+        render_engine_config(spec)
+
+
+def test_config_hash_ignores_settings_pushed_live() -> None:
+    base = parse_spec({})
+
+    def digest(raw: dict[str, Any]) -> str:
+        spec = parse_spec(raw)
+        return config_hash(render_engine_config(spec), spec)
+
+    reference = config_hash(render_engine_config(base), base)
+    # Policy, split and SLO targets go through PUT /admin/policy: no restart.
+    assert digest({"policy": "chunked"}) == reference
+    assert digest({"partition": {"prefillSmShare": 0.6}}) == reference
+    assert digest({"slo": {"ttftMs": 300}}) == reference
+    # Anything the engine reads only at start-up rolls the pods.
+    assert digest({"engine": {"maxNumSeqs": 8}}) != reference
+    assert digest({"partition": {"backend": "mps"}}) != reference
+    assert digest({"model": {"source": "image", "path": "/m"}}) != reference
+
+
+def test_secret_carries_the_token() -> None:
+    secret = render_secret(OWNER, "s3cr3t")
+    assert base64.b64decode(secret["data"]["token"]).decode() == "s3cr3t"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+
+
+def test_podmonitor_follows_monitoring_settings() -> None:
+    monitor = _children({"monitoring": {"labels": {"release": "prom"}, "scrapeInterval": "30s"}}).podmonitor
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("http", "/metrics", "30s")
+    assert endpoint["relabelings"][0]["targetLabel"] == "llmservice"
+    assert _children({"monitoring": {"enabled": False}}).podmonitor is None
+    assert _children({}, monitoring=False).podmonitor is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {},
+        {"model": {"source": "pvc", "claimName": "m", "path": "x"}, "resources": {"gpusPerReplica": 2}},
+        {
+            "model": {"source": "hostPath", "hostPath": "/d"},
+            "resources": {"tolerations": [{"operator": "Exists"}]},
+        },
+    ],
+)
+def test_rendered_children_are_valid_kubernetes_objects(raw: dict[str, Any]) -> None:
+    children = _children(raw)
+    for obj in (children.deployment, children.service, children.configmap, render_secret(OWNER, "t")):
+        kubernetes_validate.validate(yaml.safe_load(yaml.safe_dump(obj)), "1.30", strict=True)
+
+
+def test_rendering_is_deterministic() -> None:
+    raw = {"resources": {"gpusPerReplica": 1}, "env": [{"name": "A", "value": "1"}]}
+    assert _children(raw) == _children(raw)
