@@ -116,7 +116,9 @@ ops = st.lists(
 def test_any_interleaving_keeps_blocks_consistent(ops, policy, num_blocks):
     rng = random.Random(0)
     bm = BlockManager(num_blocks, 4)
-    cfg = SchedulerConfig(block_size=4, max_num_seqs=6, max_num_batched_tokens=24, max_model_len=num_blocks * 4)
+    cfg = SchedulerConfig(
+        block_size=4, max_num_seqs=6, max_num_batched_tokens=24, max_model_len=num_blocks * 4
+    )
     sched = Scheduler(cfg, bm, policy())
     seqs: list[Sequence] = []
     prefixes = [[7, 7, 7, 7, 7, 7], [1, 2, 3, 4, 5, 6, 7, 8], [3, 1, 4, 1, 5, 9, 2, 6]]
@@ -125,8 +127,12 @@ def test_any_interleaving_keeps_blocks_consistent(ops, policy, num_blocks):
             _, n, max_tokens, prefix = op
             toks = (prefixes[prefix - 1] if prefix else []) + [rng.randrange(50) for _ in range(n)]
             toks = toks[: cfg.max_model_len - 1]
-            s = Sequence(f"r{len(seqs)}", toks, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                         max_model_len=cfg.max_model_len)
+            s = Sequence(
+                f"r{len(seqs)}",
+                toks,
+                SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                max_model_len=cfg.max_model_len,
+            )
             sched.add(s)
             seqs.append(s)
         elif op[0] == "step":

@@ -17,7 +17,9 @@ def make(policy, num_blocks=64, block_size=4, budget=16, max_seqs=8, max_len=256
 
 
 def seq(n: int, rid: str, max_tokens: int = 4, first: int = 0) -> Sequence:
-    return Sequence(rid, list(range(first, first + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    return Sequence(
+        rid, list(range(first, first + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    )
 
 
 def run_batch(sched, out, token=1):
@@ -130,7 +132,9 @@ def test_abort_of_in_flight_sequence_waits_for_its_batch():
 
 def test_stop_token_and_eos_finish():
     sched = make(ChunkedPolicy)
-    s = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), eos_token_ids=frozenset({9}))
+    s = Sequence(
+        "a", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=[7]), eos_token_ids=frozenset({9})
+    )
     sched.add(s)
     run_batch(sched, sched.schedule(0), token=7)
     assert s.is_finished and s.finish_reason is FinishReason.STOP and s.stop_reason == 7

@@ -25,7 +25,8 @@ def workload(seed: int, n: int):
     rng = random.Random(seed)
     shared = [rng.randrange(3, 500) for _ in range(16)]
     prompts = [
-        (shared if i % 3 == 0 else []) + [rng.randrange(3, 500) for _ in range(rng.randint(2, 70))] for i in range(n)
+        (shared if i % 3 == 0 else []) + [rng.randrange(3, 500) for _ in range(rng.randint(2, 70))]
+        for i in range(n)
     ]
     params = [SamplingParams(max_tokens=rng.randint(1, 24), **GREEDY) for _ in prompts]
     return prompts, params
@@ -72,10 +73,14 @@ def test_prefill_is_launched_in_layer_blocks_beside_decodes(tmp_path):
     eng = engine("drift", trace_path=str(trace), slo_tpot_ms=0.05, slo_ttft_ms=60_000)
     rng = random.Random(3)
     for i in range(4):
-        eng.add_request(f"d{i}", [rng.randrange(3, 500) for _ in range(8)], SamplingParams(max_tokens=40, **GREEDY))
+        eng.add_request(
+            f"d{i}", [rng.randrange(3, 500) for _ in range(8)], SamplingParams(max_tokens=40, **GREEDY)
+        )
     for _ in range(3):
         eng.step()
-    eng.add_request("long", [rng.randrange(3, 500) for _ in range(200)], SamplingParams(max_tokens=2, **GREEDY))
+    eng.add_request(
+        "long", [rng.randrange(3, 500) for _ in range(200)], SamplingParams(max_tokens=2, **GREEDY)
+    )
     while eng.has_unfinished_requests():
         eng.step()
     eng.trace.close()

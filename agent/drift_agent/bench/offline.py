@@ -80,8 +80,12 @@ def run_transformers(model, pad_id: int, wl: OfflineWorkload, batch_size: int) -
             ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
             model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=target, min_new_tokens=target,
-                do_sample=False, pad_token_id=pad_id,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=target,
+                min_new_tokens=target,
+                do_sample=False,
+                pad_token_id=pad_id,
             )
     dt = time.perf_counter() - t0
     return RunResult("transformers", dt, wl.num_output_tokens, wl.num_prompt_tokens)

@@ -10,7 +10,9 @@ from ..engine.config import POLICIES, EngineConfig
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument(
+        "--model", help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)"
+    )
     g.add_argument("--config", dest="config_file", help="YAML file of engine options")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -33,9 +35,20 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     overrides = {
         name: getattr(args, name, None)
         for name in (
-            "model", "dtype", "device", "max_model_len", "block_size", "num_kv_blocks", "kv_cache_memory_gb",
-            "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "policy", "attention_backend",
-            "num_threads", "seed",
+            "model",
+            "dtype",
+            "device",
+            "max_model_len",
+            "block_size",
+            "num_kv_blocks",
+            "kv_cache_memory_gb",
+            "gpu_memory_utilization",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "policy",
+            "attention_backend",
+            "num_threads",
+            "seed",
         )
     }
     if getattr(args, "no_prefix_caching", False):

@@ -31,7 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.sampling_params import SamplingParams
 
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
         seed=args.sample_seed,
     )
     engine = LLMEngine(config)

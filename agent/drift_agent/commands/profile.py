@@ -11,7 +11,9 @@ from .engine_args import add_engine_args, config_error_message, engine_config_fr
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="profile the model on this device and fit the performance model")
-    p.add_argument("--output", default="drift-profile.json", help="profile JSON (merged by model/device/dtype)")
+    p.add_argument(
+        "--output", default="drift-profile.json", help="profile JSON (merged by model/device/dtype)"
+    )
     p.add_argument("--plot", default=None, help="PNG of measured vs predicted latency")
     p.add_argument("--quick", action="store_true", help="a small grid (CPU, smoke tests)")
     p.add_argument("--repeats", type=int, default=None, help="measurements per point (median is kept)")
@@ -44,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
     splits = partitioner.splits
     if on_cpu:  # splits are nominal on a CPU: one whole-device point per phase plus the mixed ones
         splits = [s for s in splits if s.is_mixed] + [max(splits, key=lambda s: s.prefill_sms)]
-    grid = ProfileGrid.quick(engine.max_model_len) if args.quick or on_cpu else ProfileGrid(
-        max_context=engine.max_model_len
+    grid = (
+        ProfileGrid.quick(engine.max_model_len)
+        if args.quick or on_cpu
+        else ProfileGrid(max_context=engine.max_model_len)
     )
     if on_cpu and not args.quick:  # still measure how much the two phases slow each other down
         grid = dataclasses.replace(grid, contention_points=(((128, 0), (4, 512)),))
@@ -57,10 +61,19 @@ def run(args: argparse.Namespace) -> int:
     dtype = str(engine.dtype).removeprefix("torch.")
     device = "cpu" if on_cpu else __import__("torch").cuda.get_device_name(engine.device)
     result = run_profile(
-        m.prefill, m.decode, splits=splits, model=engine.model_name, device=device, dtype=dtype,
-        total_sms=partitioner.total_sms, num_layers=engine.runner.model.num_layers, grid=grid,
-        measure_concurrent=None if args.no_contention else m.concurrent, out_path=args.output,
-        plot_path=args.plot, progress=lambda msg: print(f"  {msg}", flush=True),
+        m.prefill,
+        m.decode,
+        splits=splits,
+        model=engine.model_name,
+        device=device,
+        dtype=dtype,
+        total_sms=partitioner.total_sms,
+        num_layers=engine.runner.model.num_layers,
+        grid=grid,
+        measure_concurrent=None if args.no_contention else m.concurrent,
+        out_path=args.output,
+        plot_path=args.plot,
+        progress=lambda msg: print(f"  {msg}", flush=True),
     )
     print(format_fit_report(result.profile))
     print(f"saved {result.json_path}" + (f" and {result.plot_path}" if result.plot_path else ""))

@@ -194,8 +194,12 @@ class LLMEngine:
             dtype_name = str(self.dtype).removeprefix("torch.")
             shape = ModelShape.from_hf_config(self.hf_config, dtype_name)
             perf, why = select_perf_model(
-                profile_path=cfg.profile_path, model=self.model_name, device_name=dev_name, dtype=dtype_name,
-                shape=shape, device=spec,
+                profile_path=cfg.profile_path,
+                model=self.model_name,
+                device_name=dev_name,
+                dtype=dtype_name,
+                shape=shape,
+                device=spec,
             )
             log.info("performance model: %s", why)
             ctx = MuxContext(
@@ -325,8 +329,13 @@ class LLMEngine:
             done_at = time.monotonic()
             if self.trace.enabled:
                 self.trace.record(
-                    t=now, policy=self.scheduler.policy.name, phase=batch.phase, seqs=batch.num_seqs,
-                    tokens=batch.num_tokens, preempted=len(sched_out.preempted), actual_s=done_at - now,
+                    t=now,
+                    policy=self.scheduler.policy.name,
+                    phase=batch.phase,
+                    seqs=batch.num_seqs,
+                    tokens=batch.num_tokens,
+                    preempted=len(sched_out.preempted),
+                    actual_s=done_at - now,
                 )
             for seq in self.scheduler.on_batch_done(batch, result.tokens):
                 req = self.requests.get(seq.request_id)
@@ -353,8 +362,11 @@ class LLMEngine:
             self._last_step = (predicted, it.result.elapsed_s)
         if self.trace.enabled and decision is not None:
             self.trace.record(
-                t=now, policy=self.scheduler.policy.name, **decision.to_dict(),
-                decode_seqs=sum(b.num_seqs for b in it.output.batches), actual_s=it.result.elapsed_s,
+                t=now,
+                policy=self.scheduler.policy.name,
+                **decision.to_dict(),
+                decode_seqs=sum(b.num_seqs for b in it.output.batches),
+                actual_s=it.result.elapsed_s,
             )
         if not it.made_progress:
             if self.scheduler.has_unfinished and not self.scheduler.running:
@@ -386,8 +398,10 @@ class LLMEngine:
                 seq.times.first_token = now
             seq.times.last_token = now
             # A stop token or EOS that ended the sequence is not part of the text (vLLM semantics).
-            by_token = seq.is_finished and seq.finish_reason is FinishReason.STOP and not isinstance(
-                seq.stop_reason, str
+            by_token = (
+                seq.is_finished
+                and seq.finish_reason is FinishReason.STOP
+                and not isinstance(seq.stop_reason, str)
             )
             stop = req.detok.update(new_ids, stop_terminated=by_token)
             if stop is not None and not seq.is_finished:
@@ -440,7 +454,9 @@ class LLMEngine:
         if slo_tpot_ms is not None:
             update["slo_tpot_ms"] = slo_tpot_ms
         new = EngineConfig.model_validate(self.config.model_dump() | update)
-        new_policy = make_policy(new.policy, new, self._mux_context) if new.policy != self.config.policy else None
+        new_policy = (
+            make_policy(new.policy, new, self._mux_context) if new.policy != self.config.policy else None
+        )
         if new_policy is not None and self.is_multiplexing:
             self._requeue_prefill_jobs()
         self.config = new

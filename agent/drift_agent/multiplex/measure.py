@@ -77,7 +77,10 @@ class EngineMeasurer:
     ) -> tuple[float, float, float, float]:
         """(prefill alone, prefill beside decode, decode alone, decode beside prefill) on `split`."""
         p_stream, d_stream = self.partitioner.streams_for(split)
-        with self._batch([prefill], "prefill") as pb, self._batch(self._decode_shapes(*decode), "decode") as db:
+        with (
+            self._batch([prefill], "prefill") as pb,
+            self._batch(self._decode_shapes(*decode), "decode") as db,
+        ):
             p_alone, d_alone = self._time(pb, p_stream), self._time(db, d_stream)
             if self.cuda:
                 # Decode steps are short: repeat them for as long as the prefill runs, report their mean.

@@ -56,13 +56,17 @@ class ModelMuxExecutor:
         """Run `layers` layers; returns the sampling rows' logits when the job is complete."""
         st = self.jobs[job.job_id]
         start = job.layers_done
-        st.h, st.residual = self.model.forward_layers(st.h, st.residual, st.positions, st.plan, start, start + layers)
+        st.h, st.residual = self.model.forward_layers(
+            st.h, st.residual, st.positions, st.plan, start, start + layers
+        )
         if start + layers < job.num_layers:
             return None
         hidden = self.model.finalize(st.h, st.residual)
         return self.model.compute_logits(hidden[st.rows])
 
-    def _sample(self, batch: Batch, logits: torch.Tensor, result: MuxStepResult, into: dict[int, int]) -> None:
+    def _sample(
+        self, batch: Batch, logits: torch.Tensor, result: MuxStepResult, into: dict[int, int]
+    ) -> None:
         step = self.runner.sample(batch, logits)
         into.update(step.tokens)
         result.logprobs.update(step.logprobs)
@@ -74,7 +78,9 @@ class ModelMuxExecutor:
         if self.on_cuda:
             self._run_cuda(split, decode, job, layers, result)
         else:
-            future = self._pool.submit(self._prefill_block, job, layers) if job is not None and layers else None
+            future = (
+                self._pool.submit(self._prefill_block, job, layers) if job is not None and layers else None
+            )
             if decode is not None:
                 self._sample(decode, self.runner.forward_logits(decode), result, result.decode_tokens)
             if future is not None:

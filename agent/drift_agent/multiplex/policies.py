@@ -86,7 +86,9 @@ class MultiplexPolicy:
 
     def reconfigure(self, engine_config: Any) -> None:
         """Partition settings changed at run time (admin API)."""
-        self.dispatcher = Dispatcher(self.ctx.perf_model, dispatcher_config(self.name, engine_config.partition))
+        self.dispatcher = Dispatcher(
+            self.ctx.perf_model, dispatcher_config(self.name, engine_config.partition)
+        )
         self.ctx.default_ttft_s = engine_config.slo_ttft_ms / 1e3
         self.ctx.default_tpot_s = engine_config.slo_tpot_ms / 1e3
 

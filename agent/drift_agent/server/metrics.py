@@ -312,7 +312,9 @@ class _StateCollector(Collector):
         part.add_metric(["decode"], decode)
         yield part
         decisions = CounterMetricFamily(
-            "drift_scheduler_decisions", "Dispatcher decisions of the multiplexing policy, by mode", labels=["mode"]
+            "drift_scheduler_decisions",
+            "Dispatcher decisions of the multiplexing policy, by mode",
+            labels=["mode"],
         )
         for mode, n in sorted(stats.decisions.items()):
             decisions.add_metric([mode], n)
