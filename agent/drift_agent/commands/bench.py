@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .engine_args import add_engine_args, config_error_message, engine_config_from_args
+from .engine_args import add_engine_args, config_or_exit_code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,11 +41,9 @@ def run_offline(args: argparse.Namespace) -> int:
     if not (1 <= args.input_len[0] <= args.input_len[1] and 1 <= args.output_len[0] <= args.output_len[1]):
         print("drift bench offline: length ranges must satisfy 1 <= MIN <= MAX", file=sys.stderr)
         return 2
-    try:
-        config = engine_config_from_args(args)
-    except (ValueError, OSError) as exc:
-        print(f"drift bench offline: invalid configuration: {config_error_message(exc)}", file=sys.stderr)
-        return 2
+    config = config_or_exit_code(args, "bench offline")
+    if isinstance(config, int):
+        return config
     import torch
 
     from ..bench.offline import compare, make_workload, run_drift, run_transformers

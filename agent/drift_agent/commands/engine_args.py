@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ..engine.config import POLICIES, EngineConfig
 
@@ -63,3 +64,12 @@ def config_error_message(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
     return str(exc)
+
+
+def config_or_exit_code(args: argparse.Namespace, command: str) -> EngineConfig | int:
+    """The engine config, or exit code 2 after a one-line reason on stderr."""
+    try:
+        return engine_config_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"drift {command}: invalid configuration: {config_error_message(exc)}", file=sys.stderr)
+        return 2

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .engine_args import add_engine_args, config_error_message, engine_config_from_args
+from .engine_args import add_engine_args, config_or_exit_code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,11 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = engine_config_from_args(args)
-    except (ValueError, OSError) as exc:
-        print(f"drift generate: invalid configuration: {config_error_message(exc)}", file=sys.stderr)
-        return 2
+    config = config_or_exit_code(args, "generate")
+    if isinstance(config, int):
+        return config
     from ..engine.llm_engine import LLMEngine
     from ..engine.sampling_params import SamplingParams
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .engine_args import add_engine_args, config_error_message, engine_config_from_args
+from .engine_args import add_engine_args, config_or_exit_code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,11 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = engine_config_from_args(args)
-    except (ValueError, OSError) as exc:
-        print(f"drift profile: invalid configuration: {config_error_message(exc)}", file=sys.stderr)
-        return 2
+    config = config_or_exit_code(args, "profile")
+    if isinstance(config, int):
+        return config
     if args.repeats is not None and args.repeats < 1:
         print("drift profile: --repeats must be at least 1", file=sys.stderr)
         return 2

@@ -337,16 +337,23 @@ class LLMEngine:
                     preempted=len(sched_out.preempted),
                     actual_s=done_at - now,
                 )
-            for seq in self.scheduler.on_batch_done(batch, result.tokens):
-                req = self.requests.get(seq.request_id)
-                if req is None:
-                    continue
-                lp = result.logprobs.get(seq.seq_id)
-                if lp is not None:
-                    req.logprobs.append(lp)
-                out = self._advance(req, done_at)
-                if out is not None:
-                    outputs.append(out)
+            advanced = self.scheduler.on_batch_done(batch, result.tokens)
+            outputs += self._outputs(advanced, result.logprobs, done_at)
+        return outputs
+
+    def _outputs(self, seqs: list[Sequence], logprobs: dict[int, Any], now: float) -> list[RequestOutput]:
+        """Outputs of the sequences a finished batch advanced."""
+        outputs = []
+        for seq in seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue
+            lp = logprobs.get(seq.seq_id)
+            if lp is not None:
+                req.logprobs.append(lp)
+            out = self._advance(req, now)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
     def _step_multiplexed(self, now: float) -> list[RequestOutput]:
@@ -377,16 +384,7 @@ class LLMEngine:
         for batch, seqs in it.completed:
             if batch.phase == "prefill":
                 self.prompt_tokens_total += batch.num_tokens
-            for seq in seqs:
-                req = self.requests.get(seq.request_id)
-                if req is None:
-                    continue
-                lp = it.result.logprobs.get(seq.seq_id)
-                if lp is not None:
-                    req.logprobs.append(lp)
-                out = self._advance(req, done_at)
-                if out is not None:
-                    outputs.append(out)
+            outputs += self._outputs(seqs, it.result.logprobs, done_at)
         return outputs
 
     def _advance(self, req: _Request, now: float) -> RequestOutput | None:
