@@ -1,0 +1,439 @@
+"""The discrete-event simulation: a virtual clock, N engine instances behind a dispatcher, and the request flow.
+
+Events, in time order (ties: arrivals and transfers first, then step ends, then wake-ups, so requests arriving
+at the instant a step ends are seen by the next step, as in the engine's loop):
+
+- arrival: a request (a session's first turn at its precomputed time, a later turn a think time after the
+  previous answer) is routed and queued; an idle instance is woken.
+- step end: the instance posts the step's tokens (first token → TTFT, later ones → ITL), finished requests leave
+  (a disaggregated prefill hands its KV to the decode pool), pending migrations and hand-offs are served at this
+  step boundary, and the next step starts at once.
+- KV transfer end (disaggregated layout): the request joins its decode instance's running batch.
+- migration stage / commit (Llumnix-style live migration, see `migration.py`).
+- load sample: the spread of KV usage across instances, for the imbalance statistic.
+
+Layouts: colocated (every instance serves both phases; `instances` of them) or disaggregated (DistServe: a
+prefill pool whose requests stop after their first token, and a decode pool that pulls their KV when it has room,
+FIFO, over a per-instance link: transfers to one decode instance are serialised at `kv_bandwidth` per GPU).
+Approximation: the prefill instance frees a request's KV when its first token is out rather than when the copy
+completes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..bench.arrivals import arrival_times
+from ..bench.metrics import SLO as BenchSLO
+from ..bench.workloads import RequestSpec, group_sessions
+from ..engine.errors import PromptTooLongError
+from ..engine.sampling_params import SamplingParams
+from ..engine.sequence import SLO, RequestTimes, SequenceStatus
+from ..engine.sequence import Sequence as Seq
+from ..multiplex.perf_model import PerfModel
+from ..partition.base import Split
+from .events import ARRIVAL, COMMIT, PRIORITY, SAMPLE, STAGE, STEP, TRANSFER, WAKE
+from .instance import InstanceConfig, SimInstance
+from .migration import MigrationConfig, Migrator
+from .presets import kv_transfer_seconds
+from .requests import SimRequest, SimRun, TokenSource
+from .routing import Router, RouteRequest, make_router
+
+
+class SimulationError(RuntimeError):
+    """The simulation cannot finish (a request can never be scheduled) or was configured inconsistently."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    instances: int = 1
+    router: str = "least-loaded"
+    # (prefill instances, decode instances) for the disaggregated layout; None = colocated.
+    disaggregated: tuple[int, int] | None = None
+    kv_bandwidth: float = 25e9  # bytes/s per GPU for hand-offs and migrations (200 Gb/s InfiniBand HDR)
+    kv_latency_s: float = 1e-4  # fixed cost of one transfer (connection/handshake)
+    migration: MigrationConfig | None = None
+    sample_interval_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.disaggregated is not None:
+            p, d = self.disaggregated
+            if p < 1 or d < 1:
+                raise ValueError("a disaggregated layout needs at least one prefill and one decode instance")
+        elif self.instances < 1:
+            raise ValueError(f"need at least one instance, got {self.instances}")
+        if not self.kv_bandwidth > 0 or self.kv_latency_s < 0 or not self.sample_interval_s > 0:
+            raise ValueError("KV bandwidth and the sample interval must be > 0, the latency >= 0")
+
+    @property
+    def num_instances(self) -> int:
+        return sum(self.disaggregated) if self.disaggregated else self.instances
+
+
+class Cluster:
+    """Instances, a router and the event loop. Build a fresh one per run (instances keep state)."""
+
+    def __init__(
+        self,
+        perf: PerfModel,
+        splits: list[Split],
+        instance_config: InstanceConfig,
+        config: ClusterConfig | None = None,
+        kv_bytes_per_token: int = 0,
+        tp: int = 1,
+        router: Router | None = None,
+    ) -> None:
+        self.config = config = config or ClusterConfig()
+        self.perf = perf
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.link_bw = config.kv_bandwidth * tp  # each GPU of a TP group moves its own KV shard
+        if config.disaggregated:
+            p, d = config.disaggregated
+            self.prefill_pool = [SimInstance(i, instance_config, perf, splits, "prefill") for i in range(p)]
+            self.decode_pool = [SimInstance(p + i, instance_config, perf, splits, "decode") for i in range(d)]
+        else:
+            self.prefill_pool = [
+                SimInstance(i, instance_config, perf, splits) for i in range(config.instances)
+            ]
+            self.decode_pool = []
+        self.instances = self.prefill_pool + self.decode_pool
+        self.router = router or make_router(config.router)
+        self.migrator = (
+            Migrator(self, config.migration) if config.migration and not config.disaggregated else None
+        )
+        self._heap: list[tuple[float, int, int, int, Any]] = []
+        self._steps: list[tuple[float, int, int, int, Any]] = []
+        self._coupled = bool(self.migrator or self.decode_pool)
+        self._ran = False
+        self._counter = 0
+        self._by_seq: dict[int, SimRequest] = {}
+        self._inbox: dict[int, deque[tuple[Seq, SimRequest]]] = {i.index: deque() for i in self.decode_pool}
+        self._link_free: dict[int, float] = {i.index: 0.0 for i in self.decode_pool}
+        self._incoming: dict[int, int] = {i.index: 0 for i in self.decode_pool}
+        self._blocked: deque[SimRequest] = deque()
+        self._in_flight = 0
+        self.max_concurrency: int | None = None
+        self.now = 0.0
+        self.num_finished = 0
+        self.num_transfers = 0
+        self.transfer_time = 0.0
+        self._spread_sum = 0.0
+        self._spread_n = 0
+
+    # ---- event queue -------------------------------------------------------------------------------------
+    def push(self, t: float, kind: int, payload: Any) -> None:
+        """Queue an event. Step ends and wake-ups go to the instances' own queue: they change nothing another
+        instance can see unless the cluster is coupled (see `_horizon`)."""
+        self._counter += 1
+        heap = self._steps if kind in (STEP, WAKE) else self._heap
+        heapq.heappush(heap, (t, PRIORITY[kind], self._counter, kind, payload))
+
+    def wake(self, inst: SimInstance, t: float) -> None:
+        if not inst.busy and not inst.wake_pending:
+            inst.wake_pending = True
+            self.push(t, WAKE, inst)
+
+    def _horizon(self) -> float:
+        """Time of the next event that could change what an instance's next steps would see: any external
+        event (arrival, transfer, migration, load sample), and in a coupled cluster (sessions, a concurrency
+        cap, migration or disaggregation, where one instance's step end can create work for another) also
+        the next step end of any instance. An instance may fast-forward decode steps that start before it."""
+        h = self._heap[0][0] if self._heap else math.inf
+        if self._coupled and self._steps:
+            h = min(h, self._steps[0][0])
+        return h
+
+    # ---- the run ----------------------------------------------------------------------------------------------
+    def run(
+        self,
+        specs: Sequence[RequestSpec],
+        rate: float,
+        *,
+        burstiness: float = 1.0,
+        seed: int = 0,
+        slo: BenchSLO | None = None,
+        prefix_len: int = 0,
+        max_concurrency: int | None = None,
+    ) -> SimRun:
+        """Simulate every spec once at `rate` requests/s (arrival times as `drift bench serve` computes them)."""
+        if not specs:
+            raise ValueError("no requests to simulate")
+        if self._ran:
+            raise RuntimeError("a Cluster simulates one run; build a new one (SimSetup.cluster_for_run)")
+        self._ran = True
+        wall0 = time.perf_counter()
+        self.max_concurrency = max_concurrency
+        self._slo = (
+            SLO(
+                ttft=slo.ttft_ms / 1e3 if slo.ttft_ms else None,
+                tpot=slo.tpot_ms / 1e3 if slo.tpot_ms else None,
+            )
+            if slo
+            else None
+        )
+        self._tokens = TokenSource(prefix_len)
+        self._multi_turn = {s.session_id for s in specs if s.turn > 0}
+        self._coupled = bool(self.migrator or self.decode_pool or self._multi_turn or max_concurrency)
+        reqs = [SimRequest(s) for s in specs]
+        by_id = {r.spec.request_id: r for r in reqs}
+        sessions = group_sessions(list(specs))
+        session_rate = rate if math.isinf(rate) else rate * len(sessions) / len(specs)
+        starts = arrival_times(len(sessions), session_rate, burstiness, seed)
+        for turns, start in zip(sessions, starts.tolist(), strict=True):
+            chain = [by_id[s.request_id] for s in turns]
+            for a, b in zip(chain, chain[1:], strict=False):
+                a.next_turn = b
+            chain[0].scheduled = float(start)
+            self.push(float(start), ARRIVAL, chain[0])
+        if self.migrator is not None or len(self.instances) > 1:
+            self.push(0.0, SAMPLE, None)
+        self._loop(len(reqs))
+        unfinished = [r for r in reqs if not r.finished]
+        if unfinished:
+            raise SimulationError(
+                f"{len(unfinished)} request(s) never finished (e.g. {unfinished[0].spec.request_id}); "
+                "the KV pool or max_num_seqs cannot serve them"
+            )
+        records = [r.record() for r in reqs]
+        ends = [r.last for r in reqs if not r.error]
+        duration = max(ends) if ends else max(r.scheduled for r in reqs)
+        run = SimRun(records, max(duration, 1e-9), self.stats())
+        run.wall_s = time.perf_counter() - wall0
+        return run
+
+    def _loop(self, total: int) -> None:
+        heap, steps = self._heap, self._steps
+        pop = heapq.heappop
+        while heap or steps:
+            if steps and (not heap or steps[0] < heap[0]):
+                t, _, _, kind, payload = pop(steps)
+            else:
+                t, _, _, kind, payload = pop(heap)
+            self.now = t
+            if kind == STEP:
+                self._on_step_end(payload, t)
+            elif kind == ARRIVAL:
+                self._on_arrival(payload, t)
+            elif kind == WAKE:
+                payload.wake_pending = False
+                if not payload.busy:
+                    self._start(payload, t)
+            elif kind == TRANSFER:
+                self._on_transfer_done(payload, t)
+            elif kind in (STAGE, COMMIT):
+                assert self.migrator is not None
+                self.migrator.on_event(kind == COMMIT, payload, t)
+            elif kind == SAMPLE:
+                self._sample(t, total)
+
+    def _start(self, inst: SimInstance, t: float) -> None:
+        end = inst.start_step(t, self._horizon())
+        if end is not None:
+            self.push(end, STEP, inst)
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def _on_arrival(self, req: SimRequest, t: float) -> None:
+        if self.max_concurrency is not None and self._in_flight >= self.max_concurrency:
+            self._blocked.append(req)
+            return
+        self._send(req, t)
+
+    def _send(self, req: SimRequest, t: float) -> None:
+        spec = req.spec
+        self._in_flight += 1
+        req.sent = t
+        if math.isnan(req.scheduled):
+            req.scheduled = t
+        if not req.prompt:  # first turns; later turns got the conversation so far when the previous ended
+            req.prompt = self._tokens.first_turn(spec.prompt_len)
+        disagg = bool(self.decode_pool)
+        params = SamplingParams(max_tokens=1 if disagg else spec.output_len, ignore_eos=True)
+        seq = Seq(spec.request_id, req.prompt, params, slo=self._slo or SLO(), times=RequestTimes(arrival=t))
+        key: object | None = None
+        if spec.session_id in self._multi_turn:
+            key = spec.session_id
+        elif len(req.prompt) > self.instances[0].config.block_size:
+            key = hash(tuple(req.prompt[: self.instances[0].config.block_size]))
+        route = RouteRequest(
+            len(req.prompt), key, self._slo.ttft if self._slo else None, self._slo.tpot if self._slo else None
+        )
+        inst = self.router.route(route, self.prefill_pool, t)
+        try:
+            inst.add(seq)
+        except PromptTooLongError as e:
+            req.error = str(e)
+            self._finish(req, t)
+            return
+        req.seq = seq
+        self._by_seq[seq.seq_id] = req
+        self.wake(inst, t)
+
+    def _finish(self, req: SimRequest, t: float) -> None:
+        req.finished = True
+        self.num_finished += 1
+        self._in_flight -= 1
+        nxt = req.next_turn
+        if nxt is not None:
+            if req.error:
+                for later in _chain(nxt):
+                    later.error = f"not sent: turn {req.spec.turn} of its session failed"
+                    later.finished = True
+                    self.num_finished += 1
+            else:
+                assert req.seq is not None
+                nxt.prompt = list(req.seq.token_ids) + self._tokens.fresh(max(nxt.spec.new_prompt_len, 1))
+                arrive = t + nxt.spec.think_time_s
+                nxt.scheduled = arrive
+                self.push(arrive, ARRIVAL, nxt)
+        if self._blocked and (self.max_concurrency is None or self._in_flight < self.max_concurrency):
+            self._send(self._blocked.popleft(), t)
+
+    # ---- steps ------------------------------------------------------------------------------------------------
+    def _on_step_end(self, inst: SimInstance, t: float) -> None:
+        by_seq = self._by_seq
+        advanced = inst.complete_step(t)
+        span = inst.span
+        if span is not None:  # decode steps fast-forwarded together: gaps are the step latencies
+            d, ends = span.durations, span.ends
+        for seq in advanced:
+            req = by_seq.get(seq.seq_id)
+            if req is None:
+                continue
+            n = seq.num_output_tokens
+            at = t
+            if span is not None:
+                k = n - req.n_out
+                req.itl.append(ends[0] - req.last)
+                req.itl.extend(d[1:k])
+                at = ends[k - 1]
+            elif n > req.n_out:
+                if req.n_out == 0:
+                    req.first = at
+                    seq.times.first_token = at
+                    inst.pending_prefill_tokens -= seq.num_prompt_tokens
+                else:
+                    req.itl.append(at - req.last)
+            if n > req.n_out:
+                req.last = at
+                seq.times.last_token = at
+                req.n_out = n
+            if seq.status is SequenceStatus.FINISHED:
+                seq.times.finished = at
+                del by_seq[seq.seq_id]
+                if inst.role == "prefill" and req.n_out < req.spec.output_len:
+                    self._hand_off(req, seq, at)
+                else:
+                    self._finish(req, at)
+        if self.decode_pool and inst.role == "decode":
+            self._pull(inst, t)
+        if self.migrator is not None:
+            self.migrator.at_step_boundary(inst, t)
+        self._start(inst, t)
+
+    # ---- disaggregated hand-off --------------------------------------------------------------------------------
+    def _hand_off(self, req: SimRequest, prefilled: Seq, t: float) -> None:
+        """The prefill is done: queue the request at the decode instance with the most free KV."""
+        dst = min(self.decode_pool, key=lambda i: (i.kv_usage + len(self._inbox[i.index]) * 1e-9, i.index))
+        seq = Seq(
+            req.spec.request_id,
+            req.prompt,
+            SamplingParams(max_tokens=req.spec.output_len, ignore_eos=True),
+            slo=prefilled.slo,
+            times=RequestTimes(arrival=prefilled.times.arrival, first_token=t, last_token=t),
+        )
+        seq.token_ids = list(prefilled.token_ids)
+        seq.num_computed_tokens = prefilled.num_prompt_tokens
+        seq.num_cached_tokens = 0
+        req.seq = seq
+        self._inbox[dst.index].append((seq, req))
+        self._pull(dst, t)
+
+    def _pull(self, dst: SimInstance, t: float) -> None:
+        """Start the transfers the decode instance has room for, in arrival order."""
+        inbox = self._inbox[dst.index]
+        while inbox:
+            seq, req = inbox[0]
+            if len(dst.sched.running) + self._incoming[dst.index] >= dst.config.max_num_seqs:
+                return
+            seq.block_table = []
+            if not dst.bm.allocate(seq, 0):  # reserve the KV slots the transfer writes into
+                return
+            inbox.popleft()
+            self._incoming[dst.index] += 1
+            start = max(t, self._link_free[dst.index])
+            dur = kv_transfer_seconds(
+                seq.num_computed_tokens, self.kv_bytes_per_token, self.link_bw, self.config.kv_latency_s
+            )
+            self._link_free[dst.index] = start + dur
+            self.num_transfers += 1
+            self.transfer_time += dur
+            self.push(start + dur, TRANSFER, (dst, seq, req))
+
+    def _on_transfer_done(self, payload: tuple[SimInstance, Seq, SimRequest], t: float) -> None:
+        dst, seq, req = payload
+        self._incoming[dst.index] -= 1
+        seq.status = SequenceStatus.RUNNING
+        dst.sched.running.append(seq)
+        self._by_seq[seq.seq_id] = req
+        self.wake(dst, t)
+
+    # ---- statistics --------------------------------------------------------------------------------------------
+    def _sample(self, t: float, total: int) -> None:
+        pool = self.prefill_pool if not self.decode_pool else self.decode_pool
+        if len(pool) > 1:
+            usage = [i.kv_usage for i in pool]
+            self._spread_sum += max(usage) - min(usage)
+            self._spread_n += 1
+        if self.num_finished < total:
+            self.push(t + self.config.sample_interval_s, SAMPLE, None)
+
+    def stats(self) -> dict[str, Any]:
+        per = []
+        for inst in self.instances:
+            bm = inst.bm
+            per.append(
+                {
+                    "index": inst.index,
+                    "role": inst.role,
+                    "requests": inst.num_requests,
+                    "steps": inst.num_steps,
+                    "busy_s": inst.busy_time,
+                    "preemptions": inst.sched.num_preemptions,
+                    "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries
+                    if bm.prefix_queries
+                    else None,
+                    "splits_used": {f"P{p}/D{d}": n for (p, d), n in sorted(inst.splits_used.items())},
+                }
+            )
+        queries = sum(i.bm.prefix_queries for i in self.instances)
+        hits = sum(i.bm.prefix_hits for i in self.instances)
+        out: dict[str, Any] = {
+            "instances": per,
+            "steps": sum(i.num_steps for i in self.instances),
+            "preemptions": sum(i.sched.num_preemptions for i in self.instances),
+            "prefix_cache_hit_rate": hits / queries if queries else None,
+            "kv_usage_spread": self._spread_sum / self._spread_n if self._spread_n else None,
+        }
+        if self.decode_pool:
+            out["kv_transfers"] = self.num_transfers
+            out["mean_kv_transfer_s"] = (
+                self.transfer_time / self.num_transfers if self.num_transfers else None
+            )
+        if self.migrator is not None:
+            out["migrations"] = self.migrator.stats()
+        return out
+
+
+def _chain(req: SimRequest) -> list[SimRequest]:
+    out = []
+    r: SimRequest | None = req
+    while r is not None:
+        out.append(r)
+        r = r.next_turn
+    return out

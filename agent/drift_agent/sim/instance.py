@@ -1,0 +1,304 @@
+"""One simulated engine instance: the engine's own Scheduler, BlockManager and policy, on a virtual clock.
+
+The instance never reads a clock. The cluster's event loop calls `start_step(now)`, which asks the policy for
+the next step exactly as the engine does and returns when that step ends (its latency from the performance
+model); at that time the loop calls `complete_step(now)`, which posts the step's tokens back to the scheduler
+(`Scheduler.on_batch_done`) and reports which sequences advanced.
+
+Multiplexed policies run through `multiplex.mux_loop.run_iteration`, the very function the engine's loop calls,
+with `SimMuxExecutor`. That function posts the iteration's results to the scheduler when it returns; the
+instance holds the completed batches back and releases their tokens at the iteration's end time, and nothing
+else on the instance is scheduled before then, so the policy sees the same sequence of states as on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any, Literal
+
+from ..engine.block_manager import BlockManager
+from ..engine.config import EngineConfig, PartitionConfig
+from ..engine.policies import SEQUENTIAL_POLICIES
+from ..engine.scheduler import Batch, Policy, Scheduler, SchedulerConfig
+from ..engine.sequence import Sequence, SequenceStatus
+from ..multiplex.perf_model import PerfModel
+from ..partition.base import Split
+from .executor import OUTPUT_TOKEN, Sampled, SimExecutor, SimMuxExecutor
+
+Role = Literal["both", "prefill", "decode"]
+POLICY_NAMES: tuple[str, ...] = ("prefill-first", "chunked", "static-split", "drift")
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """The engine settings that matter to scheduling (names as in `EngineConfig`)."""
+
+    policy: str = "chunked"
+    block_size: int = 16
+    num_kv_blocks: int = 4096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 32768
+    enable_prefix_caching: bool = False
+    prefill_sm_share: float = 0.5  # static-split's prefill share
+    slo_ttft_ms: float = 1000.0  # defaults for requests without their own targets
+    slo_tpot_ms: float = 100.0
+    fast_forward: bool = True  # apply runs of identical decode steps at once (exact; see `SimInstance`)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if min(self.block_size, self.num_kv_blocks, self.max_num_seqs, self.max_num_batched_tokens) < 1:
+            raise ValueError("block size, KV blocks, max seqs and the token budget must be positive")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            policy=self.policy,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_prefix_caching=self.enable_prefix_caching,
+            partition=PartitionConfig(mode="auto", prefill_sm_share=self.prefill_sm_share),
+            slo_ttft_ms=self.slo_ttft_ms,
+            slo_tpot_ms=self.slo_tpot_ms,
+        )
+
+
+def make_policy(config: InstanceConfig, perf: PerfModel, splits: list[Split]) -> Policy:
+    """The engine's policy objects, built as `engine.llm_engine.make_policy` builds them (that module imports
+    torch for the model runner, so the simulator mirrors its two lines instead of importing it)."""
+    if config.policy in SEQUENTIAL_POLICIES:
+        return SEQUENTIAL_POLICIES[config.policy]()
+    from ..multiplex.policies import MuxContext, make_multiplex_policy
+
+    ctx = MuxContext(
+        perf_model=perf,
+        splits=splits,
+        num_layers=perf.num_layers,
+        default_ttft_s=config.slo_ttft_ms / 1e3,
+        default_tpot_s=config.slo_tpot_ms / 1e3,
+    )
+    return make_multiplex_policy(config.policy, config.engine_config(), ctx)
+
+
+@dataclass(slots=True)
+class Span:
+    """Decode steps fast-forwarded together: the sequences (each gets one token per step) and step latencies."""
+
+    seqs: list[Sequence]
+    durations: array  # latency of each step
+    ends: list[float]  # end time of each step
+
+
+class SimInstance:
+    def __init__(
+        self,
+        index: int,
+        config: InstanceConfig,
+        perf: PerfModel,
+        splits: list[Split],
+        role: Role = "both",
+    ) -> None:
+        self.index = index
+        self.config = config
+        self.role = role
+        self.perf = perf
+        self.bm = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        sched_cfg = SchedulerConfig(
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+        )
+        self.policy = make_policy(config, perf, splits)
+        self.sched = Scheduler(sched_cfg, self.bm, self.policy)
+        self.multiplexing = bool(getattr(self.policy, "multiplexing", False))
+        self.executor: Any = SimMuxExecutor(perf) if self.multiplexing else SimExecutor(perf)
+        self.fast_forward = config.fast_forward and not config.enable_prefix_caching and not self.multiplexing
+        self.span: Span | None = None
+        self.busy = False
+        self.step_end = 0.0
+        self.wake_pending = False
+        self._batch: Batch | None = None
+        self._sampled: Sampled | None = None
+        self._completed: list[Sequence] = []
+        # Router load signal: prompt tokens added here whose first token has not come out yet.
+        self.pending_prefill_tokens = 0
+        self.num_steps = 0
+        self.num_requests = 0
+        self.busy_time = 0.0
+        self.splits_used: dict[tuple[int, int], int] = {}
+
+    # ---- load signals ----------------------------------------------------------------------------------
+    @property
+    def kv_usage(self) -> float:
+        return self.bm.usage
+
+    @property
+    def kv_used_tokens(self) -> int:
+        return (self.bm.num_blocks - self.bm.num_free_blocks) * self.bm.block_size
+
+    @property
+    def load_tokens(self) -> int:
+        """Work queued and held: prompt tokens still to prefill plus KV tokens of running requests."""
+        return self.pending_prefill_tokens + self.kv_used_tokens
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request (raises `PromptTooLongError` if it can never run here)."""
+        self.sched.add(seq)
+        self.pending_prefill_tokens += seq.num_prompt_tokens
+        self.num_requests += 1
+
+    def adopt_running(self, seq: Sequence) -> bool:
+        """Take over a sequence whose KV was computed elsewhere (a migration's commit): allocate its blocks
+        and put it among the running. False, changing nothing, if the pool cannot hold it."""
+        if len(self.sched.running) >= self.config.max_num_seqs:
+            return False
+        seq.block_table = []
+        seq.num_registered_blocks = 0
+        if not self.bm.allocate(seq, 0):
+            return False
+        seq.status = SequenceStatus.RUNNING
+        self.sched.running.append(seq)
+        return True
+
+    def release_running(self, seq: Sequence) -> None:
+        """Remove a running, not in-flight sequence without finishing it (it continues on another instance)."""
+        assert not seq.in_flight and seq.status is SequenceStatus.RUNNING
+        self.sched.running.remove(seq)
+        self.bm.free_seq(seq)
+
+    # ---- stepping ----------------------------------------------------------------------------------------
+    def start_step(self, now: float, horizon: float = math.inf) -> float | None:
+        """Schedule and launch the next step at `now`; its end time, or None when there is nothing to run.
+
+        `horizon`: the time of the next event that could change this instance's view (see `Cluster`).
+        Decode-only steps that start before it may be fast-forwarded as one span (see `_try_span`)."""
+        assert not self.busy
+        if not self.sched.has_unfinished:
+            return None
+        self.span = None
+        dt = self._start_mux(now) if self.multiplexing else self._start_sequential(now, horizon)
+        if dt is None:
+            return None
+        self.busy = True
+        self.num_steps += 1
+        self.busy_time += dt
+        self.step_end = now + dt
+        return self.step_end
+
+    def _start_sequential(self, now: float, horizon: float) -> float | None:
+        out = self.sched.schedule(now)
+        if not out.batches:
+            return None
+        batch = out.batches[0]
+        dt, sampled = self.executor.batch(batch)
+        self._batch, self._sampled = batch, sampled
+        if self.fast_forward and batch.phase == "decode" and now + dt < horizon and not out.preempted:
+            span = self._try_span(batch, now, dt, horizon)
+            if span is not None:
+                self.span = span
+                return float(sum(span.durations))
+        return dt
+
+    def _try_span(self, batch: Batch, now: float, dt: float, horizon: float) -> Span | None:
+        """Fast-forward a run of decode steps. The policy has just scheduled a decode step of every running
+        sequence, with nothing waiting (or nothing admissible: all sequence slots taken). Until the next event
+        that could add work (`horizon`), and while the KV pool holds every sequence's growth, the sequential
+        policies would schedule exactly that step again each time, minus the sequences that reach their length
+        (decode all; no prefill, no preemption). So
+        those steps are applied at once, each step's latency from the performance model for the sequences
+        still running in it. Exact: a test compares every token time with step-by-step simulation. Off with
+        prefix caching, where the order in which blocks are handed out could change later cache hits."""
+        sched = self.sched
+        running = sched.running
+        n = len(running)
+        if batch.num_seqs != n or n > self.config.max_num_batched_tokens:
+            return None
+        # Requests waiting while every sequence slot is taken cannot be admitted until one finishes: the span
+        # then ends at the first finish (the next step may admit).
+        blocked = bool(sched.waiting)
+        if blocked and n < self.config.max_num_seqs:
+            return None
+        # (tokens left, context in this step) per sequence; a sequence with r left runs in steps 0..r-1.
+        left = sorted((i.seq.max_tokens - i.seq.num_output_tokens, i.start + 1) for i in batch.items)
+        kv = sum(c for _, c in left)
+        durations = array("d", [dt])
+        t = now + dt
+        decode_time, sms = self.perf.decode_time, self.perf.total_sms
+        gone = 0  # sequences finished so far (a prefix of `left`)
+        step = 1
+        while t < horizon:
+            kv += n
+            while gone < len(left) and left[gone][0] <= step:
+                kv -= left[gone][1] + step
+                n -= 1
+                gone += 1
+            if n == 0 or (blocked and gone):
+                break
+            d = decode_time(n, kv, sms)
+            durations.append(d)
+            t += d
+            step += 1
+        k = len(durations)
+        if k < 2:
+            return None
+        bm = self.bm
+        need = 0
+        for seq in running:
+            ks = min(seq.max_tokens - seq.num_output_tokens, k)
+            need += bm.blocks_needed(seq.num_computed_tokens + ks) - len(seq.block_table)
+        if need > bm.num_free_blocks:
+            return None
+        return Span(list(running), durations, list(accumulate(durations, initial=now))[1:])
+
+    def _apply_span(self, span: Span) -> list[Sequence]:
+        """Post the span's steps: sequence s gets one token per step until it reaches its length (what the
+        rounds of `on_batch_done` would do); finished ones retire in the order they finished."""
+        sched, bm = self.sched, self.bm
+        k = len(span.durations)
+        finished: list[tuple[int, int, Sequence]] = []
+        for pos, seq in enumerate(span.seqs):
+            seq.in_flight = False
+            ks = min(seq.max_tokens - seq.num_output_tokens, k)
+            # The policy allocated the first step's slot; cover all ks (the last writes token c+ks-1).
+            ok = bm.allocate(seq, ks)
+            assert ok, "span KV was checked when it started"
+            seq.num_computed_tokens += ks
+            seq.token_ids.extend([OUTPUT_TOKEN] * ks)
+            bm.register_full_blocks(seq)
+            if seq.check_stop_token():
+                finished.append((ks, pos, seq))
+        for _, _, seq in sorted(finished, key=lambda f: (f[0], f[1])):
+            sched.finish(seq, seq.finish_reason)  # type: ignore[arg-type]
+        return span.seqs
+
+    def _start_mux(self, now: float) -> float | None:
+        from ..multiplex.mux_loop import run_iteration
+
+        it = run_iteration(self.sched, self.executor, now)
+        if not it.made_progress and it.result.elapsed_s <= 0:
+            return None
+        if it.output.split is not None:
+            self.splits_used[it.output.split] = self.splits_used.get(it.output.split, 0) + 1
+        self._completed = [seq for _, seqs in it.completed for seq in seqs]
+        return it.result.elapsed_s
+
+    def complete_step(self, now: float) -> list[Sequence]:
+        """End the running step at `now`: the sequences it advanced (token appended, prompt progressed or
+        finished), for the caller to stamp with `now` (after a span, `self.span` holds the step latencies)."""
+        assert self.busy
+        self.busy = False
+        if self.multiplexing:
+            done, self._completed = self._completed, []
+            return done
+        batch, sampled = self._batch, self._sampled
+        self._batch = self._sampled = None
+        assert batch is not None
+        if self.span is not None:
+            return self._apply_span(self.span)
+        return self.sched.on_batch_done(batch, sampled)  # type: ignore[arg-type]

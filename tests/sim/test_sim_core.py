@@ -1,0 +1,156 @@
+"""The single-instance simulator: determinism, conservation, exact fast-forward, analytic latencies (M/D/1)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from drift_agent.bench.metrics import SLO
+from drift_agent.bench.workloads import WorkloadParams, generate
+from drift_agent.engine.policies import ChunkedPolicy, PrefillFirstPolicy
+from drift_agent.multiplex.perf_model import PrefillShape
+from drift_agent.sim import Cluster, InstanceConfig, LoadSpec, SimSetup, SimulationError, simulate_rate
+
+from .helpers import WHOLE_DEVICE, ConstantModel, mixed_long_and_chat
+
+SLO_ = SLO(ttft_ms=2000, tpot_ms=50)
+
+
+def _records(run):
+    return [r.to_dict() for r in run.records]
+
+
+@pytest.mark.parametrize("policy", ["chunked", "drift"])
+def test_deterministic_for_a_seed(policy):
+    specs = mixed_long_and_chat(24)
+    setup = SimSetup.build("llama-3-8b", "h100", policy=policy)
+    a = setup.run(specs, 4.0, seed=3, slo=SLO_)
+    b = setup.run(specs, 4.0, seed=3, slo=SLO_)
+    assert _records(a) == _records(b)
+    c = setup.run(specs, 4.0, seed=4, slo=SLO_)
+    assert _records(a) != _records(c)  # the seed drives the arrival times
+
+
+@pytest.mark.parametrize("policy", ["prefill-first", "chunked", "static-split", "drift"])
+def test_every_request_finishes_exactly_once_with_its_length(policy):
+    specs = mixed_long_and_chat(32)
+    # A small pool forces preemptions (recompute), which must not lose or duplicate tokens.
+    setup = SimSetup.build("llama-3-8b", "h100", policy=policy, num_kv_blocks=1400)
+    cluster = setup.cluster_for_run()
+    run = cluster.run(specs, 8.0, slo=SLO_)
+    assert cluster.num_finished == len(specs)
+    assert [r.request_id for r in run.records] == [s.request_id for s in specs]
+    for rec, spec in zip(run.records, specs, strict=True):
+        assert rec.success and rec.output_tokens == spec.output_len
+        assert len(rec.itl) == spec.output_len - 1
+        assert rec.ttft > 0 and rec.latency >= rec.ttft
+        assert rec.latency == pytest.approx(rec.ttft + sum(rec.itl), rel=1e-9, abs=1e-9)
+    for inst in cluster.instances:
+        assert not inst.sched.has_unfinished
+        assert inst.bm.num_free_blocks == inst.bm.num_blocks  # every block returned
+        inst.bm.check_invariants()
+    if policy in ("prefill-first", "chunked"):
+        assert run.stats["preemptions"] > 0
+
+
+@pytest.mark.parametrize("policy", ["prefill-first", "chunked"])
+@pytest.mark.parametrize(
+    ("blocks", "rate", "seqs"), [(None, 10.0, 256), (700, 30.0, 256), (None, math.inf, 16)]
+)
+def test_fast_forward_is_exact(policy, blocks, rate, seqs):
+    """Fast-forwarded decode spans give the same token times as stepping every step through the policy,
+    with and without KV pressure (preemptions) or a full set of sequence slots (a queue that must wait)."""
+    specs = generate("sharegpt-like", 80, seed=5)
+    base = SimSetup.build("llama-3-8b", "h100", policy=policy, num_kv_blocks=blocks, max_num_seqs=seqs)
+    fast = base.run(specs, rate)
+    slow = base.with_instance(fast_forward=False).run(specs, rate)
+    assert fast.stats["steps"] < slow.stats["steps"]  # it did skip work
+    assert fast.stats["preemptions"] == slow.stats["preemptions"]
+    assert (fast.stats["preemptions"] > 0) == (blocks is not None)
+    for a, b in zip(fast.records, slow.records, strict=True):
+        assert a.output_tokens == b.output_tokens
+        assert a.ttft == pytest.approx(b.ttft, abs=1e-9)
+        assert a.latency == pytest.approx(b.latency, abs=1e-9)
+        np.testing.assert_allclose(np.asarray(a.itl), np.asarray(b.itl), atol=1e-9)
+
+
+def test_single_request_latencies_are_the_perf_models():
+    spec = generate("random", 1, 0, WorkloadParams(input_len=1000, output_len=5))
+    setup = SimSetup.build("llama-3-8b", "h100", policy="chunked")
+    run = setup.run(spec, 1.0)
+    rec = run.records[0]
+    perf = setup.perf
+    assert rec.ttft == pytest.approx(perf.prefill_time(PrefillShape(1000), perf.total_sms), rel=1e-12)
+    # Decode step i attends to the prompt and the i tokens written so far.
+    expected = [perf.decode_time(1, 1000 + i + 1, perf.total_sms) for i in range(4)]
+    np.testing.assert_allclose(np.asarray(rec.itl), expected, rtol=1e-12)
+
+
+def test_md1_queue_matches_pollaczek_khinchine():
+    """Batch size 1, one constant-time phase, Poisson arrivals: an M/D/1 queue. Mean wait
+    rho / (2 mu (1 - rho)); by PASTA a fraction 1 - rho of requests find the server idle and do not wait."""
+    s, rho, n = 0.1, 0.5, 8000
+    specs = generate("random", n, 0, WorkloadParams(input_len=32, output_len=1))
+    cluster = Cluster(ConstantModel(s), WHOLE_DEVICE, InstanceConfig(max_num_seqs=1, num_kv_blocks=64))
+    run = cluster.run(specs, rho / s, seed=0)
+    ttft = np.array([r.ttft for r in run.records])
+    wait = ttft - s
+    assert wait.min() >= -1e-12
+    assert wait.mean() == pytest.approx(rho * s / (2 * (1 - rho)), rel=0.08)
+    assert np.mean(wait < 1e-9) == pytest.approx(1 - rho, abs=0.03)
+    assert len(run.records) / run.duration_s == pytest.approx(rho / s, rel=0.03)
+
+
+def test_policy_objects_are_the_engines():
+    setup = SimSetup.build("llama-3-8b", "h100")
+    assert isinstance(setup.with_policy("chunked").cluster_for_run().instances[0].policy, ChunkedPolicy)
+    assert isinstance(
+        setup.with_policy("prefill-first").cluster_for_run().instances[0].policy, PrefillFirstPolicy
+    )
+    from drift_agent.multiplex.policies import MultiplexPolicy
+
+    mux = setup.with_policy("drift").cluster_for_run().instances[0]
+    assert isinstance(mux.policy, MultiplexPolicy) and mux.multiplexing
+
+
+def test_prompt_that_never_fits_fails_that_request_only():
+    specs = generate("random", 3, 0, WorkloadParams(input_len=100, output_len=4))
+    big = generate("random", 1, 1, WorkloadParams(input_len=5000, output_len=4), id_prefix="big")
+    setup = SimSetup.build("llama-3-8b", "h100", num_kv_blocks=64)  # 1024 tokens of KV
+    run = setup.run([*specs, *big], 2.0)
+    assert [r.success for r in run.records] == [True, True, True, False]
+    assert "prompt has 5000 tokens" in run.records[-1].error
+
+
+def test_summary_uses_bench_metrics():
+    specs = generate("random", 50, 0, WorkloadParams(input_len=512, output_len=64))
+    point = simulate_rate(SimSetup.build("llama-3-8b", "h100"), specs, 5.0, LoadSpec(slo=SLO_))
+    s = point.summary
+    assert s["completed"] == 50 and s["slo_attainment"] == 1.0
+    assert s["request_goodput"] == pytest.approx(50 / s["duration_s"])
+    assert s["mean_tpot_ms"] > 0 and s["p99_itl_ms"] >= s["median_itl_ms"]
+
+
+def test_empty_workload_is_refused():
+    with pytest.raises(ValueError):
+        SimSetup.build("llama-3-8b", "h100").run([], 1.0)
+    assert issubclass(SimulationError, RuntimeError)
+
+
+def test_max_concurrency_caps_requests_in_flight():
+    from drift_agent.bench.metrics import peak_output_and_concurrency
+
+    specs = generate("random", 30, 0, WorkloadParams(input_len=256, output_len=16))
+    run = SimSetup.build("llama-3-8b", "h100").run(specs, float("inf"), max_concurrency=4)
+    _, peak = peak_output_and_concurrency(run.records)
+    assert peak == 4 and all(r.success for r in run.records)
+    assert max(r.start_time for r in run.records) > 0  # later requests waited for a slot
+
+
+def test_a_cluster_runs_once():
+    specs = generate("random", 2, 0, WorkloadParams(input_len=64, output_len=2))
+    cluster = SimSetup.build("llama-3-8b", "h100").cluster_for_run()
+    cluster.run(specs, 1.0)
+    with pytest.raises(RuntimeError, match="one run"):
+        cluster.run(specs, 1.0)
