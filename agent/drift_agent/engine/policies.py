@@ -7,6 +7,7 @@ Both produce one batch per step. The multiplexing policies (`static-split`, `dri
 from __future__ import annotations
 
 from .scheduler import Batch, ScheduledSeq, Scheduler, SchedulerOutput
+from .sequence import SequenceStatus
 
 
 def _continue_prefills(sched: Scheduler, budget: int, preempted: list) -> tuple[list[ScheduledSeq], int]:
@@ -15,7 +16,7 @@ def _continue_prefills(sched: Scheduler, budget: int, preempted: list) -> tuple[
     for seq in list(sched.running):
         if budget <= 0:
             break
-        if seq.in_flight or not seq.is_prefilling or seq not in sched.running:
+        if seq.in_flight or not seq.is_prefilling or seq.status is not SequenceStatus.RUNNING:
             continue
         n = min(seq.num_uncomputed_tokens, budget)
         item = sched.grow_or_preempt(seq, n, preempted)
@@ -50,7 +51,7 @@ def decode_all(sched: Scheduler, budget: int, preempted: list) -> tuple[list[Sch
     for seq in list(sched.running):
         if budget <= 0:
             break
-        if seq.in_flight or seq.is_prefilling or seq not in sched.running:
+        if seq.in_flight or seq.is_prefilling or seq.status is not SequenceStatus.RUNNING:
             continue
         item = sched.grow_or_preempt(seq, 1, preempted)
         if item is not None:
