@@ -33,7 +33,7 @@ def test_least_loaded_balances_kv_better_than_round_robin():
 
 
 def test_prefix_affinity_raises_the_multi_turn_cache_hit_rate():
-    specs = generate("multi-turn", 300, seed=3, params=WorkloadParams(think_time_s=1.0))
+    specs = generate("multi-turn", 200, seed=3, params=WorkloadParams(think_time_s=1.0))
     setup = _base(enable_prefix_caching=True)
     rr = setup.with_cluster(instances=4, router="round-robin").run(specs, 15.0)
     pa = setup.with_cluster(instances=4, router="prefix-affinity").run(specs, 15.0)

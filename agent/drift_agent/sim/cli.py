@@ -402,6 +402,12 @@ def run_main(args: argparse.Namespace) -> int:
                 sweeps[policy] = sweep
             else:
                 points, sweep = [simulate_rate(setup, specs, r, load) for r in args.request_rate], None
+            for p in points:
+                att = p.summary.get("slo_attainment")
+                err.print(
+                    f"  {policy} @ {p.rate:g} req/s: {len(p.run.records)} requests simulated in {p.run.wall_s:.2f} s"
+                    + (f", SLO attainment {100 * att:.1f}%" if att is not None else "")
+                )
             for p in sorted(points, key=lambda p: p.rate):
                 s = p.summary
                 total_requests += len(p.run.records)
