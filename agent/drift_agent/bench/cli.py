@@ -18,75 +18,11 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlparse
 
+from ..argtypes import non_negative_float, non_negative_int, percentiles, positive_int, rate, rates, slo_item
 from . import BenchError, ServerUnreachableError
 from .workloads import WORKLOADS
 
 DEFAULT_PERCENTILES = "50,90,99"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _rates(text: str) -> list[float]:
-    """One rate or a comma list, each > 0 or 'inf'."""
-    return [_positive_float(part.strip()) for part in text.split(",") if part.strip()] or [math.inf]
-
-
-def _percentiles(text: str) -> list[float]:
-    try:
-        values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
-    if not values or not all(0 < p < 100 for p in values):
-        raise argparse.ArgumentTypeError(f"percentiles must be in (0, 100), got {text!r}")
-    return values
-
-
-def _slo_item(text: str) -> str:
-    from .metrics import SLO
-
-    try:
-        SLO.parse([text])
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -115,9 +51,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument(
         "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default $OPENAI_API_KEY)"
     )
-    g.add_argument(
-        "--request-timeout", type=_positive_float, default=600.0, help="seconds between stream chunks"
-    )
+    g.add_argument("--request-timeout", type=rate, default=600.0, help="seconds between stream chunks")
     g.add_argument(
         "--ignore-eos",
         action=argparse.BooleanOptionalAction,
@@ -125,7 +59,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="ask for exactly the target output length (ignore_eos + min_tokens); default on",
     )
     g.add_argument(
-        "--temperature", type=_non_negative_float, default=None, help="sampling temperature to send"
+        "--temperature", type=non_negative_float, default=None, help="sampling temperature to send"
     )
     g.add_argument(
         "--extra-body", type=_json_object, default={}, help="JSON object merged into every request body"
@@ -135,74 +69,68 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     w.add_argument("--workload", choices=WORKLOADS, default="random")
     w.add_argument("--dataset-path", default=None, help="the file of the jsonl workload")
     w.add_argument(
-        "--num-prompts", type=_positive_int, default=1000, help="requests per run (turns, for sessions)"
+        "--num-prompts", type=positive_int, default=1000, help="requests per run (turns, for sessions)"
     )
     w.add_argument(
         "--tokenizer",
         default=None,
         help="local tokenizer dir or tokenizer.json for exact prompt lengths (default: word prompts)",
     )
-    w.add_argument("--input-len", type=_positive_int, default=None, help="random/long-context input tokens")
+    w.add_argument("--input-len", type=positive_int, default=None, help="random/long-context input tokens")
     w.add_argument(
-        "--output-len", type=_positive_int, default=None, help="target output tokens (fixes it for all)"
+        "--output-len", type=positive_int, default=None, help="target output tokens (fixes it for all)"
     )
     w.add_argument(
-        "--range-ratio", type=_non_negative_float, default=None, help="random/long-context spread in [0,1)"
+        "--range-ratio", type=non_negative_float, default=None, help="random/long-context spread in [0,1)"
     )
     w.add_argument(
-        "--prefix-len", type=_non_negative_int, default=0, help="tokens of a prefix shared by all prompts"
+        "--prefix-len", type=non_negative_int, default=0, help="tokens of a prefix shared by all prompts"
     )
+    w.add_argument("--mean-turns", type=rate, default=4.0, help="multi-turn: mean turns per session")
     w.add_argument(
-        "--mean-turns", type=_positive_float, default=4.0, help="multi-turn: mean turns per session"
+        "--think-time", type=non_negative_float, default=2.0, help="multi-turn: mean think time (s)"
     )
-    w.add_argument(
-        "--think-time", type=_non_negative_float, default=2.0, help="multi-turn: mean think time (s)"
-    )
-    w.add_argument("--max-session-tokens", type=_positive_int, default=8192, help="multi-turn: context cap")
+    w.add_argument("--max-session-tokens", type=positive_int, default=8192, help="multi-turn: context cap")
     w.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrival times")
 
     t = p.add_argument_group("traffic")
     t.add_argument(
         "--request-rate",
-        type=_rates,
+        type=rates,
         default=[math.inf],
         help="requests/s, 'inf' (all at t=0), or a comma list to run several rates",
     )
     t.add_argument(
         "--burstiness",
-        type=_positive_float,
+        type=rate,
         default=1.0,
         help="Gamma shape of inter-arrival gaps: 1 Poisson, <1 burstier, >1 smoother",
     )
-    t.add_argument("--max-concurrency", type=_positive_int, default=None, help="cap on requests in flight")
-    t.add_argument("--num-warmups", type=_non_negative_int, default=0, help="warm-up requests, excluded")
+    t.add_argument("--max-concurrency", type=positive_int, default=None, help="cap on requests in flight")
+    t.add_argument("--num-warmups", type=non_negative_int, default=0, help="warm-up requests, excluded")
 
     m = p.add_argument_group("metrics and sweep")
     m.add_argument(
         "--slo",
         "--goodput",
         nargs="+",
-        type=_slo_item,
+        type=slo_item,
         default=[],
         metavar="NAME:MS",
         help="SLO targets in ms, e.g. --slo ttft:200 tpot:50 (e2el also accepted)",
     )
     m.add_argument(
         "--percentiles",
-        type=_percentiles,
-        default=_percentiles(DEFAULT_PERCENTILES),
+        type=percentiles,
+        default=percentiles(DEFAULT_PERCENTILES),
         help=f"comma list (default {DEFAULT_PERCENTILES})",
     )
     m.add_argument("--sweep", action="store_true", help="bisect the rate for the max rate meeting the target")
-    m.add_argument("--sweep-min", type=_positive_float, default=0.5, help="lowest rate of the sweep (req/s)")
-    m.add_argument(
-        "--sweep-max", type=_positive_float, default=32.0, help="highest rate of the sweep (req/s)"
-    )
-    m.add_argument(
-        "--sweep-iters", type=_non_negative_int, default=6, help="bisection steps after the bounds"
-    )
-    m.add_argument("--sweep-tolerance", type=_positive_float, default=0.05, help="stop when hi/lo <= 1+this")
-    m.add_argument("--target-attainment", type=_positive_float, default=0.9, help="fraction in (0, 1]")
+    m.add_argument("--sweep-min", type=rate, default=0.5, help="lowest rate of the sweep (req/s)")
+    m.add_argument("--sweep-max", type=rate, default=32.0, help="highest rate of the sweep (req/s)")
+    m.add_argument("--sweep-iters", type=non_negative_int, default=6, help="bisection steps after the bounds")
+    m.add_argument("--sweep-tolerance", type=rate, default=0.05, help="stop when hi/lo <= 1+this")
+    m.add_argument("--target-attainment", type=rate, default=0.9, help="fraction in (0, 1]")
 
     o = p.add_argument_group("output")
     o.add_argument("--label", default=None, help="name of this run in plots (default model@host)")

@@ -13,6 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..argtypes import (
+    non_negative_float,
+    non_negative_int,
+    percentiles,
+    positive_float,
+    positive_int,
+    rates,
+    slo_item,
+)
+
 POLICY_CHOICES = ("prefill-first", "chunked", "static-split", "drift")
 WORKLOAD_CHOICES = ("random", "sharegpt-like", "lmsys-like", "multi-turn", "long-context", "jsonl")
 ROUTER_CHOICES = ("round-robin", "least-loaded", "least-kv", "slo-aware", "prefix-affinity")
@@ -20,34 +30,6 @@ ROUTER_CHOICES = ("round-robin", "least-loaded", "least-kv", "slo-aware", "prefi
 
 class UsageError(Exception):
     """A bad combination of options: printed as one line, exit code 2."""
-
-
-def _number(kind: type, lo: float, inclusive: bool = True, allow_inf: bool = False) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a{'n integer' if kind is int else ' number'}"
-            ) from None
-        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not allow_inf)):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if value < lo or (not inclusive and value == lo):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {lo:g}, got {text}")
-        return value
-
-    return parse
-
-
-_pos_int = _number(int, 1)
-_nonneg_int = _number(int, 0)
-_pos_float = _number(float, 0.0, inclusive=False)
-_nonneg_float = _number(float, 0.0)
-_rate = _number(float, 0.0, inclusive=False, allow_inf=True)
-
-
-def _rates(text: str) -> list[float]:
-    return [_rate(p.strip()) for p in text.split(",") if p.strip()] or [math.inf]
 
 
 def _policies(text: str) -> list[str]:
@@ -73,26 +55,6 @@ def _disagg(text: str) -> tuple[int, int]:
     return pair
 
 
-def _percentiles(text: str) -> list[float]:
-    try:
-        values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
-    if not values or not all(0 < p < 100 for p in values):
-        raise argparse.ArgumentTypeError(f"percentiles must be in (0, 100), got {text!r}")
-    return values
-
-
-def _slo_item(text: str) -> str:
-    from ..bench.metrics import SLO
-
-    try:
-        SLO.parse([text])
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 # ---- parser --------------------------------------------------------------------------------------------------
 
 
@@ -102,7 +64,7 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
     h.add_argument(
         "--device", default="h100", help="GPU preset: h100, h100-pcie, h200, a100, a100-80gb, l40s, ..."
     )
-    h.add_argument("--tp", type=_pos_int, default=1, help="tensor-parallel GPUs per instance")
+    h.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel GPUs per instance")
     h.add_argument(
         "--profile", default=None, metavar="F.json", help="measured profile (`drift profile`) to use"
     )
@@ -117,21 +79,25 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
         default=["chunked"] if not many_policies else list(POLICY_CHOICES),
         help="policy, a comma list, or 'all' (prefill-first, chunked, static-split, drift)",
     )
-    e.add_argument("--block-size", type=_pos_int, default=16)
+    e.add_argument("--block-size", type=positive_int, default=16)
     e.add_argument(
-        "--num-kv-blocks", type=_pos_int, default=None, help="KV pool size (default: from GPU memory)"
+        "--num-kv-blocks", type=positive_int, default=None, help="KV pool size (default: from GPU memory)"
     )
-    e.add_argument("--gpu-memory-utilization", type=_pos_float, default=0.9)
-    e.add_argument("--max-num-seqs", type=_pos_int, default=256)
-    e.add_argument("--max-num-batched-tokens", type=_pos_int, default=2048, help="chunk size / token budget")
-    e.add_argument("--max-model-len", type=_pos_int, default=32768)
+    e.add_argument("--gpu-memory-utilization", type=positive_float, default=0.9)
+    e.add_argument("--max-num-seqs", type=positive_int, default=256)
+    e.add_argument(
+        "--max-num-batched-tokens", type=positive_int, default=2048, help="chunk size / token budget"
+    )
+    e.add_argument("--max-model-len", type=positive_int, default=32768)
     e.add_argument(
         "--prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="default: on for multi-turn or --prefix-len workloads, off otherwise (faster)",
     )
-    e.add_argument("--prefill-sm-share", type=_pos_float, default=0.5, help="static-split's prefill SM share")
+    e.add_argument(
+        "--prefill-sm-share", type=positive_float, default=0.5, help="static-split's prefill SM share"
+    )
     e.add_argument(
         "--no-fast-forward",
         action="store_true",
@@ -140,40 +106,42 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
 
     c = p.add_argument_group("cluster")
     c.add_argument("--router", choices=ROUTER_CHOICES, default="least-loaded")
-    c.add_argument("--kv-bandwidth", type=_pos_float, default=25.0, help="GB/s per GPU for KV transfers")
+    c.add_argument("--kv-bandwidth", type=positive_float, default=25.0, help="GB/s per GPU for KV transfers")
     c.add_argument("--migration", action="store_true", help="Llumnix-style live migration between instances")
-    c.add_argument("--migration-high", type=_pos_float, default=0.9, help="source load to migrate from")
-    c.add_argument("--migration-low", type=_nonneg_float, default=0.6, help="destination load to migrate to")
+    c.add_argument("--migration-high", type=positive_float, default=0.9, help="source load to migrate from")
+    c.add_argument(
+        "--migration-low", type=non_negative_float, default=0.6, help="destination load to migrate to"
+    )
 
     w = p.add_argument_group("workload (as `drift bench serve`)")
     w.add_argument("--workload", choices=WORKLOAD_CHOICES, default="random")
     w.add_argument("--dataset-path", default=None, help="the file of the jsonl workload")
     w.add_argument(
-        "--num-prompts", type=_pos_int, default=1000, help="requests per run (turns, for sessions)"
+        "--num-prompts", type=positive_int, default=1000, help="requests per run (turns, for sessions)"
     )
-    w.add_argument("--input-len", type=_pos_int, default=None)
-    w.add_argument("--output-len", type=_pos_int, default=None)
-    w.add_argument("--range-ratio", type=_nonneg_float, default=None)
-    w.add_argument("--prefix-len", type=_nonneg_int, default=0)
-    w.add_argument("--mean-turns", type=_pos_float, default=4.0)
-    w.add_argument("--think-time", type=_nonneg_float, default=2.0)
-    w.add_argument("--max-session-tokens", type=_pos_int, default=8192)
+    w.add_argument("--input-len", type=positive_int, default=None)
+    w.add_argument("--output-len", type=positive_int, default=None)
+    w.add_argument("--range-ratio", type=non_negative_float, default=None)
+    w.add_argument("--prefix-len", type=non_negative_int, default=0)
+    w.add_argument("--mean-turns", type=positive_float, default=4.0)
+    w.add_argument("--think-time", type=non_negative_float, default=2.0)
+    w.add_argument("--max-session-tokens", type=positive_int, default=8192)
     w.add_argument("--seed", type=int, default=0)
 
     t = p.add_argument_group("traffic and metrics")
-    t.add_argument("--burstiness", type=_pos_float, default=1.0, help="Gamma shape: 1 Poisson")
-    t.add_argument("--max-concurrency", type=_pos_int, default=None)
+    t.add_argument("--burstiness", type=positive_float, default=1.0, help="Gamma shape: 1 Poisson")
+    t.add_argument("--max-concurrency", type=positive_int, default=None)
     t.add_argument(
         "--slo",
         "--goodput",
         nargs="+",
-        type=_slo_item,
+        type=slo_item,
         default=[],
         metavar="NAME:MS",
         help="e.g. ttft:1000 tpot:50",
     )
-    t.add_argument("--percentiles", type=_percentiles, default=[50.0, 90.0, 99.0])
-    t.add_argument("--target-attainment", type=_pos_float, default=0.9)
+    t.add_argument("--percentiles", type=percentiles, default=[50.0, 90.0, 99.0])
+    t.add_argument("--target-attainment", type=positive_float, default=0.9)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -189,18 +157,18 @@ def add_parser(subparsers: Any) -> None:
     run = subs.add_parser("run", help="simulate a workload at one or more rates, or sweep for the max rate")
     _common(run, many_policies=False)
     g = run.add_argument_group("instances, rates and output")
-    g.add_argument("--instances", type=_pos_int, default=1, help="colocated instances behind --router")
+    g.add_argument("--instances", type=positive_int, default=1, help="colocated instances behind --router")
     g.add_argument(
         "--disagg", type=_disagg, default=None, metavar="P:D", help="DistServe layout: P prefill, D decode"
     )
-    g.add_argument("--request-rate", type=_rates, default=[math.inf], help="req/s, 'inf', or a comma list")
+    g.add_argument("--request-rate", type=rates, default=[math.inf], help="req/s, 'inf', or a comma list")
     g.add_argument(
         "--sweep", action="store_true", help="bisect for the max rate meeting the target attainment"
     )
-    g.add_argument("--sweep-min", type=_pos_float, default=0.5)
-    g.add_argument("--sweep-max", type=_pos_float, default=64.0)
-    g.add_argument("--sweep-iters", type=_nonneg_int, default=6)
-    g.add_argument("--sweep-tolerance", type=_pos_float, default=0.05)
+    g.add_argument("--sweep-min", type=positive_float, default=0.5)
+    g.add_argument("--sweep-max", type=positive_float, default=64.0)
+    g.add_argument("--sweep-iters", type=non_negative_int, default=6)
+    g.add_argument("--sweep-tolerance", type=positive_float, default=0.05)
     g.add_argument("--label", default=None, help="label in plots (one policy); default 'sim POLICY (layout)'")
     g.add_argument(
         "--save-result", default=None, metavar="F.json", help="result document (F.POLICY.json per policy)"
@@ -214,8 +182,8 @@ def add_parser(subparsers: Any) -> None:
     pl = subs.add_parser("plan", help="fewest replicas/GPUs and the policy meeting the SLO at a rate")
     _common(pl, many_policies=True)
     g = pl.add_argument_group("planning")
-    g.add_argument("--rate", type=_pos_float, required=True, help="request rate to serve (req/s)")
-    g.add_argument("--max-replicas", type=_pos_int, default=16)
+    g.add_argument("--rate", type=positive_float, required=True, help="request rate to serve (req/s)")
+    g.add_argument("--max-replicas", type=positive_int, default=16)
     g.add_argument("--disagg", action="store_true", help="also search disaggregated P:D layouts")
     g.add_argument("--save-result", default=None, metavar="F.json", help="write the plan as JSON")
     pl.set_defaults(func=plan_main)
