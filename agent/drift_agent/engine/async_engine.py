@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from .errors import EngineDeadError, EngineOverloadedError
+from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from .llm_engine import LLMEngine
 from .outputs import EngineStats, RequestOutput
 from .sampling_params import SamplingParams
@@ -125,8 +125,6 @@ class AsyncLLMEngine:
             if self._stats.num_waiting + self._pending_adds >= self.max_waiting:
                 raise EngineOverloadedError(f"waiting queue is full ({self.max_waiting} requests)")
             if request_id in self._streams:
-                from .errors import InvalidRequestError
-
                 raise InvalidRequestError(f"duplicate request id {request_id!r}")
             self._streams[request_id] = stream
             self._pending_adds += 1

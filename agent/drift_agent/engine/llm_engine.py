@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -142,8 +143,6 @@ class LLMEngine:
         ids: set[int] = set()
         gen_cfg = self.model_dir / "generation_config.json"
         if gen_cfg.exists():
-            import json
-
             eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos = getattr(hf_config, "eos_token_id", None)
