@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from drift_agent.engine.config import EngineConfig
 from pydantic import ValidationError
+
+from drift_agent.engine.config import EngineConfig
 
 from . import constants as c
 from .spec import LLMServiceSpec, SpecError

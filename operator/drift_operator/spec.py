@@ -11,9 +11,10 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from drift_agent.engine.config import PolicyName
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+
+from drift_agent.engine.config import PolicyName
 
 from .constants import ANNOTATION_REPLICAS_OWNER, DEFAULT_IMAGE
 

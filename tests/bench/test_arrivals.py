@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from drift_agent.bench.arrivals import arrival_times, gamma_gaps
 from scipy import stats
+
+from drift_agent.bench.arrivals import arrival_times, gamma_gaps
 
 
 @pytest.mark.parametrize("burstiness", [0.25, 1.0, 4.0])

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from drift_agent.bench.cli import add_plot_parser, add_serve_parser, main
 from drift_agent.bench.results import load_result
 

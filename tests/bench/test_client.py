@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from drift_agent.bench import ServerUnreachableError
 from drift_agent.bench.arrivals import arrival_times
 from drift_agent.bench.client import ClientConfig, OpenAIClient, SSEDecoder

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from drift_agent.bench.jsonl import JsonlError, load_jsonl
 from drift_agent.bench.prompts import WordPrompts
 from drift_agent.bench.workloads import group_sessions

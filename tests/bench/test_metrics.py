@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from drift_agent.bench.metrics import SLO, RequestRecord, peak_output_and_concurrency, summarize
 
 

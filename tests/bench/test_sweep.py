@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from drift_agent.bench.sweep import Bisection, find_max_rate
 
 

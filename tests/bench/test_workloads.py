@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from drift_agent.bench.lengths import (
     LMSYS_PROMPT,
     LMSYS_RESPONSE,

@@ -6,13 +6,14 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from drift_agent.engine.block_manager import BlockManager
 from drift_agent.engine.policies import ChunkedPolicy, PrefillFirstPolicy
 from drift_agent.engine.sampling_params import SamplingParams
 from drift_agent.engine.scheduler import Scheduler, SchedulerConfig
 from drift_agent.engine.sequence import FinishReason, Sequence
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def seq(tokens: list[int], rid: str = "r", max_tokens: int = 8) -> Sequence:

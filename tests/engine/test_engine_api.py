@@ -63,7 +63,9 @@ def test_output_is_capped_by_the_context_window(eng):
 
 
 async def test_async_engine_streams_aborts_and_bounds_its_queue():
-    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), num_kv_blocks=64, max_waiting_requests=2))
+    engine = LLMEngine(
+        EngineConfig(model=str(tiny_model_dir("llama")), num_kv_blocks=64, max_waiting_requests=2)
+    )
     aeng = AsyncLLMEngine(engine)
     aeng.start()
     try:
@@ -98,7 +100,9 @@ async def test_async_engine_streams_aborts_and_bounds_its_queue():
 def test_embedded_model_answers_sensibly():
     eng = LLMEngine(EngineConfig(max_model_len=512, kv_cache_memory_gb=0.1))
     prompt = eng.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     out = eng.generate([prompt], SamplingParams(max_tokens=24, temperature=0))[0]
     assert "Paris" in out.text

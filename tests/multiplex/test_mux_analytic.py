@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from drift_agent.multiplex.analytic import AnalyticPerfModel, ModelShape, bandwidth_share
 from drift_agent.multiplex.devices import DeviceSpec, cpu_device_spec, lookup_device, measure_cpu_flops
 from drift_agent.multiplex.perf_model import PrefillShape

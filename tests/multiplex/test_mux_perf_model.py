@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+
 from drift_agent.multiplex.fitting import (
     ContentionSample,
     fit_contention,

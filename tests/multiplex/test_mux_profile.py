@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from drift_agent.multiplex.perf_model import FittedPerfModel, PrefillShape
 from drift_agent.multiplex.profile import ProfileGrid, format_fit_report, run_profile, sweep
 from drift_agent.multiplex.schema import load_profile

@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
 from drift_agent.multiplex.schema import (
     SCHEMA_VERSION,
     DecodeGrid,
@@ -16,7 +18,6 @@ from drift_agent.multiplex.schema import (
     read_profile_file,
     save_profile,
 )
-from pydantic import ValidationError
 
 
 def profile(model: str = "llama", device: str = "NVIDIA H100", dtype: str = "bfloat16", **kw) -> PerfProfile:

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
 from drift_agent.partition import (
     GreenContextPartitioner,
     MpsPartitioner,

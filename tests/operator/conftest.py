@@ -85,6 +85,7 @@ async def operator(cluster: Cluster) -> AsyncIterator[threading.Thread]:
     test's own loop would include pytest's fixture finalizers.
     """
     import kopf
+
     from drift_operator import handlers
 
     assert handlers.CONFIG.loop_interval_s <= 0.5, "handlers were imported before the test settings"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
 from drift_operator.attainment import SampleWindow, Scrape, counter_increase, window_stats
 from drift_operator.metrics import MetricsParseError, PodSample, parse_agent_metrics
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 
 def _sample(

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from drift_operator import cli, operator_metrics
 from drift_operator.kube import api_base, load_credentials, object_path
 from drift_operator.settings import OperatorConfig

@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+
 from drift_operator.diff import is_subset, last_applied, parse_quantity, plan_apply, plan_secret, removals
 from drift_operator.render import Owner, render_children, render_secret
 from drift_operator.spec import parse_spec

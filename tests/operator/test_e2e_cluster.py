@@ -65,6 +65,7 @@ def namespace() -> Iterator[str]:
 @pytest.fixture
 def running_operator(namespace: str) -> Iterator[None]:
     import kopf
+
     from drift_operator import handlers  # noqa: F401
 
     kubectl("apply", "-k", str(ROOT / "crds"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from drift_operator.attainment import WindowStats
 from drift_operator.health import assess_metrics
 from drift_operator.status import (

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from drift_operator.kube import KubeApiError, KubeClient, KubeCredentials
 from kmock import KubernetesError
+
+from drift_operator.kube import KubeApiError, KubeClient, KubeCredentials
 
 
 def _client(emulator: Any, token: str = "t1", reload: Any = None) -> KubeClient:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from drift_operator.attainment import WindowStats
 from drift_operator.health import MetricsHealth
 from drift_operator.partition import decide_partition, desired_share

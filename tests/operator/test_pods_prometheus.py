@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from drift_operator.metrics import PodSample
 from drift_operator.pods import PodView, pod_view, pods_to_push, runtime_state
 from drift_operator.prometheus import freshness_query, slo_query, stats_from_vector

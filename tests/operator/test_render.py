@@ -9,6 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from drift_agent.engine.config import EngineConfig
 from drift_operator.render import (
     Owner,

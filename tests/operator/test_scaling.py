@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from drift_operator.attainment import WindowStats
 from drift_operator.health import MetricsHealth
 from drift_operator.scaling import ScaleInputs, decide_scale

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+
 from drift_operator.sizing import CapacityQuery, size_scale_in, size_scale_out
 
 Q = CapacityQuery(

@@ -6,6 +6,8 @@ import typing
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
+
 from drift_agent.engine.config import POLICIES, EngineConfig
 from drift_operator.spec import (
     EngineSpec,
@@ -15,7 +17,6 @@ from drift_operator.spec import (
     parse_spec,
     replicas_owner,
 )
-from pydantic import BaseModel
 
 from .crd_validator import version_schema
 

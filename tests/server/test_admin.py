@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from drift_agent.server.settings import ServerSettings
 
+from drift_agent.server.settings import ServerSettings
 from tests.server.conftest import LiveServer, start_server
 
 TOKEN = "s3cret-token"

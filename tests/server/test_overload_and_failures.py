@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+
 from drift_agent.engine.async_engine import AsyncLLMEngine
 from drift_agent.engine.llm_engine import LLMEngine
-
 from tests.server.conftest import LiveServer, start_server, tiny_engine_config
 
 TOKENS = 40

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from drift_agent.server.settings import ServerSettings
 
+from drift_agent.server.settings import ServerSettings
 from tests.server.conftest import LiveServer, start_server, wait_idle
 from tests.tiny_models import tiny_model_dir
 

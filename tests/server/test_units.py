@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from drift_agent.engine.config import EngineConfig
 from drift_agent.engine.sampler import TokenLogprobs
 from drift_agent.server.drain import InFlight
@@ -204,9 +205,10 @@ class FakeNvml:
 def test_gpu_collector(monkeypatch) -> None:
     import sys
 
-    from drift_agent.server.gpu_metrics import GpuCollector
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
+
+    from drift_agent.server.gpu_metrics import GpuCollector
 
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
     registry = CollectorRegistry()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from drift_agent.bench.results import load_result
 from drift_agent.cli import main
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from drift_agent.bench.workloads import WorkloadParams, generate
 from drift_agent.multiplex.perf_model import PrefillShape
 from drift_agent.sim import ClusterConfig, MigrationConfig, SimSetup

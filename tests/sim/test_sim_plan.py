@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from drift_agent.bench.metrics import SLO
 from drift_agent.bench.workloads import WorkloadParams, generate
 from drift_agent.sim import LoadSpec, SimSetup

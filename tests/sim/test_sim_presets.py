@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from drift_agent.multiplex.perf_model import PrefillShape
 from drift_agent.sim.presets import (
     MODEL_PRESETS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from drift_agent.bench.workloads import WorkloadParams, generate
 from drift_agent.multiplex.fitting import fit_profile
 from drift_agent.multiplex.perf_model import FittedPerfModel, PrefillShape
