@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from drift_agent.engine.block_manager import BlockManager
 from drift_agent.engine.errors import PromptTooLongError
 from drift_agent.engine.policies import ChunkedPolicy, PrefillFirstPolicy
@@ -144,3 +145,44 @@ def test_stop_token_and_eos_finish():
     assert not e.is_finished  # min_tokens not reached yet
     run_batch(sched, sched.schedule(0), token=9)
     assert e.is_finished and e.finish_reason is FinishReason.STOP
+
+
+def test_admission_leaves_the_watermark_free_while_sequences_run():
+    # 100 blocks of 4 tokens, watermark 10%: with a sequence running, a new prompt may take the pool down to
+    # 10 free blocks and no further; with nothing running, a prompt that needs the whole pool still starts.
+    cfg = SchedulerConfig(4, 8, 4096, 1024, kv_watermark=0.1)
+    sched = Scheduler(cfg, BlockManager(100, 4, enable_prefix_caching=False), PrefillFirstPolicy())
+    big = seq(400 - 1, "whole-pool", max_tokens=1)
+    sched.add(big)
+    assert sched.admission_reserve == 0
+    out = sched.schedule(0)
+    assert [i.seq for i in out.batches[0].items] == [big] and sched.bm.num_free_blocks == 0
+    run_batch(sched, out)  # one output token: it finishes and frees everything
+    assert sched.bm.num_free_blocks == 100
+
+    first, second, third = seq(200, "a", 8), seq(4 * 38, "b", 8, first=1000), seq(8, "c", 8, first=2000)
+    for s in (first, second, third):
+        sched.add(s)
+    out = sched.schedule(0)  # 50 + 38 + 2 blocks: `c` leaves exactly the watermark free
+    assert [i.seq.request_id for i in out.batches[0].items] == ["a", "b", "c"]
+    assert sched.admission_reserve == 10 and sched.bm.num_free_blocks == 10
+    run_batch(sched, out)
+    blocker = seq(4, "d", 8, first=3000)
+    sched.add(blocker)
+    out = sched.schedule(0)  # `d` would eat into the watermark: the running sequences decode instead
+    assert out.batches[0].phase == "decode" and blocker in sched.waiting
+
+
+def test_waiting_queue_orders_by_priority_then_arrival():
+    from drift_agent.engine.sequence import SLO
+
+    sched = make(PrefillFirstPolicy, budget=8, max_seqs=1)
+    order = [("a", 0), ("b", 1), ("c", -1), ("d", 0), ("e", -1), ("f", 1)]
+    for i, (rid, prio) in enumerate(order):
+        s = seq(4, rid, first=10 * i)
+        s.slo = SLO(priority=prio)
+        sched.add(s)
+    # Lower value first (vLLM's `priority`); FCFS within a priority.
+    assert [s.request_id for s in sched.waiting] == ["c", "e", "a", "d", "b", "f"]
+    out = sched.schedule(0)
+    assert [i.seq.request_id for i in out.batches[0].items] == ["c"]

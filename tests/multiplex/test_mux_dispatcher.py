@@ -4,7 +4,11 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from drift_agent.multiplex.dispatcher import (
+    DecodeLoad,
     DecodeRequest,
     Dispatcher,
     DispatcherConfig,
@@ -15,9 +19,6 @@ from drift_agent.multiplex.dispatcher import (
 )
 from drift_agent.multiplex.perf_model import PrefillShape
 from drift_agent.partition import Split, candidate_splits
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from tests.multiplex.mux_synth import SynthModel
 
 SPLITS = candidate_splits(132, 8, 8)  # (132,0), (112,20) … (72,60), (0,132)
@@ -347,3 +348,32 @@ def test_decision_serialises_and_validates_config() -> None:
     with pytest.raises(ValueError):
         Dispatcher(SynthModel()).decide(state(splits=[]))
     assert math.isinf(SynthModel().decode_time(1, 10, 0))
+
+
+def test_decode_load_summary_decides_as_the_requests_do():
+    """A policy may pass the decode batch as a `DecodeLoad` summary: same split, budget and prediction."""
+    dec = [
+        DecodeRequest("a", 900, 0.02, tokens_since_first=10, time_since_first_token_s=0.25),
+        DecodeRequest("b", 3000, 0.05),
+        DecodeRequest("c", 40, 0.03, tokens_since_first=3, time_since_first_token_s=0.2),
+    ]
+    cfg = DispatcherConfig()
+    load = DecodeLoad.of(dec, cfg.max_slack_borrow, cfg.catch_up_floor)
+    assert (load.batch, load.kv_tokens) == (3, 3940)
+    assert load.step_budget_s == min(r.step_budget(1.0, 0.5) for r in dec) == pytest.approx(0.01)
+    w = [req("p", 700, 5.0)]
+    full = Dispatcher(SynthModel()).decide(state(decode=dec, waiting=w))
+    summary = Dispatcher(SynthModel()).decide(state(decode_load=load, waiting=w))
+    assert full == summary
+    assert DecodeLoad.of([], 1.0, 0.5) == DecodeLoad()
+
+
+def test_priority_goes_before_deadline_order():
+    urgent_later = PrefillRequest("p", 500, 0, 0.0, 9.0, 8, priority=-1)
+    w = [req("early", 500, 1.0), urgent_later]
+    d = Dispatcher(SynthModel(), DispatcherConfig(max_prefill_batch=1)).decide(state(waiting=w))
+    assert d.launch_ids == ("p",)
+    d = Dispatcher(SynthModel(), DispatcherConfig(max_prefill_batch=1)).decide(
+        state(waiting=[req("early", 500, 1.0), req("x", 500, 9.0)])
+    )
+    assert d.launch_ids == ("early",)

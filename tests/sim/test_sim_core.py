@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from drift_agent.bench.metrics import SLO
 from drift_agent.bench.workloads import WorkloadParams, generate
 from drift_agent.engine.policies import ChunkedPolicy, PrefillFirstPolicy
@@ -54,7 +55,7 @@ def test_every_request_finishes_exactly_once_with_its_length(policy):
         assert run.stats["preemptions"] > 0
 
 
-@pytest.mark.parametrize("policy", ["prefill-first", "chunked"])
+@pytest.mark.parametrize("policy", ["prefill-first", "chunked", "static-split", "drift"])
 @pytest.mark.parametrize(
     ("blocks", "rate", "seqs"), [(None, 10.0, 256), (700, 30.0, 256), (None, math.inf, 16)]
 )
@@ -65,9 +66,29 @@ def test_fast_forward_is_exact(policy, blocks, rate, seqs):
     base = SimSetup.build("llama-3-8b", "h100", policy=policy, num_kv_blocks=blocks, max_num_seqs=seqs)
     fast = base.run(specs, rate)
     slow = base.with_instance(fast_forward=False).run(specs, rate)
-    assert fast.stats["steps"] < slow.stats["steps"]  # it did skip work
+    _assert_same_run(fast, slow)
+    assert fast.stats["preemptions"] > 0 or blocks is None or policy in ("static-split", "drift")
+
+
+def test_fast_forward_is_exact_with_prefix_caching():
+    """Multi-turn sessions over a small pool: cached blocks get evicted while spans run, and every later
+    cache hit (hence every prefill length and token time) must be the same as when stepping."""
+    specs = generate("multi-turn", 60, seed=3)
+    for policy in ("chunked", "drift"):
+        base = SimSetup.build(
+            "llama-3-8b", "h100", policy=policy, num_kv_blocks=900, enable_prefix_caching=True
+        )
+        fast = base.run(specs, 3.0)
+        slow = base.with_instance(fast_forward=False).run(specs, 3.0)
+        _assert_same_run(fast, slow)
+        assert 0 < fast.stats["prefix_cache_hit_rate"] == slow.stats["prefix_cache_hit_rate"]
+
+
+def _assert_same_run(fast, slow) -> None:
+    assert fast.stats["fast_forwarded_steps"] > 0  # it did skip work
+    assert slow.stats["fast_forwarded_steps"] == 0
+    assert fast.stats["steps"] == slow.stats["steps"]
     assert fast.stats["preemptions"] == slow.stats["preemptions"]
-    assert (fast.stats["preemptions"] > 0) == (blocks is not None)
     for a, b in zip(fast.records, slow.records, strict=True):
         assert a.output_tokens == b.output_tokens
         assert a.ttft == pytest.approx(b.ttft, abs=1e-9)

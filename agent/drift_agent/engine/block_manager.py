@@ -91,19 +91,29 @@ class BlockManager:
 
     # ---- mutations -----------------------------------------------------------------------------------
     def can_allocate(
-        self, seq: Sequence, num_new_tokens: int, cached: list[int] | tuple[int, ...] = ()
+        self, seq: Sequence, num_new_tokens: int, cached: list[int] | tuple[int, ...] = (), reserve: int = 0
     ) -> bool:
+        """Whether `allocate` would succeed and leave at least `reserve` blocks free."""
         computed = seq.num_computed_tokens + len(cached) * self.block_size
         need = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table) - len(cached)
         # Cached blocks that are currently free stop being allocatable once we take them.
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
-        return max(need, 0) <= len(self.free) - revived
+        return max(need, 0) <= len(self.free) - revived - reserve
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] | tuple[int, ...] = ()) -> bool:
+    def allocate(
+        self, seq: Sequence, num_new_tokens: int, cached: list[int] | tuple[int, ...] = (), reserve: int = 0
+    ) -> bool:
         """Extend `seq.block_table` with the `cached` prefix blocks, then with fresh blocks so that the
         next `num_new_tokens` tokens have slots. All or nothing: returns False and changes nothing when the
-        pool cannot hold them. The caller advances `seq.num_computed_tokens` past the cached prefix."""
-        if not self.can_allocate(seq, num_new_tokens, cached):
+        pool cannot hold them with `reserve` blocks left free. The caller advances
+        `seq.num_computed_tokens` past the cached prefix."""
+        if not cached:  # the per-step path: often the last block still has room
+            need = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
+            if need <= 0:
+                return True
+            if need > len(self.free) - reserve:
+                return False
+        elif not self.can_allocate(seq, num_new_tokens, cached, reserve):
             return False
         for bid in cached:
             block = self.blocks[bid]

@@ -25,9 +25,13 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    # Share of the KV pool a new admission must leave free while sequences run, for their decode growth
+    # (vLLM's watermark): without it an admission-first policy under overload fills the pool with prompts
+    # and then preempts them again one decode step later, over and over.
+    kv_watermark: float = 0.01
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     start: int  # first token position computed in this batch (== seq.num_computed_tokens when scheduled)
@@ -85,6 +89,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.watermark_blocks = int(config.kv_watermark * block_manager.num_blocks)
 
     # ---- request lifecycle ---------------------------------------------------------------------------
     def check_fits(self, seq: Sequence) -> None:
@@ -101,9 +106,18 @@ class Scheduler:
             )
 
     def add(self, seq: Sequence) -> None:
+        """Queue `seq` behind every waiting sequence of the same or a more urgent priority (lower value first,
+        as vLLM's `priority`; FCFS within a priority, so with all priorities 0 this is plain FCFS)."""
         self.check_fits(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        waiting, p = self.waiting, seq.slo.priority
+        i = len(waiting)
+        while i and waiting[i - 1].slo.priority > p:
+            i -= 1
+        if i == len(waiting):
+            waiting.append(seq)
+        else:
+            waiting.insert(i, seq)
 
     def finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         """End a sequence now (stop string, abort). An in-flight one is finished when its batch returns."""
@@ -146,10 +160,16 @@ class Scheduler:
         return out
 
     # ---- mechanics shared by policies ----------------------------------------------------------------
+    @property
+    def admission_reserve(self) -> int:
+        """KV blocks an admission must leave free now (none when nothing runs, so any prompt that fits the
+        pool can always start)."""
+        return self.watermark_blocks if self.running else 0
+
     def try_admit(self, seq: Sequence, max_new_tokens: int, whole_only: bool = False) -> ScheduledSeq | None:
         """Move waiting `seq` into running with up to `max_new_tokens` of its prompt scheduled (all of it
         or nothing when `whole_only`). Prefix-cache hits are skipped over. Returns None, changing nothing,
-        if it does not fit."""
+        if it does not fit with the watermark left free."""
         if len(self.running) >= self.config.max_num_seqs or max_new_tokens <= 0:
             return None
         cached = self.bm.find_cached_prefix(seq)
@@ -157,7 +177,7 @@ class Scheduler:
         if whole_only and seq.num_tokens - n_cached > max_new_tokens:
             return None
         n_new = min(seq.num_tokens - n_cached, max_new_tokens)
-        if not self.bm.allocate(seq, n_new, cached):
+        if not self.bm.allocate(seq, n_new, cached, reserve=self.admission_reserve):
             return None
         if seq.num_cached_tokens < 0:  # count each request's lookup once, not again after a preemption
             seq.num_cached_tokens = n_cached
@@ -215,20 +235,23 @@ class Scheduler:
         """Advance KV progress, append sampled tokens (keyed by seq_id), finish sequences that stop.
         Returns the sequences that advanced (finished ones included)."""
         touched = []
+        caching = self.bm.enable_prefix_caching
+        finished = SequenceStatus.FINISHED
         for item in batch.items:
             seq = item.seq
             seq.in_flight = False
-            if seq.is_finished:
+            if seq.status is finished:
                 continue
-            seq.num_computed_tokens = item.end
-            self.bm.register_full_blocks(seq)
+            seq.num_computed_tokens = item.start + item.num_new_tokens
+            if caching:
+                self.bm.register_full_blocks(seq)
             if seq.abort_pending:
                 self._retire(seq)
                 touched.append(seq)
                 continue
             token = sampled.get(seq.seq_id)
             if token is not None:
-                seq.append_token(token)
+                seq.token_ids.append(token)
                 if seq.check_stop_token():
                     self._retire(seq)
             touched.append(seq)

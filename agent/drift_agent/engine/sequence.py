@@ -43,9 +43,12 @@ class RequestTimes:
 _ids = itertools.count()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
-    """One generation stream. `num_computed_tokens` counts tokens whose KV is in the pool."""
+    """One generation stream. `num_computed_tokens` counts tokens whose KV is in the pool.
+
+    Slotted, with the prompt length and output limit fixed at creation: the scheduler and the simulator touch
+    these attributes once per sequence per step."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -57,6 +60,8 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     token_ids: list[int] = field(init=False)
+    num_prompt_tokens: int = field(init=False)
+    max_tokens: int = field(init=False)  # output tokens allowed, bounded by the context window
     status: SequenceStatus = field(init=False, default=SequenceStatus.WAITING)
     finish_reason: FinishReason | None = field(init=False, default=None)
     stop_reason: str | int | None = field(init=False, default=None)
@@ -71,6 +76,9 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self.num_prompt_tokens = n = len(self.prompt_token_ids)
+        room = self.max_model_len - n
+        self.max_tokens = room if self.params.max_tokens is None else min(self.params.max_tokens, room)
 
     def __repr__(self) -> str:
         return (
@@ -79,20 +87,16 @@ class Sequence:
         )
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.prompt_token_ids)
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids) :]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def is_finished(self) -> bool:
@@ -101,32 +105,28 @@ class Sequence:
     @property
     def is_prefilling(self) -> bool:
         """True while some tokens besides the newest sampled one still lack KV."""
-        return self.num_tokens - self.num_computed_tokens > 1 or self.num_output_tokens == 0
+        n = len(self.token_ids)
+        return n - self.num_computed_tokens > 1 or n == self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def max_tokens(self) -> int:
-        """Output tokens allowed, bounded by the context window."""
-        room = self.max_model_len - self.num_prompt_tokens
-        return room if self.params.max_tokens is None else min(self.params.max_tokens, room)
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
     def check_stop_token(self) -> bool:
         """Length / EOS / stop-token finish after the newest token; stop *strings* are the detokenizer's."""
-        n_out = self.num_output_tokens
+        n_out = len(self.token_ids) - self.num_prompt_tokens
         if n_out == 0:
             return False
         last = self.token_ids[-1]
-        if n_out >= self.params.min_tokens:
-            if not self.params.ignore_eos and last in self.eos_token_ids:
+        params = self.params
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and last in self.eos_token_ids:
                 self.finish_reason, self.stop_reason = FinishReason.STOP, None
                 return True
-            if last in self.params.stop_token_ids:
+            if params.stop_token_ids and last in params.stop_token_ids:
                 self.finish_reason, self.stop_reason = FinishReason.STOP, last
                 return True
         if n_out >= self.max_tokens:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .analytic import AnalyticPerfModel, ModelShape, bandwidth_share
 from .devices import KNOWN_DEVICES, DeviceSpec, cpu_device_spec, lookup_device
 from .dispatcher import (
+    DecodeLoad,
     DecodeRequest,
     DispatchDecision,
     Dispatcher,
@@ -39,6 +40,7 @@ __all__ = [
     "AnalyticPerfModel",
     "Contention",
     "ContentionSample",
+    "DecodeLoad",
     "DecodeRequest",
     "DecodeSample",
     "DeviceSpec",

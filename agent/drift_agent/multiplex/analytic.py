@@ -126,9 +126,13 @@ class AnalyticPerfModel(PerfModel):
 
     def prefill_flops_bytes(self, shapes: list[PrefillShape]) -> tuple[float, float]:
         m = self.shape
-        new = sum(s.new_tokens for s in shapes)
-        cached = sum(s.cached_tokens for s in shapes)
-        pairs = sum(s.new_tokens * s.cached_tokens + s.new_tokens * (s.new_tokens + 1) / 2 for s in shapes)
+        new = cached = 0
+        pairs = 0.0  # (query, key) pairs of causal attention
+        for s in shapes:  # one pass: the dispatcher costs growing candidate batches often
+            t, c = s.new_tokens, s.cached_tokens
+            new += t
+            cached += c
+            pairs += t * c + t * (t + 1) / 2
         flops = (
             2.0 * new * m.num_layers * m.layer_params
             + 4.0 * m.num_layers * m.num_heads * m.head_dim * pairs

@@ -10,8 +10,8 @@ Rules (mode `slo`):
    co-runs, fits the tightest step budget among the running requests; prefill gets the rest. The step budget
    of a request follows its TPOT target and its slack (see `DecodeRequest.step_budget`).
 2. No prefill work → decode gets the whole device; no decode → prefill gets the whole device.
-3. New prefills are taken earliest-deadline-first (requests that cannot meet their TTFT even alone on the whole
-   GPU go last), within free KV blocks (minus a watermark), a token budget and a batch cap. The head of the
+3. New prefills are taken by priority (lower first), then earliest-deadline-first (requests that cannot meet
+   their TTFT even alone on the whole GPU go last within their priority), within free KV blocks (minus a watermark), a token budget and a batch cap. The head of the
    queue is never skipped for a later, smaller request (so large prompts cannot starve); a request that would
    make an already-picked request miss its TTFT is not added.
 4. A prefill is launched a block of layers at a time, sized so one block takes about one decode step; the
@@ -35,6 +35,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 from typing import Any, Literal
 
 from ..partition.base import Split
@@ -53,16 +54,52 @@ class DecodeRequest:
     time_since_first_token_s: float = 0.0
 
     def step_budget(self, max_borrow: float, catch_up_floor: float) -> float:
-        """Time the next step may take so the request's average TPOT stays on target.
+        return step_budget(
+            self.tpot_target_s,
+            self.tokens_since_first,
+            self.time_since_first_token_s,
+            max_borrow,
+            catch_up_floor,
+        )
 
-        After one more token the average is (elapsed + t) / (n + 1) ≤ target ⇔ t ≤ target·(n+1) − elapsed.
-        The slack banked by a request ahead of schedule is capped at `max_borrow`·target (1.0 = a strict
-        per-token budget); a request behind schedule must catch up, but its budget is floored at
-        `catch_up_floor`·target so one late request cannot demand an impossible step.
-        """
-        t = self.tpot_target_s
-        slack = t * (self.tokens_since_first + 1) - self.time_since_first_token_s
-        return min(max(slack, catch_up_floor * t), max_borrow * t)
+
+def step_budget(
+    tpot_target_s: float,
+    tokens_since_first: int,
+    time_since_first_token_s: float,
+    max_borrow: float,
+    catch_up_floor: float,
+) -> float:
+    """Time a request's next decode step may take so its average TPOT stays on target.
+
+    After one more token the average is (elapsed + t) / (n + 1) ≤ target ⇔ t ≤ target·(n+1) − elapsed.
+    The slack banked by a request ahead of schedule is capped at `max_borrow`·target (1.0 = a strict
+    per-token budget); a request behind schedule must catch up, but its budget is floored at
+    `catch_up_floor`·target so one late request cannot demand an impossible step.
+    """
+    t = tpot_target_s
+    slack = t * (tokens_since_first + 1) - time_since_first_token_s
+    return min(max(slack, catch_up_floor * t), max_borrow * t)
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    """The running decode batch as the dispatcher uses it: size, KV tokens, tightest step budget. A policy
+    with many running requests passes this summary instead of one `DecodeRequest` each."""
+
+    batch: int = 0
+    kv_tokens: int = 0
+    step_budget_s: float | None = None  # None when the batch is empty
+
+    @classmethod
+    def of(cls, requests: Sequence[DecodeRequest], max_borrow: float, catch_up_floor: float) -> DecodeLoad:
+        if not requests:
+            return cls()
+        return cls(
+            len(requests),
+            sum(r.context_tokens for r in requests),
+            min(r.step_budget(max_borrow, catch_up_floor) for r in requests),
+        )
 
 
 @dataclass(frozen=True)
@@ -75,8 +112,9 @@ class PrefillRequest:
     arrival_s: float
     ttft_deadline_s: float  # absolute time the first token is due
     kv_blocks: int  # KV blocks its prefill must allocate
+    priority: int = 0  # lower goes first (vLLM's `priority`); EDF within a priority
 
-    @property
+    @cached_property
     def shape(self) -> PrefillShape:
         return PrefillShape(self.new_tokens, self.cached_tokens)
 
@@ -96,6 +134,7 @@ class DispatchState:
     now_s: float
     splits: Sequence[Split]
     decode: Sequence[DecodeRequest] = ()
+    decode_load: DecodeLoad | None = None  # a summary of `decode`, used instead of it when given
     waiting: Sequence[PrefillRequest] = ()
     free_kv_blocks: int = 0
     in_flight: InFlightPrefill | None = None
@@ -239,7 +278,7 @@ class Dispatcher:
     def _edf(self, waiting: Sequence[PrefillRequest], now: float) -> list[PrefillRequest]:
         def key(r: PrefillRequest) -> tuple:
             late = self.config.deprioritize_hopeless and self._hopeless(r, now)
-            return (late, r.ttft_deadline_s, r.arrival_s, r.request_id)
+            return (r.priority, late, r.ttft_deadline_s, r.arrival_s, r.request_id)
 
         return sorted(waiting, key=key)
 
@@ -255,7 +294,9 @@ class Dispatcher:
         cfg = self.config
         blocks_left = free_blocks - cfg.kv_watermark_blocks
         picked: list[PrefillRequest] = []
+        shapes: list[PrefillShape] = []
         tokens = 0
+        protected_deadline = math.inf  # earliest TTFT deadline among picked requests that can still meet it
         for r in ordered:
             if r.kv_blocks > blocks_left:
                 break  # no backfilling past the head: a large prompt must not starve
@@ -263,17 +304,17 @@ class Dispatcher:
                 tokens + r.new_tokens > cfg.max_prefill_tokens or len(picked) >= cfg.max_prefill_batch
             ):
                 break
-            trial = [*picked, r]
-            t = self.model.prefill_time([q.shape for q in trial], sms, contended=contended)
+            shapes.append(r.shape)
+            t = self.model.prefill_time(shapes, sms, contended=contended)
             if max_time is not None and t > max_time:
                 break
-            if picked and cfg.protect_batch_deadlines:
-                protected = [q for q in picked if not (cfg.deprioritize_hopeless and self._hopeless(q, now))]
-                if any(now + t > q.ttft_deadline_s for q in protected):
-                    break
+            if cfg.protect_batch_deadlines and now + t > protected_deadline:
+                break
             picked.append(r)
             blocks_left -= r.kv_blocks
             tokens += r.new_tokens
+            if not (cfg.deprioritize_hopeless and self._hopeless(r, now)):
+                protected_deadline = min(protected_deadline, r.ttft_deadline_s)
         return picked
 
     def _decode_fit(
@@ -293,13 +334,8 @@ class Dispatcher:
             raise ValueError("dispatcher needs at least one split")
         prefill_end, decode_end = self._ends(state.splits)
         now = state.now_s
-        batch = len(state.decode)
-        kv = sum(r.context_tokens for r in state.decode)
-        budget = (
-            min(r.step_budget(cfg.max_slack_borrow, cfg.catch_up_floor) for r in state.decode)
-            if batch
-            else None
-        )
+        load = state.decode_load or DecodeLoad.of(state.decode, cfg.max_slack_borrow, cfg.catch_up_floor)
+        batch, kv, budget = load.batch, load.kv_tokens, load.step_budget_s
         ordered = self._edf(state.waiting, now)
         head_fits = bool(ordered) and ordered[0].kv_blocks <= state.free_kv_blocks - cfg.kv_watermark_blocks
         started = state.in_flight is not None or state.paused is not None

@@ -7,6 +7,7 @@ beside it; `mux_loop.run_iteration` drives jobs and batches the same way for the
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,13 +15,14 @@ from ..engine.scheduler import Batch, Scheduler, SchedulerOutput
 from ..engine.sequence import Sequence
 from ..partition.base import Split
 from .dispatcher import (
-    DecodeRequest,
+    DecodeLoad,
     Dispatcher,
     DispatcherConfig,
     DispatchState,
     InFlightPrefill,
     PrefillAction,
     PrefillRequest,
+    step_budget,
 )
 from .perf_model import PerfModel, PrefillShape
 
@@ -83,6 +85,7 @@ class MultiplexPolicy:
         self.active: PrefillJob | None = None
         self.paused: PrefillJob | None = None
         self.last_decision: dict[str, Any] | None = None
+        self._waiting_memo: dict[int, tuple[int, PrefillRequest]] = {}
 
     def reconfigure(self, engine_config: Any) -> None:
         """Partition settings changed at run time (admin API)."""
@@ -91,44 +94,70 @@ class MultiplexPolicy:
         )
         self.ctx.default_ttft_s = engine_config.slo_ttft_ms / 1e3
         self.ctx.default_tpot_s = engine_config.slo_tpot_ms / 1e3
+        self._waiting_memo.clear()  # deadlines follow the default TTFT
 
     # ---- state for the dispatcher ------------------------------------------------------------------
-    def _decode_request(self, seq: Sequence, now: float) -> DecodeRequest:
-        first = seq.times.first_token
-        return DecodeRequest(
-            request_id=seq.request_id,
-            context_tokens=seq.num_tokens,
-            tpot_target_s=seq.slo.tpot or self.ctx.default_tpot_s,
-            tokens_since_first=max(seq.num_output_tokens - 1, 0),
-            time_since_first_token_s=0.0 if first is None else max(now - first, 0.0),
-        )
+    def _decode_load(self, running: list[Sequence], now: float) -> DecodeLoad:
+        """One pass over the running sequences that decode next (the `DecodeRequest` fields, summed up
+        without building them)."""
+        cfg = self.dispatcher.config
+        borrow, floor, default = cfg.max_slack_borrow, cfg.catch_up_floor, self.ctx.default_tpot_s
+        batch = kv = 0
+        budget = math.inf
+        for seq in running:
+            if seq.in_flight or seq.is_prefilling:
+                continue
+            batch += 1
+            n = len(seq.token_ids)
+            kv += n
+            first = seq.times.first_token
+            b = step_budget(
+                seq.slo.tpot or default,
+                max(n - seq.num_prompt_tokens - 1, 0),
+                0.0 if first is None else max(now - first, 0.0),
+                borrow,
+                floor,
+            )
+            if b < budget:
+                budget = b
+        return DecodeLoad(batch, kv, budget) if batch else DecodeLoad()
 
     def _prefill_request(self, sched: Scheduler, seq: Sequence) -> PrefillRequest:
         bm = sched.bm
+        if not bm.enable_prefix_caching:
+            # Without a prefix cache a waiting request looks the same every decision: build it once.
+            memo = self._waiting_memo.get(seq.seq_id)
+            if memo is not None and memo[0] == seq.num_tokens:
+                return memo[1]
         cached = bm.find_cached_prefix(seq)
         revived = sum(1 for b in cached if bm.blocks[b].ref_count == 0)
-        return PrefillRequest(
+        req = PrefillRequest(
             request_id=seq.request_id,
             new_tokens=seq.num_tokens - len(cached) * bm.block_size,
             cached_tokens=len(cached) * bm.block_size,
             arrival_s=seq.times.arrival,
             ttft_deadline_s=seq.times.arrival + (seq.slo.ttft or self.ctx.default_ttft_s),
             kv_blocks=bm.blocks_needed(seq.num_tokens) - len(cached) + revived,
+            priority=seq.slo.priority,
         )
+        if not bm.enable_prefix_caching:
+            if len(self._waiting_memo) >= 4 * MAX_WAITING_CONSIDERED:
+                self._waiting_memo.clear()  # drops admitted and finished requests' entries too
+            self._waiting_memo[seq.seq_id] = (seq.num_tokens, req)
+        return req
 
     # ---- the policy ----------------------------------------------------------------------------------
     def schedule(self, sched: Scheduler, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
-        decoding = [s for s in sched.running if not s.in_flight and not s.is_prefilling]
         waiting = list(itertools.islice(sched.waiting, MAX_WAITING_CONSIDERED))
         if len(sched.running) >= sched.config.max_num_seqs:
             waiting = []  # no slot to admit into
         state = DispatchState(
             now_s=now,
             splits=self.splits,
-            decode=[self._decode_request(s, now) for s in decoding],
+            decode_load=self._decode_load(sched.running, now),
             waiting=[self._prefill_request(sched, s) for s in waiting],
-            free_kv_blocks=sched.bm.num_free_blocks,
+            free_kv_blocks=sched.bm.num_free_blocks - sched.admission_reserve,
             in_flight=self.active.as_in_flight() if self.active else None,
             paused=self.paused.as_in_flight() if self.paused else None,
         )

@@ -233,7 +233,9 @@ class Cluster:
                 self._sample(t, total)
 
     def _start(self, inst: SimInstance, t: float) -> None:
-        end = inst.start_step(t, self._horizon())
+        # Migration decides at every step boundary on KV usage that grows with each decode step: no spans.
+        horizon = self._horizon() if self.migrator is None else t
+        end = inst.start_step(t, horizon, self._coupled)
         if end is not None:
             self.push(end, STEP, inst)
 
@@ -416,6 +418,7 @@ class Cluster:
         out: dict[str, Any] = {
             "instances": per,
             "steps": sum(i.num_steps for i in self.instances),
+            "fast_forwarded_steps": sum(i.num_fast_forwarded for i in self.instances),
             "preemptions": sum(i.sched.num_preemptions for i in self.instances),
             "prefix_cache_hit_rate": hits / queries if queries else None,
             "kv_usage_spread": self._spread_sum / self._spread_n if self._spread_n else None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from ..engine.config import EngineConfig, PartitionConfig
 from ..engine.policies import SEQUENTIAL_POLICIES
 from ..engine.scheduler import Batch, Policy, Scheduler, SchedulerConfig
 from ..engine.sequence import Sequence, SequenceStatus
+from ..multiplex.mux_loop import MuxIteration, run_iteration
 from ..multiplex.perf_model import PerfModel
 from ..partition.base import Split
 from .executor import OUTPUT_TOKEN, Sampled, SimExecutor, SimMuxExecutor
@@ -84,6 +86,39 @@ def make_policy(config: InstanceConfig, perf: PerfModel, splits: list[Split]) ->
     return make_multiplex_policy(config.policy, config.engine_config(), ctx)
 
 
+def decode_run(
+    after: list[tuple[int, int]],
+    start: float,
+    horizon: float,
+    stop_at_first_finish: bool,
+    decode_time: Callable[..., float],
+    sms: int,
+) -> array:
+    """Latencies of the decode steps that follow one just run, for those starting before `horizon`: every
+    sequence with tokens left takes part in each step. `after`: (tokens left, context of the next step) per
+    sequence. Stops when none is left, or at the first finish when `stop_at_first_finish`."""
+    order = sorted(after)
+    n = len(order)
+    kv = sum(c for _, c in order)
+    gone = 0  # sequences finished so far (a prefix of `order`)
+    durations = array("d")
+    t = start
+    step = 0
+    while t < horizon:
+        while gone < len(order) and order[gone][0] <= step:
+            kv -= order[gone][1] + step
+            n -= 1
+            gone += 1
+        if n == 0 or (stop_at_first_finish and gone):
+            break
+        d = decode_time(n, kv, sms)
+        durations.append(d)
+        t += d
+        kv += n
+        step += 1
+    return durations
+
+
 @dataclass(slots=True)
 class Span:
     """Decode steps fast-forwarded together: the sequences (each gets one token per step) and step latencies."""
@@ -117,17 +152,19 @@ class SimInstance:
         self.sched = Scheduler(sched_cfg, self.bm, self.policy)
         self.multiplexing = bool(getattr(self.policy, "multiplexing", False))
         self.executor: Any = SimMuxExecutor(perf) if self.multiplexing else SimExecutor(perf)
-        self.fast_forward = config.fast_forward and not config.enable_prefix_caching and not self.multiplexing
+        self.fast_forward = config.fast_forward
         self.span: Span | None = None
         self.busy = False
         self.step_end = 0.0
         self.wake_pending = False
+        self._finish_is_event = False
         self._batch: Batch | None = None
         self._sampled: Sampled | None = None
         self._completed: list[Sequence] = []
         # Router load signal: prompt tokens added here whose first token has not come out yet.
         self.pending_prefill_tokens = 0
         self.num_steps = 0
+        self.num_fast_forwarded = 0  # steps applied in spans without asking the policy
         self.num_requests = 0
         self.busy_time = 0.0
         self.splits_used: dict[tuple[int, int], int] = {}
@@ -173,20 +210,29 @@ class SimInstance:
         self.bm.free_seq(seq)
 
     # ---- stepping ----------------------------------------------------------------------------------------
-    def start_step(self, now: float, horizon: float = math.inf) -> float | None:
+    def start_step(
+        self, now: float, horizon: float = math.inf, finish_is_event: bool = False
+    ) -> float | None:
         """Schedule and launch the next step at `now`; its end time, or None when there is nothing to run.
 
         `horizon`: the time of the next event that could change this instance's view (see `Cluster`).
-        Decode-only steps that start before it may be fast-forwarded as one span (see `_try_span`)."""
+        Decode-only steps that start before it may be fast-forwarded as one span (see `_try_span`);
+        `finish_is_event`: a request's finish can create work (sessions, a concurrency cap), so spans stop at
+        the first one."""
         assert not self.busy
         if not self.sched.has_unfinished:
             return None
         self.span = None
-        dt = self._start_mux(now) if self.multiplexing else self._start_sequential(now, horizon)
+        self._finish_is_event = finish_is_event
+        dt = self._start_mux(now, horizon) if self.multiplexing else self._start_sequential(now, horizon)
         if dt is None:
             return None
         self.busy = True
-        self.num_steps += 1
+        if self.span is None:
+            self.num_steps += 1
+        else:
+            self.num_steps += len(self.span.durations)
+            self.num_fast_forwarded += len(self.span.durations) - 1
         self.busy_time += dt
         self.step_end = now + dt
         return self.step_end
@@ -199,72 +245,75 @@ class SimInstance:
         dt, sampled = self.executor.batch(batch)
         self._batch, self._sampled = batch, sampled
         if self.fast_forward and batch.phase == "decode" and now + dt < horizon and not out.preempted:
-            span = self._try_span(batch, now, dt, horizon)
-            if span is not None:
-                self.span = span
-                return float(sum(span.durations))
+            # Step 1 is scheduled, not posted: after it, sequence s has (left - 1) tokens to go.
+            sched = self.sched
+            if batch.num_seqs == len(sched.running) and batch.num_seqs <= self.config.max_num_batched_tokens:
+                after = [(i.seq.max_tokens - i.seq.num_output_tokens - 1, i.start + 2) for i in batch.items]
+                seqs = [i.seq for i in batch.items]
+                span = self._try_span(seqs, after, now, dt, horizon, self.perf.total_sms, posted=False)
+                if span is not None:
+                    self.span = span
+                    return span.ends[-1] - now
         return dt
 
-    def _try_span(self, batch: Batch, now: float, dt: float, horizon: float) -> Span | None:
-        """Fast-forward a run of decode steps. The policy has just scheduled a decode step of every running
-        sequence, with nothing waiting (or nothing admissible: all sequence slots taken). Until the next event
-        that could add work (`horizon`), and while the KV pool holds every sequence's growth, the sequential
-        policies would schedule exactly that step again each time, minus the sequences that reach their length
-        (decode all; no prefill, no preemption). So
-        those steps are applied at once, each step's latency from the performance model for the sequences
-        still running in it. Exact: a test compares every token time with step-by-step simulation. Off with
-        prefix caching, where the order in which blocks are handed out could change later cache hits."""
+    def _try_span(
+        self,
+        seqs: list[Sequence],
+        after: list[tuple[int, int]],
+        now: float,
+        dt: float,
+        horizon: float,
+        decode_sms: int,
+        posted: bool,
+    ) -> Span | None:
+        """Fast-forward a run of decode steps. The policy has just scheduled (sequential policies) or run
+        (multiplexed ones) a decode step of every running sequence, with nothing waiting (or nothing
+        admissible: all sequence slots taken) and no prefill started. Until the next event that could add work
+        (`horizon`), and while the KV pool holds every sequence's growth, the policy would schedule exactly
+        that step again each time, minus the sequences that reach their length (decode all; no prefill, no
+        preemption, the same split). So those steps are applied at once, each step's latency from the
+        performance model for the sequences still running in it. Exact: a test compares every token time
+        with step-by-step simulation, prefix caching included (blocks are popped from the free list's head,
+        so a span takes the same blocks, and frees them in the same order, as the steps it replaces).
+
+        `after`: (tokens still to generate after the first step, context of the second step) per sequence;
+        `posted`: whether the first step's tokens are posted already (else its KV slot is allocated)."""
         sched = self.sched
-        running = sched.running
-        n = len(running)
-        if batch.num_seqs != n or n > self.config.max_num_batched_tokens:
-            return None
         # Requests waiting while every sequence slot is taken cannot be admitted until one finishes: the span
         # then ends at the first finish (the next step may admit).
         blocked = bool(sched.waiting)
-        if blocked and n < self.config.max_num_seqs:
+        if blocked and len(seqs) < self.config.max_num_seqs:
             return None
-        # (tokens left, context in this step) per sequence; a sequence with r left runs in steps 0..r-1.
-        left = sorted((i.seq.max_tokens - i.seq.num_output_tokens, i.start + 1) for i in batch.items)
-        kv = sum(c for _, c in left)
-        durations = array("d", [dt])
-        t = now + dt
-        decode_time, sms = self.perf.decode_time, self.perf.total_sms
-        gone = 0  # sequences finished so far (a prefix of `left`)
-        step = 1
-        while t < horizon:
-            kv += n
-            while gone < len(left) and left[gone][0] <= step:
-                kv -= left[gone][1] + step
-                n -= 1
-                gone += 1
-            if n == 0 or (blocked and gone):
-                break
-            d = decode_time(n, kv, sms)
-            durations.append(d)
-            t += d
-            step += 1
-        k = len(durations)
-        if k < 2:
+        stop = blocked or self._finish_is_event
+        further = decode_run(after, now + dt, horizon, stop, self.perf.decode_time, decode_sms)
+        if not further:
             return None
+        k = len(further)  # steps after the first
         bm = self.bm
         need = 0
-        for seq in running:
-            ks = min(seq.max_tokens - seq.num_output_tokens, k)
-            need += bm.blocks_needed(seq.num_computed_tokens + ks) - len(seq.block_table)
+        first = 0 if posted else 1
+        for seq, (left, _) in zip(seqs, after, strict=True):
+            if left > 0:
+                need += bm.blocks_needed(seq.num_computed_tokens + first + min(left, k)) - len(
+                    seq.block_table
+                )
         if need > bm.num_free_blocks:
             return None
-        return Span(list(running), durations, list(accumulate(durations, initial=now))[1:])
+        durations = array("d", [dt])
+        durations.extend(further)
+        return Span(list(seqs), durations, list(accumulate(durations, initial=now))[1:])
 
-    def _apply_span(self, span: Span) -> list[Sequence]:
-        """Post the span's steps: sequence s gets one token per step until it reaches its length (what the
-        rounds of `on_batch_done` would do); finished ones retire in the order they finished."""
+    def _apply_span(self, span: Span, steps: int) -> list[Sequence]:
+        """Post `steps` decode steps of the span: sequence s gets one token per step until it reaches its
+        length (what the rounds of `on_batch_done` would do); finished ones retire in the order they
+        finished."""
         sched, bm = self.sched, self.bm
-        k = len(span.durations)
         finished: list[tuple[int, int, Sequence]] = []
         for pos, seq in enumerate(span.seqs):
             seq.in_flight = False
-            ks = min(seq.max_tokens - seq.num_output_tokens, k)
+            if seq.is_finished:
+                continue
+            ks = min(seq.max_tokens - seq.num_output_tokens, steps)
             # The policy allocated the first step's slot; cover all ks (the last writes token c+ks-1).
             ok = bm.allocate(seq, ks)
             assert ok, "span KV was checked when it started"
@@ -277,16 +326,41 @@ class SimInstance:
             sched.finish(seq, seq.finish_reason)  # type: ignore[arg-type]
         return span.seqs
 
-    def _start_mux(self, now: float) -> float | None:
-        from ..multiplex.mux_loop import run_iteration
-
+    def _start_mux(self, now: float, horizon: float) -> float | None:
         it = run_iteration(self.sched, self.executor, now)
-        if not it.made_progress and it.result.elapsed_s <= 0:
+        dt = it.result.elapsed_s
+        if not it.made_progress and dt <= 0:
             return None
-        if it.output.split is not None:
-            self.splits_used[it.output.split] = self.splits_used.get(it.output.split, 0) + 1
+        split = it.output.split
         self._completed = [seq for _, seqs in it.completed for seq in seqs]
-        return it.result.elapsed_s
+        steps = 1
+        if self.fast_forward and now + dt < horizon:
+            span = self._try_mux_span(it, now, dt, horizon)
+            if span is not None:
+                self.span = span
+                steps = len(span.durations)
+                dt = span.ends[-1] - now
+        if split is not None:
+            self.splits_used[split] = self.splits_used.get(split, 0) + steps
+        return dt
+
+    def _try_mux_span(self, it: MuxIteration, now: float, dt: float, horizon: float) -> Span | None:
+        """A span after a decode-only iteration with no prefill job active, paused or starting: the
+        dispatcher decides the same again (decode alone, same split) until something can start a prefill."""
+        policy, sched = self.policy, self.sched
+        info = it.output.info
+        if policy.active is not None or policy.paused is not None or info.get("new_prefill_job") is not None:
+            return None
+        if it.output.preempted or len(it.completed) != 1 or it.output.split is None:
+            return None
+        batch, seqs = it.completed[0]
+        if batch.phase != "decode" or len(seqs) != batch.num_seqs:
+            return None
+        # Step 1 is posted: finished sequences have 0 left (and end the span at once if the queue is blocked).
+        after = [(s.max_tokens - s.num_output_tokens, s.num_tokens) for s in seqs]
+        if len(sched.running) != sum(1 for left, _ in after if left > 0):
+            return None
+        return self._try_span(seqs, after, now, dt, horizon, it.output.split[1], posted=True)
 
     def complete_step(self, now: float) -> list[Sequence]:
         """End the running step at `now`: the sequences it advanced (token appended, prompt progressed or
@@ -295,10 +369,12 @@ class SimInstance:
         self.busy = False
         if self.multiplexing:
             done, self._completed = self._completed, []
+            if self.span is not None:  # the first step is posted already
+                return self._apply_span(self.span, len(self.span.durations) - 1)
             return done
         batch, sampled = self._batch, self._sampled
         self._batch = self._sampled = None
         assert batch is not None
         if self.span is not None:
-            return self._apply_span(self.span)
+            return self._apply_span(self.span, len(self.span.durations))
         return self.sched.on_batch_done(batch, sampled)  # type: ignore[arg-type]

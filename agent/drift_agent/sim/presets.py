@@ -142,8 +142,10 @@ class TensorParallelPerfModel(AnalyticPerfModel):
         )
 
     def _prefill_base(self, shapes: list[PrefillShape], sms: int) -> float:
-        tokens = sum(s.new_tokens for s in shapes)
-        return super()._prefill_base(shapes, sms) + tokens * self._comm_per_token
+        base = super()._prefill_base(shapes, sms)
+        if not self._comm_per_token:
+            return base
+        return base + sum(s.new_tokens for s in shapes) * self._comm_per_token
 
     def _decode_base(self, batch_size: int, kv_tokens: int, sms: int) -> float:
         return super()._decode_base(batch_size, kv_tokens, sms) + batch_size * self._comm_per_token
