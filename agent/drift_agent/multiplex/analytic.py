@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .devices import DeviceSpec
@@ -68,19 +69,19 @@ class ModelShape:
             dtype_bytes=_DTYPE_BYTES.get(dtype, 2),
         )
 
-    @property
+    @cached_property
     def layer_params(self) -> int:
         q = self.hidden_size * self.num_heads * self.head_dim
         kv = 2 * self.hidden_size * self.num_kv_heads * self.head_dim
         o = self.num_heads * self.head_dim * self.hidden_size
         return q + kv + o + self.mlp_matrices * self.hidden_size * self.intermediate_size
 
-    @property
+    @cached_property
     def weight_bytes(self) -> int:
         """Bytes streamed per forward: every layer plus the LM head (the embedding is a gather)."""
         return (self.num_layers * self.layer_params + self.vocab_size * self.hidden_size) * self.dtype_bytes
 
-    @property
+    @cached_property
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
@@ -117,12 +118,22 @@ class AnalyticPerfModel(PerfModel):
         self.bw_eff = bw_eff
         self.bw_saturation = bw_saturation
         self.overhead_s = overhead_per_layer_s * shape.num_layers
+        self._rates: dict[int, tuple[float, float]] = {}  # SMs -> (FLOP/s, bytes/s) reachable
+        # Per-token constants of a decode step (the simulator costs millions of them).
+        m = shape
+        self._flops_per_seq = 2.0 * m.num_layers * m.layer_params + 2.0 * m.hidden_size * m.vocab_size
+        self._flops_per_kv = 4.0 * m.num_layers * m.num_heads * m.head_dim
+        self._act_bytes_per_seq = m.num_layers * (4 * m.hidden_size + 2 * m.intermediate_size) * m.dtype_bytes
 
     def _roofline(self, flops: float, nbytes: float, sms: int) -> float:
-        frac = sms / self.total_sms
-        compute = flops / (self.device.peak_flops * frac * self.compute_eff)
-        memory = nbytes / (self.device.mem_bw * bandwidth_share(frac, self.bw_saturation) * self.bw_eff)
-        return max(compute, memory) + self.overhead_s
+        rates = self._rates.get(sms)
+        if rates is None:
+            frac = sms / self.total_sms
+            rates = self._rates[sms] = (
+                self.device.peak_flops * frac * self.compute_eff,
+                self.device.mem_bw * bandwidth_share(frac, self.bw_saturation) * self.bw_eff,
+            )
+        return max(flops / rates[0], nbytes / rates[1]) + self.overhead_s
 
     def prefill_flops_bytes(self, shapes: list[PrefillShape]) -> tuple[float, float]:
         m = self.shape
@@ -144,13 +155,8 @@ class AnalyticPerfModel(PerfModel):
 
     def decode_flops_bytes(self, batch_size: int, kv_tokens: int) -> tuple[float, float]:
         m = self.shape
-        flops = (
-            2.0 * batch_size * m.num_layers * m.layer_params
-            + 4.0 * m.num_layers * m.num_heads * m.head_dim * kv_tokens
-            + 2.0 * batch_size * m.hidden_size * m.vocab_size
-        )
-        act = m.num_layers * batch_size * (4 * m.hidden_size + 2 * m.intermediate_size) * m.dtype_bytes
-        nbytes = m.weight_bytes + m.kv_bytes_per_token * kv_tokens + act
+        flops = batch_size * self._flops_per_seq + self._flops_per_kv * kv_tokens
+        nbytes = m.weight_bytes + m.kv_bytes_per_token * kv_tokens + batch_size * self._act_bytes_per_seq
         return flops, float(nbytes)
 
     def _prefill_base(self, shapes: list[PrefillShape], sms: int) -> float:
