@@ -7,6 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
 from drift_agent.engine.sampler import (
     Sampler,
     SampleRequest,
@@ -15,9 +19,6 @@ from drift_agent.engine.sampler import (
     apply_top_k_top_p,
 )
 from drift_agent.engine.sampling_params import SamplingParams
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from scipy import stats
 
 V = 64
 

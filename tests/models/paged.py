@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import torch
+
 from drift_agent.models.attention_metadata import AttentionMetadata
 
 

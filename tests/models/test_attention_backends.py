@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+
 from drift_agent.models.attention import (
     SdpaBackend,
     create_backend,
@@ -72,6 +73,10 @@ CASES = {
     "prefill-fresh": ([7, 12], [7, 12]),
     "prefill-after-prefix": ([5], [17]),
     "mixed": ([1, 9, 1, 4, 1], [10, 9, 3, 15, 21]),
+    # Decode lengths far apart (1-18 blocks): split into length groups, out of row order...
+    "decode-groups-scattered": ([1, 1, 1, 1], [3, 70, 2, 5]),
+    # ...and in row order (longest first after a prefill chunk), where each group is a slice of rows.
+    "decode-groups-sorted": ([6, 1, 1, 1], [6, 70, 5, 3]),
 }
 
 
@@ -104,6 +109,16 @@ def test_paged_attention_matches_dense_reference(case: str, window: int | None, 
     plan = backend.plan(attn, {None, 3, 6})
     out = backend.attend(q, new_k, new_v, k_cache, v_cache, plan, window)
     torch.testing.assert_close(out, _reference(q, keys, values, qlens, window), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["decode-groups-scattered", "decode-groups-sorted"])
+def test_far_apart_decode_lengths_are_grouped(case: str) -> None:
+    qlens, slens = CASES[case]
+    plan = SdpaBackend(H, KVH, D, D**-0.5, torch.float32).plan(_metadata(qlens, slens, seed=3), {None})
+    sizes = sorted(g.num_seqs for g in plan.decode_groups)
+    assert sizes == [1, 2] if case == "decode-groups-sorted" else [1, 3]
+    if case == "decode-groups-sorted":
+        assert all(isinstance(g.rows, slice) for g in plan.decode_groups)
 
 
 def test_write_kv_scatters_to_slots() -> None:

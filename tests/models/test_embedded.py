@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+
 from drift_agent.engine.errors import ModelLoadError
 from drift_agent.models import embedded
 from drift_agent.models.loader import load_model, load_tokenizer
-
 from tests.models.paged import greedy_generate
 
 

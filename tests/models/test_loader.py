@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from drift_agent.engine.errors import ModelLoadError
 from drift_agent.models.llama import build_model
 from drift_agent.models.loader import load_config, load_model, load_tokenizer
-from safetensors.torch import load_file, save_file
-
 from tests.tiny_models import EOS_TOKEN, tiny_model_dir
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from drift_agent.models.loader import load_model
 from transformers import AutoModelForCausalLM
 
+from drift_agent.models.loader import load_model
 from tests.models.paged import PagedDriver
 from tests.tiny_models import ARCHS, tiny_model_dir
 

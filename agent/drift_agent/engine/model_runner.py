@@ -65,27 +65,37 @@ class ModelRunner:
 
     # ---- inputs ---------------------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat inputs of a batch. Returns (input_ids, positions, metadata, logits rows), the logits rows in the
+        order of the batch's sampling items.
+
+        Tokens are laid out multi-token chunks first, then single-token (decode) items by context length,
+        longest first: the attention backend pads decodes of similar length together, and with this order
+        each such group is a run of consecutive rows it can slice instead of gathering and scattering.
+        """
         bs = self.block_size
+        items = batch.items
+        order = sorted(range(len(items)), key=lambda k: (items[k].num_new_tokens == 1, -items[k].end))
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         q_lens: list[int] = []
         seq_lens: list[int] = []
-        logits_rows: list[int] = []
-        max_blocks = max(len(i.seq.block_table) for i in batch.items)
-        tables = torch.zeros((len(batch.items), max_blocks), dtype=torch.int32)
-        for row, item in enumerate(batch.items):
+        tables: list[list[int]] = []
+        last_row: dict[int, int] = {}
+        for k in order:
+            item = items[k]
             seq, start, end = item.seq, item.start, item.end
             table = seq.block_table
             ids += seq.token_ids[start:end]
-            pos = range(start, end)
-            positions += pos
-            slots += [table[p // bs] * bs + p % bs for p in pos]
+            positions += range(start, end)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             q_lens.append(end - start)
             seq_lens.append(end)
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-            if item.samples:
-                logits_rows.append(len(ids) - 1)
+            tables.append(table)
+            last_row[k] = len(ids) - 1
+        logits_rows = [last_row[k] for k, item in enumerate(items) if item.samples]
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) if len(t) < width else t for t in tables]
         dev = self.device
         qsl = [0]
         for q in q_lens:
@@ -94,7 +104,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=tables.to(dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
             query_lens_cpu=q_lens,
             seq_lens_cpu=seq_lens,
             block_size=bs,

@@ -1,9 +1,15 @@
 """Llama-family decoder (Llama 2/3, Qwen2/2.5, Qwen3, Mistral) over the paged KV pool.
 
-Module and parameter names equal Hugging Face's, so checkpoints load by name. Tokens of all sequences are
-flattened to [N, hidden]; attention reads each sequence's context through AttentionMetadata. Everything that
-depends only on the step (rotary cos/sin, attention gather indices and masks) lives in a ForwardPlan built once
-per forward and passed down explicitly: no global state, so two threads can run two batches at once.
+Module names follow Hugging Face's, except that q/k/v and gate/up projections are fused (`qkv_proj`,
+`gate_up_proj`) and every projection stores its weight transposed, [in, out]: one GEMM instead of three or two,
+and single-threaded MKL runs small-M GEMMs (decode batches) 1.3-1.5x faster on a contiguous [K, N] operand
+than on the transposed [N, K] one nn.Linear hands it. `checkpoint_targets()` maps each Hugging Face weight
+name onto its slice of the fused parameters, so checkpoints still load by name.
+
+Tokens of all sequences are flattened to [N, hidden]; attention reads each sequence's context through
+AttentionMetadata. Everything that depends only on the step (rotary cos/sin, attention gather indices and masks)
+lives in a ForwardPlan built once per forward and passed down explicitly: no global state, so two threads can
+run two batches at once.
 """
 
 from __future__ import annotations
@@ -18,6 +24,12 @@ from torch import nn
 from drift_agent.engine.errors import ModelLoadError
 from drift_agent.models.attention import AttentionBackend, Window, create_backend, write_kv
 from drift_agent.models.attention_metadata import AttentionMetadata
+from drift_agent.models.onednn_linear import (
+    ONEDNN_MAX_BYTES,
+    OneDnnWeight,
+    onednn_linear_available,
+    use_onednn,
+)
 from drift_agent.models.rotary import RotaryEmbedding, apply_rotary
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
@@ -30,6 +42,15 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
 # (hidden states, residual stream); residual is None before the first layer (vLLM's convention, which lets
 # a later fused add+norm kernel drop in without changing the layer interface).
 HiddenPair = tuple[torch.Tensor, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class CheckpointTarget:
+    """Where one checkpoint tensor goes: `dest` is a view into a parameter; checkpoints store `shape`."""
+
+    dest: torch.Tensor
+    shape: tuple[int, ...]
+    transposed: bool  # dest holds the tensor transposed ([in, out] of an [out, in] checkpoint weight)
 
 
 @dataclass
@@ -57,6 +78,9 @@ def layer_windows(config: Any) -> list[Window]:
     return [int(window)] * config.num_hidden_layers
 
 
+_CPU_RMS_UNFUSED_NUMEL = 1 << 16
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -66,9 +90,51 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
+            if x.device.type == "cpu" and x.numel() >= _CPU_RMS_UNFUSED_NUMEL:
+                # On CPU F.rms_norm is a composite whose reduction is ~3x slower than this at prefill sizes
+                # (5.8 vs 1.8 ms on [2048, 576]); same operations as HF's, so bit-identical.
+                scale = x.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+                return (x * scale).mul_(self.weight)
             return F.rms_norm(x, self.shape, self.weight, self.eps)
         # Half precision: normalise in fp32 and scale after casting back, as HF does.
         return self.weight * F.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
+
+
+class FusedLinear(nn.Module):
+    """One or more Hugging Face linears side by side: `weight_t` [in, sum(out)], optional bias [sum(out)].
+
+    `parts` names each original projection and its output width, in column order.
+    """
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.parts = dict(parts)
+        self.out_features = sum(parts.values())
+        self.weight_t = nn.Parameter(torch.empty(in_features, self.out_features))
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+        self.onednn: OneDnnWeight | None = None  # set by LlamaForCausalLM.enable_onednn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_onednn(self.onednn, x):
+            return self.onednn.linear(x, self.bias)
+        if self.bias is None:
+            return torch.mm(x, self.weight_t)
+        return torch.addmm(self.bias, x, self.weight_t)
+
+    def checkpoint_targets(self, prefix: str) -> dict[str, CheckpointTarget]:
+        """`{prefix}{part}.weight` (and `.bias`) of each fused projection -> its columns here."""
+        targets: dict[str, CheckpointTarget] = {}
+        col = 0
+        for name, width in self.parts.items():
+            cols = slice(col, col + width)
+            targets[f"{prefix}{name}.weight"] = CheckpointTarget(
+                self.weight_t[:, cols], (width, self.in_features), True
+            )
+            if self.bias is not None:
+                targets[f"{prefix}{name}.bias"] = CheckpointTarget(self.bias[cols], (width,), False)
+            col += width
+        return targets
 
 
 class LlamaAttention(nn.Module):
@@ -86,10 +152,9 @@ class LlamaAttention(nn.Module):
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
         )
-        self.q_proj = nn.Linear(hidden, q_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=o_bias)
+        self.q_dim, self.kv_dim = q_dim, kv_dim
+        self.qkv_proj = FusedLinear(hidden, {"q_proj": q_dim, "k_proj": kv_dim, "v_proj": kv_dim}, qkv_bias)
+        self.o_proj = FusedLinear(q_dim, {"o_proj": hidden}, o_bias)
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -108,13 +173,22 @@ class LlamaAttention(nn.Module):
         if self.k_cache is None:
             raise RuntimeError("KV cache is not bound; call model.bind_kv_cache() before forward")
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        qk_dim = self.q_dim + self.kv_dim
+        # Column views of the fused output: no copies until rotary writes its result.
+        v = qkv[:, qk_dim:].view(n, kv_heads, hd)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rotary(q, plan.cos, plan.sin, rotary_dim)
-        k = apply_rotary(k, plan.cos, plan.sin, rotary_dim)
+            q = apply_rotary(
+                self.q_norm(qkv[:, : self.q_dim].view(n, heads, hd)), plan.cos, plan.sin, rotary_dim
+            )
+            k = apply_rotary(
+                self.k_norm(qkv[:, self.q_dim : qk_dim].view(n, kv_heads, hd)), plan.cos, plan.sin, rotary_dim
+            )
+        else:
+            # q and k heads share positions: rotate them in one pass.
+            qk = apply_rotary(qkv[:, :qk_dim].view(n, heads + kv_heads, hd), plan.cos, plan.sin, rotary_dim)
+            q, k = qk[:, :heads], qk[:, heads:]
         write_kv(k, v, self.k_flat, self.v_flat, plan.attn.slot_mapping)
         o = self.backend.attend(q, k, v, self.k_cache, self.v_cache, plan.backend_plan, self.window)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
@@ -124,19 +198,25 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.intermediate_size = inter
+        self.gate_up_proj = FusedLinear(hidden, {"gate_proj": inter, "up_proj": inter}, bias)
+        self.down_proj = FusedLinear(inter, {"down_proj": hidden}, bias)
         act = config.hidden_act
-        if act in ("silu", "swish"):
-            self.act = F.silu
-        else:
+        self.silu = act in ("silu", "swish")
+        if not self.silu:
             from transformers.activations import ACT2FN
 
             self.act = ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
+        if self.silu:
+            # In place on the fused buffer: no [N, intermediate] temporaries (a fresh one per layer costs
+            # page faults at prefill sizes). down_proj reads the strided view directly.
+            return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -183,6 +263,7 @@ class LlamaForCausalLM(nn.Module):
         self.hidden_size = config.hidden_size
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.windows: list[Window] = layer_windows(config)
+        self.head_onednn: OneDnnWeight | None = None
 
     @property
     def attention_backend(self) -> str:
@@ -191,6 +272,41 @@ class LlamaForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+            if self.head_onednn is not None:
+                self.head_onednn = OneDnnWeight(self.lm_head.weight, transposed=False)
+
+    def enable_onednn(self) -> bool:
+        """Keep oneDNN-reordered copies of every projection and of the LM head for decode-sized batches
+        (see onednn_linear). Only on CPU in float32, and only while the copies fit ONEDNN_MAX_BYTES."""
+        linears = [m for m in self.modules() if isinstance(m, FusedLinear)]
+        head = self.lm_head.weight
+        extra = (
+            sum(m.weight_t.numel() for m in linears) * head.element_size()
+            + head.numel() * head.element_size()
+        )
+        if head.device.type != "cpu" or head.dtype != torch.float32 or extra > ONEDNN_MAX_BYTES:
+            return False
+        if not onednn_linear_available():
+            return False
+        for m in linears:
+            m.onednn = OneDnnWeight(m.weight_t, transposed=True)
+        self.head_onednn = OneDnnWeight(head, transposed=False)
+        return True
+
+    def checkpoint_targets(self) -> dict[str, CheckpointTarget]:
+        """Every Hugging Face checkpoint name this model loads -> where its tensor goes (a tied lm_head is
+        not listed: it is embed_tokens)."""
+        targets: dict[str, CheckpointTarget] = {}
+        fused: set[str] = set()
+        for name, module in self.named_modules():
+            if isinstance(module, FusedLinear):
+                parent = name.rpartition(".")[0]
+                targets.update(module.checkpoint_targets(f"{parent}." if parent else ""))
+                fused.update(f"{name}.{p}" for p, _ in module.named_parameters())
+        for name, param in self.named_parameters():  # tied lm_head shares embed_tokens' entry: not listed
+            if name not in fused:
+                targets[name] = CheckpointTarget(param, tuple(param.shape), False)
+        return targets
 
     def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Attach per-layer (k_cache, v_cache) pools, each [num_blocks, block_size, num_kv_heads, head_dim]."""
@@ -247,6 +363,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab] float32 logits (only the rows the sampler needs)."""
+        if use_onednn(self.head_onednn, hidden_rows):
+            return self.head_onednn.linear(hidden_rows, None).float()
         return self.lm_head(hidden_rows).float()
 
 
@@ -311,4 +429,6 @@ def build_model(
                 else:
                     p.normal_(0.0, std)
     model.tie_weights()
+    if init_weights:
+        model.enable_onednn()
     return model.eval()

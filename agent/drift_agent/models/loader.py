@@ -57,13 +57,14 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
-    """Copy every tensor of the directory's safetensors shards into the parameter of the same name."""
+    """Copy every tensor of the directory's safetensors shards to where the model keeps it (by HF name; fused
+    projections take their slice, transposed)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(model_dir)
-    params = dict(model.named_parameters())  # tied lm_head shares embed_tokens' entry, so it is not listed
+    targets = model.checkpoint_targets()
     tied_head = model.tie_word_embeddings
-    device = next(iter(params.values())).device
+    device = next(iter(targets.values())).dest.device
     loaded: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
@@ -73,21 +74,22 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
                     for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                         if name.endswith(_IGNORED_SUFFIXES) or (tied_head and name == "lm_head.weight"):
                             continue
-                        param = params.get(name)
-                        if param is None:
+                        target = targets.get(name)
+                        if target is None:
                             unexpected.append(name)
                             continue
                         tensor = f.get_tensor(name)
-                        if tuple(tensor.shape) != tuple(param.shape):
+                        if tuple(tensor.shape) != target.shape:
                             raise ModelLoadError(
                                 f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
-                                f"the config implies {tuple(param.shape)}"
+                                f"the config implies {target.shape}"
                             )
-                        param.copy_(tensor.to(device=device, dtype=param.dtype))
+                        tensor = tensor.t() if target.transposed else tensor
+                        target.dest.copy_(tensor.to(device=device, dtype=target.dest.dtype))
                         loaded.add(name)
             except SafetensorError as exc:
                 raise ModelLoadError(f"{file}: unreadable safetensors file ({exc})") from exc
-    missing = sorted(set(params) - loaded)
+    missing = sorted(set(targets) - loaded)
     if missing or unexpected:
         parts = []
         if missing:
@@ -113,6 +115,7 @@ def load_model(
     model = build_model(config, dtype, device, attention_backend=attention_backend)
     load_weights(model, model_dir)
     model.tie_weights()
+    model.enable_onednn()
     return model, config
 
 
