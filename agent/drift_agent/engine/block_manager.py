@@ -107,24 +107,23 @@ class BlockManager:
         next `num_new_tokens` tokens have slots. All or nothing: returns False and changes nothing when the
         pool cannot hold them with `reserve` blocks left free. The caller advances
         `seq.num_computed_tokens` past the cached prefix."""
-        if not cached:  # the per-step path: often the last block still has room
-            need = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
-            if need <= 0:
-                return True
-            if need > len(self.free) - reserve:
+        if cached:
+            if not self.can_allocate(seq, num_new_tokens, cached, reserve):
                 return False
-        elif not self.can_allocate(seq, num_new_tokens, cached, reserve):
-            return False
-        for bid in cached:
-            block = self.blocks[bid]
-            if block.ref_count == 0:
-                del self.free[bid]
-            block.ref_count += 1
-            seq.block_table.append(bid)
-        if cached:  # the reused prefix is published already; fresh blocks are published once full
+            for bid in cached:
+                block = self.blocks[bid]
+                if block.ref_count == 0:
+                    del self.free[bid]
+                block.ref_count += 1
+                seq.block_table.append(bid)
+            # The reused prefix is published already; fresh blocks are published once full.
             seq.num_registered_blocks = len(seq.block_table)
         computed = seq.num_computed_tokens + len(cached) * self.block_size
         need = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table)
+        if need <= 0:  # the per-step case: the last block still has room
+            return True
+        if not cached and need > len(self.free) - reserve:  # (with `cached`, can_allocate checked it)
+            return False
         for _ in range(need):
             bid, _ = self.free.popitem(last=False)
             block = self.blocks[bid]
