@@ -197,18 +197,20 @@ def test_never_overcommits_kv(blocks, tokens, deadlines, free, watermark, batch)
         assert d.tpot_ok
 
 
-def test_layer_blocks_are_about_one_decode_step() -> None:
+@pytest.mark.parametrize("steps", [1.0, 4.0])
+def test_layer_blocks_are_about_block_decode_steps(steps: float) -> None:
     model = SynthModel()
-    d = Dispatcher(model).decide(state(decode=decodes(16), waiting=[req("a", 300, 10.0)]))
+    cfg = DispatcherConfig(block_decode_steps=steps)
+    d = Dispatcher(model, cfg).decide(state(decode=decodes(16), waiting=[req("a", 1200, 10.0)]))
     assert d.mode == "multiplex" and d.prefill_action is PrefillAction.LAUNCH
     assert 1 <= d.prefill_layers < model.num_layers
-    assert d.predicted_prefill_block_s <= d.predicted_decode_step_s
+    assert d.predicted_prefill_block_s <= steps * d.predicted_decode_step_s
     one_more = model.prefill_layers_time(
-        PrefillShape(300), d.split.prefill_sms, 0, d.prefill_layers + 1, contended=True
+        PrefillShape(1200), d.split.prefill_sms, 0, d.prefill_layers + 1, contended=True
     )
-    assert one_more > d.predicted_decode_step_s
-    two = Dispatcher(model, DispatcherConfig(block_decode_steps=2.0)).decide(
-        state(decode=decodes(16), waiting=[req("a", 300, 10.0)])
+    assert one_more > steps * d.predicted_decode_step_s
+    two = Dispatcher(model, DispatcherConfig(block_decode_steps=2 * steps)).decide(
+        state(decode=decodes(16), waiting=[req("a", 1200, 10.0)])
     )
     assert two.prefill_layers >= d.prefill_layers
 

@@ -67,8 +67,8 @@ def test_multiplexed_with_preemption_and_arrivals_mid_run(reference):
 
 
 def test_prefill_is_launched_in_layer_blocks_beside_decodes(tmp_path):
-    """With decodes running and a tight TPOT target, prefill advances a few layers per iteration and the
-    decision trace shows it, with predicted and actual latencies."""
+    """With decodes running and a tight TPOT target, prefill advances a few layers per block beside the decode
+    steps, and the trace shows the decisions and each lane's predicted and actual latencies."""
     trace = tmp_path / "trace.jsonl"
     eng = engine("drift", trace_path=str(trace), slo_tpot_ms=0.05, slo_ttft_ms=60_000)
     rng = random.Random(3)
@@ -85,10 +85,15 @@ def test_prefill_is_launched_in_layer_blocks_beside_decodes(tmp_path):
         eng.step()
     eng.trace.close()
     rows = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert all("actual_s" in r and "split" in r for r in rows)
-    blocks = [r["prefill_layers"] for r in rows if r["prefill_layers"] and r["run_decode"]]
+    decisions = [r for r in rows if "lane" not in r]
+    lanes = [r for r in rows if "lane" in r]
+    assert decisions and all("split" in r and "mode" in r for r in decisions)
+    blocks = [r["prefill_layers"] for r in decisions if r["prefill_layers"] and r["run_decode"]]
     assert blocks and min(blocks) < eng.runner.model.num_layers  # partial launches happened beside decodes
-    assert any(r["predicted_decode_step_s"] is not None for r in rows)
+    assert any(r["predicted_decode_step_s"] is not None for r in decisions)
+    # Every completed launch on either lane is traced with its predicted and measured latency.
+    assert {r["lane"] for r in lanes} == {"decode", "prefill"}
+    assert all(r["actual_s"] > 0 and r["predicted_s"] > 0 for r in lanes)
 
 
 def test_policy_switch_at_run_time_keeps_every_request(reference):

@@ -109,7 +109,10 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._decisions: dict[str, int] = {}
         self._split: tuple[int, int] | None = None
-        self._last_step: tuple[float | None, float | None] = (None, None)
+        self._last_step: tuple[float | None, float | None] = (None, None)  # last lane: predicted, actual
+        self._lanes: Any = None  # multiplex.mux_loop.MuxLanes, built on the first multiplexed step
+        self._predicted: dict[str, float] = {}  # predicted latency of the work in flight on each lane
+        self._pending_outputs: list[RequestOutput] = []  # posted while draining the lanes for a switch
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info(
@@ -309,11 +312,14 @@ class LLMEngine:
         self.runner.release(req.seq.seq_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._pending_outputs)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         now = time.monotonic()
+        if self._pending_outputs:
+            outputs, self._pending_outputs = self._pending_outputs, []
+            return outputs
         if self.is_multiplexing:
             return self._step_multiplexed(now)
         sched_out = self.scheduler.schedule(now)
@@ -356,35 +362,84 @@ class LLMEngine:
         return outputs
 
     def _step_multiplexed(self, now: float) -> list[RequestOutput]:
-        from ..multiplex.mux_loop import run_iteration
+        """Launch on the free lanes, wait for the first lane to finish, post it (`multiplex.mux_loop`). The
+        other lane may still be running when this returns; the next step picks it up."""
+        from ..multiplex.mux_loop import MuxLanes
+        from ..multiplex.perf_model import PrefillShape
 
         self._mux_context()
-        it = run_iteration(self.scheduler, self._mux[1], now)
-        decision = it.output.info.get("decision")
-        if decision is not None:
-            self._decisions[decision.mode] = self._decisions.get(decision.mode, 0) + 1
-            self._split = it.output.split
-            predicted = decision.predicted_decode_step_s or decision.predicted_prefill_block_s
-            self._last_step = (predicted, it.result.elapsed_s)
-        if self.trace.enabled and decision is not None:
-            self.trace.record(
-                t=now,
-                policy=self.scheduler.policy.name,
-                **decision.to_dict(),
-                decode_seqs=sum(b.num_seqs for b in it.output.batches),
-                actual_s=it.result.elapsed_s,
+        executor = self._mux[1]
+        if self._lanes is None:
+            self._lanes = MuxLanes(self.scheduler)
+        lanes = self._lanes
+        launch = lanes.launch(now)
+        perf = self._mux[0].perf_model
+        if launch.new_job is not None:
+            executor.start_prefill(launch.new_job)
+        if launch.prefill is not None and launch.prefill_layers > 0:
+            job, layers = launch.prefill, launch.prefill_layers
+            executor.launch_prefill(launch.split, job, layers)
+            shapes = [PrefillShape(i.num_new_tokens, i.start) for i in job.batch.items]
+            self._predicted["prefill"] = perf.prefill_layers_time(
+                shapes, launch.split.prefill_sms, job.layers_done, layers, contended=lanes.decode is not None
             )
-        if not it.made_progress:
+        if launch.decode is not None:
+            batch = launch.decode
+            executor.launch_decode(launch.split, batch)
+            kv = sum(i.start + 1 for i in batch.items)
+            self._predicted["decode"] = perf.decode_time(
+                batch.num_seqs, kv, launch.split.decode_sms, contended=lanes.prefill is not None
+            )
+        decision = launch.decision
+        deferred = launch.output is not None and launch.output.info.get("deferred")
+        if decision is not None and not deferred:
+            self._decisions[decision.mode] = self._decisions.get(decision.mode, 0) + 1
+            self._split = launch.output.split
+            if self.trace.enabled:
+                self.trace.record(
+                    t=now,
+                    policy=self.scheduler.policy.name,
+                    **decision.to_dict(),
+                    decode_seqs=launch.decode.num_seqs if launch.decode is not None else 0,
+                )
+        if not lanes.busy:
             if self.scheduler.has_unfinished and not self.scheduler.running:
                 raise RuntimeError(f"multiplexed scheduler made no progress: {decision and decision.reason}")
             return []
+        return self._post_lanes(executor.wait())
+
+    def _post_lanes(self, finished: list[str]) -> list[RequestOutput]:
+        """Post the finished lanes' results to the scheduler; the requests' outputs."""
+        executor, lanes = self._mux[1], self._lanes
         outputs: list[RequestOutput] = []
-        done_at = time.monotonic()
-        for batch, seqs in it.completed:
-            if batch.phase == "prefill":
-                self.prompt_tokens_total += batch.num_tokens
-            outputs += self._outputs(seqs, it.result.logprobs, done_at)
+        for lane in finished:
+            result = executor.collect(lane)  # type: ignore[arg-type]
+            done_at = time.monotonic()
+            if lane == "decode":
+                _, seqs = lanes.decode_done(result.tokens)
+            else:
+                job, seqs = lanes.prefill_done(result.tokens)
+                if job.done:
+                    executor.finish_prefill(job)
+                    self.prompt_tokens_total += job.batch.num_tokens
+            predicted = self._predicted.pop(lane, None)
+            self._last_step = (predicted, result.elapsed_s)
+            if self.trace.enabled:
+                self.trace.record(
+                    t=done_at,
+                    policy=self.scheduler.policy.name,
+                    lane=lane,
+                    predicted_s=predicted,
+                    actual_s=result.elapsed_s,
+                )
+            outputs += self._outputs(seqs, result.logprobs, done_at)
         return outputs
+
+    def _drain_lanes(self) -> None:
+        """Wait for both lanes and post them (before a policy switch); their outputs go out with the next
+        step."""
+        while self._lanes is not None and self._lanes.busy:
+            self._pending_outputs += self._post_lanes(self._mux[1].wait())
 
     def _advance(self, req: _Request, now: float) -> RequestOutput | None:
         seq = req.seq
@@ -455,7 +510,9 @@ class LLMEngine:
             make_policy(new.policy, new, self._mux_context) if new.policy != self.config.policy else None
         )
         if new_policy is not None and self.is_multiplexing:
+            self._drain_lanes()
             self._requeue_prefill_jobs()
+            self._lanes = None
         self.config = new
         if new_policy is not None:
             self.scheduler.policy = new_policy

@@ -152,7 +152,11 @@ class Scheduler:
         return len(self.running)
 
     def schedule(self, now: float) -> SchedulerOutput:
-        out = self.policy.schedule(self, now)
+        return self.stamp_scheduled(self.policy.schedule(self, now), now)
+
+    @staticmethod
+    def stamp_scheduled(out: SchedulerOutput, now: float) -> SchedulerOutput:
+        """Record when each sequence in `out` was first scheduled."""
         for batch in out.batches:
             for item in batch.items:
                 if item.seq.times.first_scheduled is None:

@@ -1,8 +1,9 @@
 """SLO-aware dispatcher: which SM split, which prefills, and how many prefill layers to launch now.
 
-Pure decision logic: no tensors, no I/O, no clock (the current time is `DispatchState.now_s`). The executor
-calls `Dispatcher.decide` after every decode step and after every prefill layer block, executes the decision,
-and logs the predicted latencies next to the measured ones.
+Pure decision logic: no tensors, no I/O, no clock (the current time is `DispatchState.now_s`). The engine's
+lanes (`mux_loop.MuxLanes`) call `Dispatcher.decide` whenever the prefill lane is free (after every prefill layer
+block, and after every decode step while no prefill runs), execute the decision, and log the predicted latencies
+next to the measured ones.
 
 Rules (mode `slo`):
 
@@ -14,8 +15,9 @@ Rules (mode `slo`):
    their TTFT even alone on the whole GPU go last within their priority), within free KV blocks (minus a watermark), a token budget and a batch cap. The head of the
    queue is never skipped for a later, smaller request (so large prompts cannot starve); a request that would
    make an already-picked request miss its TTFT is not added.
-4. A prefill is launched a block of layers at a time, sized so one block takes about one decode step; the
-   dispatcher re-decides after each block. With no decode running, all remaining layers go at once.
+4. A prefill is launched a block of layers at a time, sized so one block takes about `block_decode_steps`
+   decode steps; the dispatcher re-decides after each block (decode steps run back to back beside it, see
+   `mux_loop`). With no decode running, all remaining layers go at once.
 5. A waiting prefill may *overtake* the in-flight one only if it is shorter than the in-flight one's remaining
    time, has an earlier deadline, would miss its TTFT by waiting but meets it by overtaking, and the in-flight
    one still meets its own TTFT afterwards. Never recursively: nothing overtakes while a prefill is paused.
@@ -201,7 +203,10 @@ class DispatcherConfig:
     )
     max_prefill_batch: int = 64
     kv_watermark_blocks: int = 0  # KV blocks kept free for decode growth
-    block_decode_steps: float = 1.0  # a prefill layer block ≈ this many predicted decode steps
+    # A prefill layer block ≈ this many predicted decode steps. The lanes run decode steps back to back under
+    # a block, so a block only sets how often the dispatcher re-decides (split, overtakes); 4 gave the best
+    # goodput in simulation (paper regime 12.1 -> 13.1 req/s, ShareGPT-like 43 -> 46 against 1 step).
+    block_decode_steps: float = 4.0
     prefill_only_block_s: float | None = None  # block length with no decode running; None = all layers
     tpot_margin: float = 0.0  # require predicted·(1 + margin) ≤ budget
     max_slack_borrow: float = 1.0
@@ -252,6 +257,10 @@ class Dispatcher:
     @property
     def prefill_stall_steps(self) -> int:
         return self._stall_steps
+
+    def restore_stall_steps(self, steps: int) -> None:
+        """Undo the count of a decision that was not acted on (the engine's lanes decide again at a sync)."""
+        self._stall_steps = steps
 
     # --- helpers ------------------------------------------------------------------------------------
     @staticmethod

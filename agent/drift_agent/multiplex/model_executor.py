@@ -1,5 +1,7 @@
-"""Runs multiplexed iterations on the real model: prefill layer blocks and decode steps concurrently over the
-one KV pool, each on its own partition's stream (GPU) or thread (CPU, shared partitioner).
+"""Runs the multiplexed engine's two lanes on the real model: decode steps and prefill layer blocks, launched
+independently over the one KV pool, each on its own partition's stream (GPU) or worker thread (CPU, shared
+partitioner). `multiplex.mux_loop.MuxLanes` decides what to launch; this module launches it, reports which lane
+finished first, and samples its tokens.
 
 Both phases write disjoint KV slots (a prefill owns fresh blocks; prefix-cache blocks are read-only), so the
 pool needs no locking. A finished prefill joins the decode batch with no copy: its KV is already in place.
@@ -8,17 +10,18 @@ pool needs no locking. A finished prefill joins the decode batch with no copy: i
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ..engine.model_runner import ModelRunner
 from ..engine.scheduler import Batch
 from ..partition.base import Partitioner, Split
-from .mux_loop import MuxStepResult
 from .policies import PrefillJob
+
+Lane = Literal["decode", "prefill"]
 
 
 @dataclass
@@ -30,6 +33,24 @@ class _JobState:
     residual: torch.Tensor | None
 
 
+@dataclass
+class _InFlight:
+    """One lane's launched work: logits come from `future` (CPU) or are on the device once `event` fires."""
+
+    batch: Batch
+    started: float
+    future: Future | None = None
+    event: Any = None  # torch.cuda.Event
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class LaneResult:
+    tokens: dict[int, int]
+    logprobs: dict[int, Any]
+    elapsed_s: float  # launch to completion, as seen by the polling host
+
+
 class ModelMuxExecutor:
     def __init__(self, runner: ModelRunner, partitioner: Partitioner) -> None:
         self.runner = runner
@@ -37,9 +58,9 @@ class ModelMuxExecutor:
         self.partitioner = partitioner
         self.jobs: dict[int, _JobState] = {}
         self.on_cuda = runner.device.type == "cuda"
-        # CPU: the prefill block runs on a worker thread while the decode step runs on the caller's thread
-        # (torch releases the GIL inside kernels, so the two really overlap).
-        self._pool = None if self.on_cuda else ThreadPoolExecutor(1, thread_name_prefix="drift-prefill")
+        # CPU: one worker thread per lane (torch releases the GIL inside kernels, so the two overlap).
+        self._pool = None if self.on_cuda else ThreadPoolExecutor(2, thread_name_prefix="drift-lane")
+        self.lanes: dict[Lane, _InFlight] = {}
 
     @torch.inference_mode()
     def start_prefill(self, job: PrefillJob) -> None:
@@ -52,10 +73,9 @@ class ModelMuxExecutor:
         self.jobs.pop(job.job_id, None)
 
     @torch.inference_mode()
-    def _prefill_block(self, job: PrefillJob, layers: int) -> torch.Tensor | None:
-        """Run `layers` layers; returns the sampling rows' logits when the job is complete."""
+    def _prefill_block(self, job: PrefillJob, start: int, layers: int) -> torch.Tensor | None:
+        """Run `layers` layers from `start`; the sampling rows' logits when the job is then complete."""
         st = self.jobs[job.job_id]
-        start = job.layers_done
         st.h, st.residual = self.model.forward_layers(
             st.h, st.residual, st.positions, st.plan, start, start + layers
         )
@@ -64,59 +84,67 @@ class ModelMuxExecutor:
         hidden = self.model.finalize(st.h, st.residual)
         return self.model.compute_logits(hidden[st.rows])
 
-    def _sample(
-        self, batch: Batch, logits: torch.Tensor, result: MuxStepResult, into: dict[int, int]
-    ) -> None:
-        step = self.runner.sample(batch, logits)
-        into.update(step.tokens)
-        result.logprobs.update(step.logprobs)
+    @torch.inference_mode()
+    def _decode_step(self, batch: Batch) -> torch.Tensor:
+        return self.runner.forward_logits(batch)
+
+    # ---- launching ---------------------------------------------------------------------------------------
+    def launch_decode(self, split: Split, batch: Batch) -> None:
+        self._launch("decode", split, batch, self._decode_step, batch)
+
+    def launch_prefill(self, split: Split, job: PrefillJob, layers: int) -> None:
+        # `job.layers_done` advances when the block is posted, so pass the start layer now.
+        self._launch("prefill", split, job.batch, self._prefill_block, job, job.layers_done, layers)
+
+    def _launch(self, lane: Lane, split: Split, batch: Batch, fn: Any, *args: Any) -> None:
+        assert lane not in self.lanes, f"{lane} lane is busy"
+        flight = _InFlight(batch, time.perf_counter())
+        if self._pool is not None:
+            flight.future = self._pool.submit(fn, *args)
+        else:
+            prefill_stream, decode_stream = self.partitioner.streams_for(split)
+            current = torch.cuda.current_stream()
+            stream = (prefill_stream if lane == "prefill" else decode_stream) or current
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                flight.logits = fn(*args)
+                flight.event = torch.cuda.Event()
+                flight.event.record(stream)
+        self.lanes[lane] = flight
+
+    # ---- completion --------------------------------------------------------------------------------------
+    def _ready(self, flight: _InFlight) -> bool:
+        return flight.future.done() if flight.future is not None else bool(flight.event.query())
+
+    def wait(self) -> list[Lane]:
+        """Block until at least one launched lane has finished; the finished lanes, decode first."""
+        if not self.lanes:
+            return []
+        if self._pool is not None:
+            wait([f.future for f in self.lanes.values()], return_when=FIRST_COMPLETED)
+        else:
+            # Poll instead of blocking in the driver: either lane may finish first.
+            while not any(self._ready(f) for f in self.lanes.values()):
+                time.sleep(0)
+        return [
+            lane for lane in ("decode", "prefill") if lane in self.lanes and self._ready(self.lanes[lane])
+        ]
 
     @torch.inference_mode()
-    def run(self, split: Split, decode: Batch | None, job: PrefillJob | None, layers: int) -> MuxStepResult:
-        t0 = time.perf_counter()
-        result = MuxStepResult()
-        if self.on_cuda:
-            self._run_cuda(split, decode, job, layers, result)
+    def collect(self, lane: Lane) -> LaneResult:
+        """The finished lane's sampled tokens (`{seq_id: token}`; none for a prefill block that did not
+        complete its job) and timing."""
+        flight = self.lanes.pop(lane)
+        elapsed = time.perf_counter() - flight.started
+        if flight.future is not None:
+            logits = flight.future.result()
         else:
-            future = (
-                self._pool.submit(self._prefill_block, job, layers) if job is not None and layers else None
-            )
-            if decode is not None:
-                self._sample(decode, self.runner.forward_logits(decode), result, result.decode_tokens)
-            if future is not None:
-                logits = future.result()
-                if logits is not None:
-                    self._sample(job.batch, logits, result, result.prefill_tokens)
-        result.elapsed_s = time.perf_counter() - t0
-        return result
-
-    def _run_cuda(
-        self, split: Split, decode: Batch | None, job: PrefillJob | None, layers: int, result: MuxStepResult
-    ) -> None:
-        prefill_stream, decode_stream = self.partitioner.streams_for(split)
-        current = torch.cuda.current_stream()
-        prefill_logits = None
-        done = None
-        if job is not None and layers:
-            # Launch the prefill block first so it is queued on its SMs before decode starts.
-            stream = prefill_stream or current
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                prefill_logits = self._prefill_block(job, layers)
-                done = torch.cuda.Event()
-                done.record(stream)
-        if decode is not None:
-            stream = decode_stream or current
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                self._sample(decode, self.runner.forward_logits(decode), result, result.decode_tokens)
-        if done is not None:
-            # Poll instead of blocking in the driver, so the Python thread stays responsive.
-            while not done.query():
-                time.sleep(0)
-            current.wait_event(done)
-            if prefill_logits is not None:
-                self._sample(job.batch, prefill_logits, result, result.prefill_tokens)
+            torch.cuda.current_stream().wait_event(flight.event)
+            logits = flight.logits
+        if logits is None:
+            return LaneResult({}, {}, elapsed)
+        step = self.runner.sample(flight.batch, logits)
+        return LaneResult(step.tokens, step.logprobs, elapsed)
 
     def close(self) -> None:
         if self._pool is not None:

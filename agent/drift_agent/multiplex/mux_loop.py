@@ -1,14 +1,25 @@
-"""One iteration of a multiplexed engine, shared by the real engine and the simulator.
+"""The two lanes of a multiplexed engine, shared by the real engine and the simulator.
 
-schedule -> (maybe) launch a new prefill job -> run the decode step and a block of prefill layers concurrently
-on the chosen split -> post-process what completed. The executor is the only thing that differs: the model on
-a device, or the performance model on a virtual clock.
+Prefill and decode run *asynchronously*, each in its own lane on its own SM partition (or thread on CPU): a
+decode step and a block of prefill layers are launched independently, and whichever completes first is
+post-processed and relaunched while the other keeps running, so neither partition waits for the other (the
+bubble-less engine of MuxWise, SGLang's `event_loop_pdmux`). The split only changes at a *sync point*:
+
+- prefill lane busy, decode lane free: the next decode step goes straight onto the current split's decode
+  partition (no decision: the prefill holds its SMs, so the split cannot change);
+- prefill lane free, decode lane busy: the dispatcher decides; if it keeps the current split, the prefill
+  block (or a new prefill) launches at once; if it wants another split, the prefill lane waits for the decode
+  step to end (a decision that launches nothing is taken back, so it does not count as a stalled step);
+- both free: the dispatcher decides the split and launches both lanes.
+
+The executor is the only thing that differs: the model on a device (`ModelMuxExecutor`), or the performance
+model on a virtual clock (the simulator).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from ..engine.scheduler import Batch, Scheduler, SchedulerOutput
 from ..engine.sequence import Sequence
@@ -17,57 +28,93 @@ from .policies import MultiplexPolicy, PrefillJob
 
 
 @dataclass
-class MuxStepResult:
-    decode_tokens: dict[int, int] = field(default_factory=dict)
-    prefill_tokens: dict[int, int] = field(default_factory=dict)  # filled when the job ran its last layer
-    logprobs: dict[int, Any] = field(default_factory=dict)
-    elapsed_s: float = 0.0  # wall time (engine) or simulated time (simulator)
+class LaneLaunch:
+    """What `MuxLanes.launch` started: the executor runs these on `split`."""
 
-
-class MuxExecutor(Protocol):
-    def start_prefill(self, job: PrefillJob) -> None: ...
-
-    def run(self, split: Split, decode: Batch | None, job: PrefillJob | None, layers: int) -> MuxStepResult:
-        """Run the decode step and `layers` layers of `job` concurrently; sample the job's next tokens when
-        those layers complete it."""
-        ...
-
-    def finish_prefill(self, job: PrefillJob) -> None: ...
-
-
-@dataclass
-class MuxIteration:
-    output: SchedulerOutput
-    result: MuxStepResult
-    # (batch, sequences it advanced) for each batch that completed in this iteration
-    completed: list[tuple[Batch, list[Sequence]]]
+    split: Split | None = None
+    decode: Batch | None = None
+    prefill: PrefillJob | None = None
+    prefill_layers: int = 0
+    new_job: PrefillJob | None = None  # `prefill` is a job started now (the executor prepares its inputs)
+    output: SchedulerOutput | None = None  # the policy's output when a decision was made
+    preempted: list[Sequence] = field(default_factory=list)
 
     @property
-    def made_progress(self) -> bool:
-        return bool(self.completed) or bool(self.output.info.get("prefill_layers"))
+    def decision(self) -> Any:
+        return self.output.info.get("decision") if self.output is not None else None
+
+    @property
+    def started(self) -> bool:
+        return self.decode is not None or self.prefill is not None
 
 
-def run_iteration(sched: Scheduler, executor: MuxExecutor, now: float) -> MuxIteration:
-    policy = sched.policy
-    assert isinstance(policy, MultiplexPolicy)
-    out = sched.schedule(now)
-    job: PrefillJob | None = out.info.get("prefill_job")
-    layers: int = out.info.get("prefill_layers", 0)
-    new_job: PrefillJob | None = out.info.get("new_prefill_job")
-    if new_job is not None:
-        executor.start_prefill(new_job)
-    decode = next((b for b in out.batches if b.phase == "decode"), None)
-    completed: list[tuple[Batch, list[Sequence]]] = []
-    if decode is None and job is None:
-        return MuxIteration(out, MuxStepResult(), completed)
-    split = Split(*out.split) if out.split else policy.splits[0]
-    result = executor.run(split, decode, job, layers)
-    if decode is not None:
-        completed.append((decode, sched.on_batch_done(decode, result.decode_tokens)))
-    if job is not None:
+class MuxLanes:
+    """Which batch each lane is running, and the split they run on. Pure: no clock, no device."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        assert isinstance(sched.policy, MultiplexPolicy)
+        self.sched = sched
+        self.split: Split | None = None
+        self.decode: Batch | None = None
+        self.prefill: PrefillJob | None = None
+        self.prefill_layers = 0
+
+    @property
+    def policy(self) -> MultiplexPolicy:
+        return self.sched.policy  # type: ignore[return-value]
+
+    @property
+    def busy(self) -> bool:
+        return self.decode is not None or self.prefill is not None
+
+    def launch(self, now: float) -> LaneLaunch:
+        """Start work on the free lanes (see the module docstring)."""
+        sched, policy = self.sched, self.policy
+        if self.decode is not None and self.prefill is not None:
+            return LaneLaunch(split=self.split)
+        if self.prefill is not None:  # decode continues on the prefill's split, no decision
+            launch = LaneLaunch(split=self.split)
+            launch.decode = policy.decode_batch(sched, launch.preempted)
+            self.decode = launch.decode
+            return launch
+        out = policy.schedule(sched, now, decode_busy=self.decode is not None, split=self.split)
+        launch = LaneLaunch(output=out, preempted=out.preempted)
+        if out.info.get("deferred"):
+            launch.split = self.split
+            return launch
+        sched.stamp_scheduled(out, now)
+        launch.split = Split(*out.split) if out.split else policy.splits[0]
+        job: PrefillJob | None = out.info.get("prefill_job")
+        if job is not None:
+            launch.prefill, launch.prefill_layers = job, int(out.info.get("prefill_layers", 0))
+            self.prefill, self.prefill_layers = job, launch.prefill_layers
+        launch.new_job = out.info.get("new_prefill_job")
+        if launch.new_job is not None:
+            for item in launch.new_job.batch.items:
+                if item.seq.times.first_scheduled is None:
+                    item.seq.times.first_scheduled = now
+        if self.decode is None:
+            launch.decode = next((b for b in out.batches if b.phase == "decode"), None)
+            self.decode = launch.decode
+        if self.busy:
+            self.split = launch.split
+        return launch
+
+    def decode_done(self, tokens: Any) -> tuple[Batch, list[Sequence]]:
+        """Post the decode step's sampled tokens (`{seq_id: token}`); the sequences it advanced."""
+        batch, self.decode = self.decode, None
+        assert batch is not None, "no decode step in flight"
+        return batch, self.sched.on_batch_done(batch, tokens)
+
+    def prefill_done(self, tokens: Any) -> tuple[PrefillJob, list[Sequence]]:
+        """Post a prefill block; when it was the job's last, its sampled tokens (`{seq_id: token}`) and the
+        sequences it advanced, which join the decode batch from the next decode launch."""
+        job, layers = self.prefill, self.prefill_layers
+        assert job is not None, "no prefill block in flight"
+        self.prefill, self.prefill_layers = None, 0
         job.layers_done += layers
-        if job.done:
-            completed.append((job.batch, sched.on_batch_done(job.batch, result.prefill_tokens)))
-            policy.on_job_done(job)
-            executor.finish_prefill(job)
-    return MuxIteration(out, result, completed)
+        if not job.done:
+            return job, []
+        seqs = self.sched.on_batch_done(job.batch, tokens)
+        self.policy.on_job_done(job)
+        return job, seqs

@@ -98,14 +98,15 @@ class MultiplexPolicy:
 
     # ---- state for the dispatcher ------------------------------------------------------------------
     def _decode_load(self, running: list[Sequence], now: float) -> DecodeLoad:
-        """One pass over the running sequences that decode next (the `DecodeRequest` fields, summed up
-        without building them)."""
+        """One pass over the running sequences that decode (the `DecodeRequest` fields, summed up without
+        building them)."""
         cfg = self.dispatcher.config
         borrow, floor, default = cfg.max_slack_borrow, cfg.catch_up_floor, self.ctx.default_tpot_s
         batch = kv = 0
         budget = math.inf
         for seq in running:
-            if seq.in_flight or seq.is_prefilling:
+            # A step in flight on the decode lane still counts: its sequences decode next too.
+            if seq.is_prefilling:
                 continue
             batch += 1
             n = len(seq.token_ids)
@@ -147,7 +148,12 @@ class MultiplexPolicy:
         return req
 
     # ---- the policy ----------------------------------------------------------------------------------
-    def schedule(self, sched: Scheduler, now: float) -> SchedulerOutput:
+    def schedule(
+        self, sched: Scheduler, now: float, decode_busy: bool = False, split: Split | None = None
+    ) -> SchedulerOutput:
+        """Decide the split, the prefill work and (unless `decode_busy`: a step is in flight on the decode
+        lane) the decode batch. With `decode_busy` the decision only stands if it launches prefill layers on
+        the current `split`; otherwise nothing changes and `info["deferred"]` is set (the lanes sync first)."""
         out = SchedulerOutput()
         waiting = list(itertools.islice(sched.waiting, MAX_WAITING_CONSIDERED))
         if len(sched.running) >= sched.config.max_num_seqs:
@@ -161,7 +167,17 @@ class MultiplexPolicy:
             in_flight=self.active.as_in_flight() if self.active else None,
             paused=self.paused.as_in_flight() if self.paused else None,
         )
+        stalled = self.dispatcher.prefill_stall_steps
         decision = self.dispatcher.decide(state)
+        if decode_busy and (
+            split is None
+            or (decision.split.prefill_sms, decision.split.decode_sms)
+            != (split.prefill_sms, split.decode_sms)
+            or decision.prefill_layers <= 0
+        ):
+            self.dispatcher.restore_stall_steps(stalled)  # taken back: decided again at the sync point
+            out.info = {"deferred": True, "decision": decision}
+            return out
         new_job = False
         if decision.prefill_action in (PrefillAction.LAUNCH, PrefillAction.OVERTAKE):
             job = self._launch(sched, decision.launch_ids, waiting)
@@ -171,12 +187,10 @@ class MultiplexPolicy:
                 self.active, new_job = job, True
         elif decision.prefill_action is PrefillAction.RESUME and self.active is None:
             self.active, self.paused = self.paused, None
-        if decision.run_decode:
-            from ..engine.policies import decode_all
-
-            items, _ = decode_all(sched, 1 << 30, out.preempted)
-            if items:
-                out.batches.append(Batch(items, "decode"))
+        if decision.run_decode and not decode_busy:
+            batch = self.decode_batch(sched, out.preempted)
+            if batch is not None:
+                out.batches.append(batch)
         layers = 0
         if self.active is not None:
             layers = min(decision.prefill_layers, self.active.num_layers - self.active.layers_done)
@@ -189,6 +203,14 @@ class MultiplexPolicy:
         }
         self.last_decision = decision.to_dict()
         return out
+
+    @staticmethod
+    def decode_batch(sched: Scheduler, preempted: list[Sequence]) -> Batch | None:
+        """One decode step of every running sequence that is not in flight (the newest preempted for room)."""
+        from ..engine.policies import decode_all
+
+        items, _ = decode_all(sched, 1 << 30, preempted)
+        return Batch(items, "decode") if items else None
 
     def _launch(self, sched: Scheduler, ids: tuple[str, ...], waiting: list[Sequence]) -> PrefillJob | None:
         by_id = {s.request_id: s for s in waiting}

@@ -10,10 +10,9 @@ profiled `decode_time`, and a mixed batch takes the larger of the combined prefi
 of its rows (a fitted prefill form was not measured on one-token rows, so it must not undercut a measured
 decode step). Rows are aggregated to their mean context so costing stays O(1) in model calls per batch.
 
-Multiplexed policies (`static-split`, `drift`): `SimMuxExecutor` implements `multiplex.mux_loop.MuxExecutor`.
-An iteration runs the decode step on the split's decode SMs and a block of prefill layers on its prefill SMs;
-each phase is slowed by the model's contention factor when the other co-runs, and the iteration lasts as long
-as the slower of the two (the loop post-processes both at its end, as the engine's loop does).
+Multiplexed policies (`static-split`, `drift`): `SimMuxExecutor` costs what `multiplex.mux_loop.MuxLanes`
+launches: a decode step on the split's decode SMs and a block of prefill layers on its prefill SMs, each slowed
+by the model's contention factor when the other lane is busy; each lane completes at its own time.
 
 Sampled tokens: every sampling row gets `OUTPUT_TOKEN` (requests run with `ignore_eos` and a fixed length, so
 the value only matters for prefix-cache identity of multi-turn histories, which stays per-session unique because
@@ -23,7 +22,6 @@ block hashes chain from the session's own prompt).
 from __future__ import annotations
 
 from ..engine.scheduler import Batch
-from ..multiplex.mux_loop import MuxStepResult
 from ..multiplex.perf_model import FittedPerfModel, PerfModel, PrefillShape
 from ..multiplex.policies import PrefillJob
 from ..partition.base import Split
@@ -41,6 +39,9 @@ class Sampled:
 
     def get(self, seq_id: int, default: int | None = None) -> int | None:
         return default if seq_id in self.skip else OUTPUT_TOKEN
+
+
+ALL_SAMPLED = Sampled(set())  # a decode step: every row samples
 
 
 class SimExecutor:
@@ -83,7 +84,9 @@ class SimExecutor:
 
 
 class SimMuxExecutor:
-    """`MuxExecutor` on the virtual clock: the iteration's duration is the slower phase's predicted time."""
+    """The lanes' latencies on the virtual clock: a decode step on the split's decode SMs, a block of prefill
+    layers on its prefill SMs, each slowed by the model's contention factor when the other lane is busy at
+    its launch (the factor is fixed for the whole step or block)."""
 
     def __init__(self, model: PerfModel) -> None:
         self.model = model
@@ -95,30 +98,20 @@ class SimMuxExecutor:
     def finish_prefill(self, job: PrefillJob) -> None:
         self._shapes.pop(job.job_id, None)
 
-    def run(self, split: Split, decode: Batch | None, job: PrefillJob | None, layers: int) -> MuxStepResult:
-        model = self.model
-        result = MuxStepResult()
-        both = decode is not None and job is not None and layers > 0
-        t_decode = t_prefill = 0.0
-        if decode is not None:
-            kv = 0
-            tokens = result.decode_tokens
-            for item in decode.items:
-                kv += item.start + 1
-                tokens[item.seq.seq_id] = OUTPUT_TOKEN
-            t_decode = model.decode_time(decode.num_seqs, kv, split.decode_sms, contended=both)
-        if job is not None and layers > 0:
-            shapes = self._shapes.get(job.job_id)
-            if shapes is None:  # a job started before this executor existed (policy switch)
-                self.start_prefill(job)
-                shapes = self._shapes[job.job_id]
-            t_prefill = model.prefill_layers_time(
-                shapes, split.prefill_sms, job.layers_done, layers, contended=both
-            )
-            if job.layers_done + layers >= job.num_layers:
-                tokens = result.prefill_tokens
-                for item in job.batch.items:
-                    if item.end == item.seq.num_tokens:
-                        tokens[item.seq.seq_id] = OUTPUT_TOKEN
-        result.elapsed_s = max(t_decode, t_prefill)
-        return result
+    def decode(self, split: Split, batch: Batch, contended: bool) -> float:
+        kv = 0
+        for item in batch.items:
+            kv += item.start + 1
+        return self.model.decode_time(batch.num_seqs, kv, split.decode_sms, contended=contended)
+
+    def prefill(self, split: Split, job: PrefillJob, layers: int, contended: bool) -> tuple[float, Sampled]:
+        """(latency, sampled tokens) of `layers` layers of `job`; tokens only when they complete it."""
+        shapes = self._shapes.get(job.job_id)
+        if shapes is None:  # a job started before this executor existed (policy switch)
+            self.start_prefill(job)
+            shapes = self._shapes[job.job_id]
+        t = self.model.prefill_layers_time(
+            shapes, split.prefill_sms, job.layers_done, layers, contended=contended
+        )
+        skip = {i.seq.seq_id for i in job.batch.items if i.end != i.seq.num_tokens}
+        return t, Sampled(skip)

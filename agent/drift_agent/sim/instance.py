@@ -5,10 +5,10 @@ the next step exactly as the engine does and returns when that step ends (its la
 model); at that time the loop calls `complete_step(now)`, which posts the step's tokens back to the scheduler
 (`Scheduler.on_batch_done`) and reports which sequences advanced.
 
-Multiplexed policies run through `multiplex.mux_loop.run_iteration`, the very function the engine's loop calls,
-with `SimMuxExecutor`. That function posts the iteration's results to the scheduler when it returns; the
-instance holds the completed batches back and releases their tokens at the iteration's end time, and nothing
-else on the instance is scheduled before then, so the policy sees the same sequence of states as on a GPU.
+Multiplexed policies run through `multiplex.mux_loop.MuxLanes`, the lane logic the engine's loop uses, with
+`SimMuxExecutor` costing each launch. A step here ends when the *first* busy lane completes: `complete_step`
+posts that lane, and `start_step` relaunches the free lanes while the other one keeps running, as the engine
+does when it polls its lanes.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from ..engine.config import EngineConfig, PartitionConfig
 from ..engine.policies import SEQUENTIAL_POLICIES
 from ..engine.scheduler import Batch, Policy, Scheduler, SchedulerConfig
 from ..engine.sequence import Sequence, SequenceStatus
-from ..multiplex.mux_loop import MuxIteration, run_iteration
+from ..multiplex.mux_loop import LaneLaunch, MuxLanes
 from ..multiplex.perf_model import PerfModel
 from ..partition.base import Split
-from .executor import OUTPUT_TOKEN, Sampled, SimExecutor, SimMuxExecutor
+from .executor import ALL_SAMPLED, OUTPUT_TOKEN, Sampled, SimExecutor, SimMuxExecutor
 
 Role = Literal["both", "prefill", "decode"]
 POLICY_NAMES: tuple[str, ...] = ("prefill-first", "chunked", "static-split", "drift")
@@ -160,7 +160,11 @@ class SimInstance:
         self._finish_is_event = False
         self._batch: Batch | None = None
         self._sampled: Sampled | None = None
-        self._completed: list[Sequence] = []
+        # Multiplexed: the two lanes and when each completes.
+        self.lanes = MuxLanes(self.sched) if self.multiplexing else None
+        self._decode_end: float | None = None
+        self._prefill_end: float | None = None
+        self._prefill_sampled: Sampled | None = None
         # Router load signal: prompt tokens added here whose first token has not come out yet.
         self.pending_prefill_tokens = 0
         self.num_steps = 0
@@ -224,18 +228,24 @@ class SimInstance:
             return None
         self.span = None
         self._finish_is_event = finish_is_event
-        dt = self._start_mux(now, horizon) if self.multiplexing else self._start_sequential(now, horizon)
-        if dt is None:
-            return None
-        self.busy = True
-        if self.span is None:
-            self.num_steps += 1
+        if self.multiplexing:
+            end = self._start_mux(now, horizon)
+            if end is None:
+                return None
         else:
-            self.num_steps += len(self.span.durations)
-            self.num_fast_forwarded += len(self.span.durations) - 1
-        self.busy_time += dt
-        self.step_end = now + dt
-        return self.step_end
+            dt = self._start_sequential(now, horizon)
+            if dt is None:
+                return None
+            if self.span is None:
+                self.num_steps += 1
+            else:
+                self.num_steps += len(self.span.durations)
+                self.num_fast_forwarded += len(self.span.durations) - 1
+            end = now + dt
+        self.busy = True
+        self.busy_time += end - now
+        self.step_end = end
+        return end
 
     def _start_sequential(self, now: float, horizon: float) -> float | None:
         out = self.sched.schedule(now)
@@ -327,40 +337,58 @@ class SimInstance:
         return span.seqs
 
     def _start_mux(self, now: float, horizon: float) -> float | None:
-        it = run_iteration(self.sched, self.executor, now)
-        dt = it.result.elapsed_s
-        if not it.made_progress and dt <= 0:
+        """Launch on the free lanes (`MuxLanes.launch`, as the engine does); when the next lane completes, or
+        None when neither lane has work. A decode span only starts with the prefill lane idle and nothing to
+        prefill, so it never overlaps a prefill block."""
+        lanes, executor = self.lanes, self.executor
+        launch = lanes.launch(now)
+        split = launch.split
+        if launch.new_job is not None:
+            executor.start_prefill(launch.new_job)
+        if launch.prefill is not None and launch.prefill_layers > 0:
+            assert split is not None
+            dt, self._prefill_sampled = executor.prefill(
+                split, launch.prefill, launch.prefill_layers, contended=lanes.decode is not None
+            )
+            self._prefill_end = now + dt
+            self.num_steps += 1
+        if launch.decode is not None:
+            assert split is not None
+            dt = executor.decode(split, launch.decode, contended=lanes.prefill is not None)
+            self._decode_end = now + dt
+            steps = 1
+            if self.fast_forward and now + dt < horizon:
+                span = self._try_mux_span(launch, now, dt, horizon)
+                if span is not None:
+                    self.span = span
+                    steps = len(span.durations)
+                    self._decode_end = span.ends[-1]
+            self.num_steps += steps
+            self.num_fast_forwarded += steps - 1
+            key = (split.prefill_sms, split.decode_sms)
+            self.splits_used[key] = self.splits_used.get(key, 0) + steps
+        if not lanes.busy:
             return None
-        split = it.output.split
-        self._completed = [seq for _, seqs in it.completed for seq in seqs]
-        steps = 1
-        if self.fast_forward and now + dt < horizon:
-            span = self._try_mux_span(it, now, dt, horizon)
-            if span is not None:
-                self.span = span
-                steps = len(span.durations)
-                dt = span.ends[-1] - now
-        if split is not None:
-            self.splits_used[split] = self.splits_used.get(split, 0) + steps
-        return dt
+        return min(e for e in (self._decode_end, self._prefill_end) if e is not None)
 
-    def _try_mux_span(self, it: MuxIteration, now: float, dt: float, horizon: float) -> Span | None:
-        """A span after a decode-only iteration with no prefill job active, paused or starting: the
-        dispatcher decides the same again (decode alone, same split) until something can start a prefill."""
+    def _try_mux_span(self, launch: LaneLaunch, now: float, dt: float, horizon: float) -> Span | None:
+        """A span from a decode-only launch with no prefill job in flight, paused or starting: the dispatcher
+        decides the same again (decode alone, same split) at each step end until something can start a
+        prefill."""
         policy, sched = self.policy, self.sched
-        info = it.output.info
-        if policy.active is not None or policy.paused is not None or info.get("new_prefill_job") is not None:
+        decision = launch.decision
+        if decision is None or decision.mode not in ("decode-only", "static") or launch.preempted:
             return None
-        if it.output.preempted or len(it.completed) != 1 or it.output.split is None:
+        if policy.active is not None or policy.paused is not None or launch.new_job is not None:
             return None
-        batch, seqs = it.completed[0]
-        if batch.phase != "decode" or len(seqs) != batch.num_seqs:
+        batch = launch.decode
+        assert batch is not None and launch.split is not None
+        if batch.num_seqs != len(sched.running):
             return None
-        # Step 1 is posted: finished sequences have 0 left (and end the span at once if the queue is blocked).
-        after = [(s.max_tokens - s.num_output_tokens, s.num_tokens) for s in seqs]
-        if len(sched.running) != sum(1 for left, _ in after if left > 0):
-            return None
-        return self._try_span(seqs, after, now, dt, horizon, it.output.split[1], posted=True)
+        # Step 1 is scheduled, not posted: after it, sequence s has (left - 1) tokens to go.
+        seqs = [i.seq for i in batch.items]
+        after = [(i.seq.max_tokens - i.seq.num_output_tokens - 1, i.start + 2) for i in batch.items]
+        return self._try_span(seqs, after, now, dt, horizon, launch.split.decode_sms, posted=False)
 
     def complete_step(self, now: float) -> list[Sequence]:
         """End the running step at `now`: the sequences it advanced (token appended, prompt progressed or
@@ -368,13 +396,31 @@ class SimInstance:
         assert self.busy
         self.busy = False
         if self.multiplexing:
-            done, self._completed = self._completed, []
-            if self.span is not None:  # the first step is posted already
-                return self._apply_span(self.span, len(self.span.durations) - 1)
-            return done
+            return self._complete_lanes(now)
         batch, sampled = self._batch, self._sampled
         self._batch = self._sampled = None
         assert batch is not None
         if self.span is not None:
             return self._apply_span(self.span, len(self.span.durations))
         return self.sched.on_batch_done(batch, sampled)  # type: ignore[arg-type]
+
+    def _complete_lanes(self, now: float) -> list[Sequence]:
+        """Post the lanes that complete at `now` (decode first when both do, as the engine polls them). A
+        decode span is reported through `self.span`, which the caller reads for its step latencies."""
+        lanes = self.lanes
+        assert lanes is not None
+        advanced: list[Sequence] = []
+        if self._decode_end is not None and self._decode_end <= now:
+            self._decode_end = None
+            if self.span is not None:
+                lanes.decode = None  # posted by the span, step by step
+                advanced = self._apply_span(self.span, len(self.span.durations))
+            else:
+                _, advanced = lanes.decode_done(ALL_SAMPLED)
+        if self._prefill_end is not None and self._prefill_end <= now:
+            self._prefill_end = None
+            job, seqs = lanes.prefill_done(self._prefill_sampled)
+            if job.done:
+                self.executor.finish_prefill(job)
+            advanced = advanced + seqs
+        return advanced

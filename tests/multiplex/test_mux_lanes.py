@@ -1,0 +1,131 @@
+"""The multiplexed engine's two lanes (`mux_loop.MuxLanes`): decode steps run back to back under a prefill
+block, the dispatcher decides only when the prefill lane is free, and the split only changes at a sync point."""
+
+from __future__ import annotations
+
+from drift_agent.engine.block_manager import BlockManager
+from drift_agent.engine.sampling_params import SamplingParams
+from drift_agent.engine.scheduler import Scheduler, SchedulerConfig
+from drift_agent.engine.sequence import RequestTimes, Sequence
+from drift_agent.multiplex.dispatcher import DispatcherConfig
+from drift_agent.multiplex.mux_loop import MuxLanes
+from drift_agent.multiplex.policies import MultiplexPolicy, MuxContext
+from drift_agent.partition.base import Split
+
+from .mux_synth import SynthModel
+
+SPLITS = [Split(132, 0), Split(112, 20), Split(96, 36), Split(72, 60), Split(0, 132)]
+TOKEN = 7
+
+
+def make_lanes(tpot_s: float = 0.03, block_decode_steps: float = 1.0) -> MuxLanes:
+    model = SynthModel()
+    ctx = MuxContext(model, SPLITS, model.num_layers, default_ttft_s=60.0, default_tpot_s=tpot_s)
+    policy = MultiplexPolicy("drift", ctx, DispatcherConfig(block_decode_steps=block_decode_steps))
+    sched = Scheduler(SchedulerConfig(max_model_len=8192), BlockManager(2000, 16), policy)
+    return MuxLanes(sched)
+
+
+def add(lanes: MuxLanes, rid: str, prompt: int, out: int, t: float = 0.0) -> Sequence:
+    seq = Sequence(
+        rid,
+        [3 + i % 100 for i in range(prompt)],
+        SamplingParams(max_tokens=out, ignore_eos=True),
+        times=RequestTimes(arrival=t),
+    )
+    lanes.sched.add(seq)
+    return seq
+
+
+def tokens(batch) -> dict[int, int]:
+    return {i.seq.seq_id: TOKEN for i in batch.items if i.samples}
+
+
+def running_decodes(lanes: MuxLanes, n: int = 4) -> list[Sequence]:
+    """`n` short requests prefilled (alone: all layers at once) and now decoding."""
+    seqs = [add(lanes, f"d{i}", 16, 50) for i in range(n)]
+    launch = lanes.launch(0.0)
+    assert launch.decision.mode == "prefill-only" and launch.decode is None
+    assert launch.prefill_layers == launch.prefill.num_layers
+    _, advanced = lanes.prefill_done(tokens(launch.prefill.batch))
+    assert advanced == seqs and all(s.num_output_tokens == 1 for s in seqs)
+    return seqs
+
+
+def test_decode_steps_run_back_to_back_under_a_prefill_block() -> None:
+    lanes = make_lanes()
+    seqs = running_decodes(lanes)
+    add(lanes, "long", 1200, 4)
+    sync = lanes.launch(0.01)  # both lanes free: one decision for both
+    assert sync.decision.mode == "multiplex" and sync.split.is_mixed
+    assert sync.decode is not None and sync.decode.num_seqs == 4
+    job = sync.prefill
+    assert job is not None and 1 <= sync.prefill_layers < job.num_layers
+    decisions = lanes.policy.dispatcher.prefill_stall_steps, lanes.policy.last_decision
+    for step in range(3):  # the prefill block is still in flight: decode goes on, nobody decides
+        lanes.decode_done(tokens(lanes.decode))
+        again = lanes.launch(0.02 + step * 0.01)
+        assert again.output is None and again.decode is not None and again.prefill is None
+        assert again.split == sync.split and lanes.prefill is job
+    assert (lanes.policy.dispatcher.prefill_stall_steps, lanes.policy.last_decision) == decisions
+    assert all(s.num_output_tokens == 4 for s in seqs) and job.layers_done == 0
+    # The block completes while a decode step is in flight: the dispatcher keeps the split and the next
+    # block launches at once, beside the running decode step.
+    _, advanced = lanes.prefill_done({})
+    assert advanced == [] and job.layers_done == sync.prefill_layers
+    nxt = lanes.launch(0.06)
+    assert nxt.decision is not None and nxt.decode is None
+    assert nxt.prefill is job and nxt.split == sync.split
+    # Run the job to its end: its request joins the decode batch at the next decode launch.
+    while job.layers_done + lanes.prefill_layers < job.num_layers:
+        lanes.prefill_done({})
+        lanes.decode_done(tokens(lanes.decode))
+        assert lanes.launch(0.07).prefill is job  # both lanes free: next block and decode step together
+    lanes.decode_done(tokens(lanes.decode))
+    _, advanced = lanes.prefill_done(tokens(job.batch))
+    assert [s.request_id for s in advanced] == ["long"] and advanced[0].num_output_tokens == 1
+    last = lanes.launch(0.1)
+    assert {i.seq.request_id for i in last.decode.items} == {"d0", "d1", "d2", "d3", "long"}
+
+
+def test_split_change_waits_for_the_sync_point() -> None:
+    lanes = make_lanes()
+    running_decodes(lanes)
+    add(lanes, "long", 1200, 4)
+    sync = lanes.launch(0.01)
+    wanted = sync.split
+    # Pretend the lanes had been running on another mixed split: the decision made when the block ends
+    # wants a different one, so it is taken back and the prefill lane waits for the decode step.
+    other = next(s for s in SPLITS if s.is_mixed and s != wanted)
+    lanes.split = other
+    lanes.prefill_done({})
+    job = lanes.policy.active
+    layers_before, waiting_before = job.layers_done, list(lanes.sched.waiting)
+    add(lanes, "short", 32, 4)
+    deferred = lanes.launch(0.02)
+    assert deferred.output.info.get("deferred") and not deferred.started
+    assert lanes.prefill is None and lanes.split == other
+    assert job.layers_done == layers_before and lanes.policy.active is job
+    assert [s.request_id for s in lanes.sched.waiting] == [s.request_id for s in waiting_before] + ["short"]
+    # The decode step ends: both lanes are free, and the new split takes effect for both.
+    lanes.decode_done(tokens(lanes.decode))
+    resumed = lanes.launch(0.03)
+    assert resumed.split == wanted == lanes.split
+    assert resumed.decode is not None and resumed.prefill is job
+
+
+def test_a_decision_taken_back_does_not_count_as_a_stalled_step() -> None:
+    # A TPOT target no mixed split can meet: the dispatcher runs decode alone and counts stalled steps.
+    lanes = make_lanes(tpot_s=0.004)
+    running_decodes(lanes)
+    add(lanes, "long", 1200, 4)
+    first = lanes.launch(0.01)
+    assert first.decision.mode == "decode-first" and first.prefill is None
+    assert lanes.policy.dispatcher.prefill_stall_steps == 1
+    # Asked again while the decode step is in flight (as after a prefill block), the decision launches no
+    # prefill, so it is taken back and the count stays.
+    out = lanes.policy.schedule(lanes.sched, 0.012, decode_busy=True, split=lanes.split)
+    assert out.info.get("deferred") and lanes.policy.dispatcher.prefill_stall_steps == 1
+    lanes.decode_done(tokens(lanes.decode))
+    lanes.launch(0.02)
+    assert lanes.policy.dispatcher.prefill_stall_steps == 2
