@@ -3,11 +3,13 @@ block, the dispatcher decides only when the prefill lane is free, and the split 
 
 from __future__ import annotations
 
+import pytest
+
 from drift_agent.engine.block_manager import BlockManager
 from drift_agent.engine.sampling_params import SamplingParams
 from drift_agent.engine.scheduler import Scheduler, SchedulerConfig
 from drift_agent.engine.sequence import RequestTimes, Sequence
-from drift_agent.multiplex.dispatcher import DispatcherConfig
+from drift_agent.multiplex.dispatcher import DecodeLoad, DecodeRequest, DispatcherConfig
 from drift_agent.multiplex.mux_loop import MuxLanes
 from drift_agent.multiplex.policies import MultiplexPolicy, MuxContext
 from drift_agent.partition.base import Split
@@ -129,3 +131,34 @@ def test_a_decision_taken_back_does_not_count_as_a_stalled_step() -> None:
     lanes.decode_done(tokens(lanes.decode))
     lanes.launch(0.02)
     assert lanes.policy.dispatcher.prefill_stall_steps == 2
+
+
+def test_decode_load_matches_the_dispatchers_definition() -> None:
+    """The policy sums the running batch in one inlined pass; it must equal `DecodeLoad.of` over the
+    `DecodeRequest`s (step budgets by each request's TPOT target, slack, borrow cap and catch-up floor)."""
+    lanes = make_lanes(tpot_s=0.03)
+    seqs = running_decodes(lanes, n=5)
+    for k, seq in enumerate(seqs):
+        seq.token_ids.extend([TOKEN] * k)  # different lengths; computed KV trails by one as when decoding
+        seq.num_computed_tokens = len(seq.token_ids) - 1
+        seq.times.first_token = 0.01 * k
+        if k % 2:
+            seq.slo.tpot = 0.02 * k
+    seqs[-1].num_computed_tokens = 0  # back to prefilling (as after a preemption): not in the batch
+    seqs = seqs[:-1]
+    now = 0.12
+    cfg = lanes.policy.dispatcher.config
+    requests = [
+        DecodeRequest(
+            s.request_id,
+            s.num_tokens,
+            s.slo.tpot or 0.03,
+            s.num_output_tokens - 1,
+            now - s.times.first_token,
+        )
+        for s in seqs
+    ]
+    expected = DecodeLoad.of(requests, cfg.max_slack_borrow, cfg.catch_up_floor)
+    got = lanes.policy._decode_load(lanes.sched.running, now)
+    assert (got.batch, got.kv_tokens) == (expected.batch, expected.kv_tokens)
+    assert got.step_budget_s == pytest.approx(expected.step_budget_s, rel=1e-12)

@@ -85,6 +85,30 @@ def test_fast_forward_is_exact_with_prefix_caching():
         assert 0 < fast.stats["prefix_cache_hit_rate"] == slow.stats["prefix_cache_hit_rate"]
 
 
+@pytest.mark.parametrize("policy", ["static-split", "drift"])
+def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
+    """Long prompts land on running decodes: the decode steps that run under a prefill block are spanned up
+    to the block's end, and every token time matches stepping."""
+    from drift_agent.sim.instance import SimInstance
+
+    beside = []
+    try_span = SimInstance._try_span
+
+    def counting(self, *args, **kw):
+        span = try_span(self, *args, **kw)
+        if span is not None and kw.get("prefill_until") is not None:
+            beside.append(len(span.durations))
+        return span
+
+    monkeypatch.setattr(SimInstance, "_try_span", counting)
+    specs = mixed_long_and_chat(40, long_every=3)
+    base = SimSetup.build("llama-3-8b", "h100", policy=policy, slo_ttft_ms=4000, slo_tpot_ms=20)
+    fast = base.run(specs, 6.0)
+    assert beside and max(beside) > 1
+    slow = base.with_instance(fast_forward=False).run(specs, 6.0)
+    _assert_same_run(fast, slow)
+
+
 def _assert_same_run(fast, slow) -> None:
     assert fast.stats["fast_forwarded_steps"] > 0  # it did skip work
     assert slow.stats["fast_forwarded_steps"] == 0

@@ -193,7 +193,10 @@ class Scheduler:
         return self._scheduled(seq, n_new)
 
     def try_grow(self, seq: Sequence, num_new_tokens: int) -> ScheduledSeq | None:
-        if not self.bm.allocate(seq, num_new_tokens):
+        # The per-step case needs no allocation: the last block still has room (checked here, once per
+        # sequence per step, before calling into the block manager).
+        room = len(seq.block_table) * self.bm.block_size - seq.num_computed_tokens
+        if num_new_tokens > room and not self.bm.allocate(seq, num_new_tokens):
             return None
         return self._scheduled(seq, num_new_tokens)
 

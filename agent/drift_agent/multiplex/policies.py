@@ -1,7 +1,7 @@
 """The multiplexing policies, `drift` (adaptive) and `static-split` (fixed split, like semi-PD), as scheduler
 policies. Pure: they turn the scheduler's queues into a `DispatchState`, ask the `Dispatcher`, and act on its
-decision. A prefill runs as a *job* launched a few layers at a time across iterations while decode steps run
-beside it; `mux_loop.run_iteration` drives jobs and batches the same way for the real engine and the simulator.
+decision. A prefill runs as a *job* launched a few layers at a time while decode steps run beside it;
+`mux_loop.MuxLanes` drives jobs and batches the same way for the real engine and the simulator.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from .dispatcher import (
     InFlightPrefill,
     PrefillAction,
     PrefillRequest,
-    step_budget,
 )
 from .perf_model import PerfModel, PrefillShape
 
@@ -105,20 +104,19 @@ class MultiplexPolicy:
         batch = kv = 0
         budget = math.inf
         for seq in running:
-            # A step in flight on the decode lane still counts: its sequences decode next too.
-            if seq.is_prefilling:
+            n = len(seq.token_ids)
+            p = seq.num_prompt_tokens
+            # `seq.is_prefilling`, inlined (this loop runs once per sequence per decision). A step in flight on
+            # the decode lane still counts: its sequences decode next too.
+            if n - seq.num_computed_tokens > 1 or n == p:
                 continue
             batch += 1
-            n = len(seq.token_ids)
             kv += n
             first = seq.times.first_token
-            b = step_budget(
-                seq.slo.tpot or default,
-                max(n - seq.num_prompt_tokens - 1, 0),
-                0.0 if first is None else max(now - first, 0.0),
-                borrow,
-                floor,
-            )
+            t = seq.slo.tpot or default
+            # `step_budget(t, n - p - 1, elapsed, borrow, floor)`, inlined; n > p here.
+            slack = t * (n - p) - (0.0 if first is None or first > now else now - first)
+            b = min(max(slack, floor * t), borrow * t)
             if b < budget:
                 budget = b
         return DecodeLoad(batch, kv, budget) if batch else DecodeLoad()
@@ -155,6 +153,9 @@ class MultiplexPolicy:
         lane) the decode batch. With `decode_busy` the decision only stands if it launches prefill layers on
         the current `split`; otherwise nothing changes and `info["deferred"]` is set (the lanes sync first)."""
         out = SchedulerOutput()
+        if decode_busy and self.active is None and self.paused is None and not sched.waiting:
+            out.info = {"deferred": True}  # no prefill work: the decision could only be taken back
+            return out
         waiting = list(itertools.islice(sched.waiting, MAX_WAITING_CONSIDERED))
         if len(sched.running) >= sched.config.max_num_seqs:
             waiting = []  # no slot to admit into

@@ -13,6 +13,7 @@ does when it polls its lanes.
 
 from __future__ import annotations
 
+import functools
 import math
 from array import array
 from collections.abc import Callable
@@ -260,7 +261,7 @@ class SimInstance:
             if batch.num_seqs == len(sched.running) and batch.num_seqs <= self.config.max_num_batched_tokens:
                 after = [(i.seq.max_tokens - i.seq.num_output_tokens - 1, i.start + 2) for i in batch.items]
                 seqs = [i.seq for i in batch.items]
-                span = self._try_span(seqs, after, now, dt, horizon, self.perf.total_sms, posted=False)
+                span = self._try_span(seqs, after, now, dt, horizon, self.perf.total_sms)
                 if span is not None:
                     self.span = span
                     return span.ends[-1] - now
@@ -274,11 +275,11 @@ class SimInstance:
         dt: float,
         horizon: float,
         decode_sms: int,
-        posted: bool,
+        prefill_until: float | None = None,
     ) -> Span | None:
-        """Fast-forward a run of decode steps. The policy has just scheduled (sequential policies) or run
-        (multiplexed ones) a decode step of every running sequence, with nothing waiting (or nothing
-        admissible: all sequence slots taken) and no prefill started. Until the next event that could add work
+        """Fast-forward a run of decode steps. The policy has just scheduled a decode step of every running
+        sequence, with nothing waiting (or nothing admissible: all sequence slots taken) and no prefill
+        started. Until the next event that could add work
         (`horizon`), and while the KV pool holds every sequence's growth, the policy would schedule exactly
         that step again each time, minus the sequences that reach their length (decode all; no prefill, no
         preemption, the same split). So those steps are applied at once, each step's latency from the
@@ -286,27 +287,43 @@ class SimInstance:
         with step-by-step simulation, prefix caching included (blocks are popped from the free list's head,
         so a span takes the same blocks, and frees them in the same order, as the steps it replaces).
 
-        `after`: (tokens still to generate after the first step, context of the second step) per sequence;
-        `posted`: whether the first step's tokens are posted already (else its KV slot is allocated)."""
+        Multiplexed, `prefill_until`: the steps run beside a prefill block that completes then. Until it does,
+        the lanes relaunch the decode step with no decision (the queue does not matter), contended; the span
+        holds the steps that *end* before it, so the block's completion sees the same state as stepping.
+
+        `after`: (tokens still to generate after the first step, context of the second step) per sequence.
+        The first step's KV slot is allocated (scheduled, not posted)."""
         sched = self.sched
-        # Requests waiting while every sequence slot is taken cannot be admitted until one finishes: the span
-        # then ends at the first finish (the next step may admit).
-        blocked = bool(sched.waiting)
-        if blocked and len(seqs) < self.config.max_num_seqs:
-            return None
-        stop = blocked or self._finish_is_event
-        further = decode_run(after, now + dt, horizon, stop, self.perf.decode_time, decode_sms)
+        decode_time = self.perf.decode_time
+        if prefill_until is None:
+            # Requests waiting while every sequence slot is taken cannot be admitted until one finishes: the
+            # span then ends at the first finish (the next step may admit).
+            blocked = bool(sched.waiting)
+            if blocked and len(seqs) < self.config.max_num_seqs:
+                return None
+            stop = blocked or self._finish_is_event
+        else:
+            if now + dt >= prefill_until:
+                return None
+            horizon = min(horizon, prefill_until)
+            stop = self._finish_is_event
+            decode_time = functools.partial(decode_time, contended=True)
+        further = decode_run(after, now + dt, horizon, stop, decode_time, decode_sms)
+        if prefill_until is not None:
+            end = now + dt
+            for i, d in enumerate(further):
+                end += d
+                if end >= prefill_until:
+                    del further[i:]
+                    break
         if not further:
             return None
         k = len(further)  # steps after the first
         bm = self.bm
         need = 0
-        first = 0 if posted else 1
         for seq, (left, _) in zip(seqs, after, strict=True):
             if left > 0:
-                need += bm.blocks_needed(seq.num_computed_tokens + first + min(left, k)) - len(
-                    seq.block_table
-                )
+                need += bm.blocks_needed(seq.num_computed_tokens + 1 + min(left, k)) - len(seq.block_table)
         if need > bm.num_free_blocks:
             return None
         durations = array("d", [dt])
@@ -372,23 +389,31 @@ class SimInstance:
         return min(e for e in (self._decode_end, self._prefill_end) if e is not None)
 
     def _try_mux_span(self, launch: LaneLaunch, now: float, dt: float, horizon: float) -> Span | None:
-        """A span from a decode-only launch with no prefill job in flight, paused or starting: the dispatcher
-        decides the same again (decode alone, same split) at each step end until something can start a
-        prefill."""
+        """A span of decode steps: beside a prefill block in flight, the steps that end before it does (the
+        lanes relaunch decode without a decision); or from a decode-only launch with no prefill job in
+        flight, paused or starting, while the dispatcher would decide the same again (decode alone, same
+        split) at each step end until something can start a prefill."""
         policy, sched = self.policy, self.sched
+        batch = launch.decode
+        assert batch is not None and launch.split is not None
+        # Step 1 is scheduled, not posted: after it, sequence s has (left - 1) tokens to go.
+        after = [(i.seq.max_tokens - i.seq.num_output_tokens - 1, i.start + 2) for i in batch.items]
+        if self.lanes.prefill is not None:
+            if launch.preempted or self._prefill_end is None:
+                return None
+            seqs = [i.seq for i in batch.items]
+            return self._try_span(
+                seqs, after, now, dt, horizon, launch.split.decode_sms, prefill_until=self._prefill_end
+            )
         decision = launch.decision
         if decision is None or decision.mode not in ("decode-only", "static") or launch.preempted:
             return None
         if policy.active is not None or policy.paused is not None or launch.new_job is not None:
             return None
-        batch = launch.decode
-        assert batch is not None and launch.split is not None
         if batch.num_seqs != len(sched.running):
             return None
-        # Step 1 is scheduled, not posted: after it, sequence s has (left - 1) tokens to go.
         seqs = [i.seq for i in batch.items]
-        after = [(i.seq.max_tokens - i.seq.num_output_tokens - 1, i.start + 2) for i in batch.items]
-        return self._try_span(seqs, after, now, dt, horizon, launch.split.decode_sms, posted=False)
+        return self._try_span(seqs, after, now, dt, horizon, launch.split.decode_sms)
 
     def complete_step(self, now: float) -> list[Sequence]:
         """End the running step at `now`: the sequences it advanced (token appended, prompt progressed or
