@@ -364,8 +364,7 @@ class LLMEngine:
     def _step_multiplexed(self, now: float) -> list[RequestOutput]:
         """Launch on the free lanes, wait for the first lane to finish, post it (`multiplex.mux_loop`). The
         other lane may still be running when this returns; the next step picks it up."""
-        from ..multiplex.mux_loop import MuxLanes
-        from ..multiplex.perf_model import PrefillShape
+        from ..multiplex.mux_loop import MuxLanes, decode_step_time, prefill_block_time
 
         self._mux_context()
         executor = self._mux[1]
@@ -379,16 +378,13 @@ class LLMEngine:
         if launch.prefill is not None and launch.prefill_layers > 0:
             job, layers = launch.prefill, launch.prefill_layers
             executor.launch_prefill(launch.split, job, layers)
-            shapes = [PrefillShape(i.num_new_tokens, i.start) for i in job.batch.items]
-            self._predicted["prefill"] = perf.prefill_layers_time(
-                shapes, launch.split.prefill_sms, job.layers_done, layers, contended=lanes.decode is not None
+            self._predicted["prefill"] = prefill_block_time(
+                perf, launch.split, job, layers, contended=lanes.decode is not None
             )
         if launch.decode is not None:
-            batch = launch.decode
-            executor.launch_decode(launch.split, batch)
-            kv = sum(i.start + 1 for i in batch.items)
-            self._predicted["decode"] = perf.decode_time(
-                batch.num_seqs, kv, launch.split.decode_sms, contended=lanes.prefill is not None
+            executor.launch_decode(launch.split, launch.decode)
+            self._predicted["decode"] = decode_step_time(
+                perf, launch.split, launch.decode, contended=lanes.prefill is not None
             )
         decision = launch.decision
         deferred = launch.output is not None and launch.output.info.get("deferred")

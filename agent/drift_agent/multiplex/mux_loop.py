@@ -24,7 +24,24 @@ from typing import Any
 from ..engine.scheduler import Batch, Scheduler, SchedulerOutput
 from ..engine.sequence import Sequence
 from ..partition.base import Split
+from .perf_model import PerfModel
 from .policies import MultiplexPolicy, PrefillJob
+
+
+def decode_step_time(perf: PerfModel, split: Split, batch: Batch, contended: bool) -> float:
+    """Predicted latency of a decode step launched on `split` (`contended`: the prefill lane is busy)."""
+    kv = 0
+    for item in batch.items:
+        kv += item.start + 1
+    return perf.decode_time(batch.num_seqs, kv, split.decode_sms, contended=contended)
+
+
+def prefill_block_time(perf: PerfModel, split: Split, job: PrefillJob, layers: int, contended: bool) -> float:
+    """Predicted latency of `layers` layers of `job` from its next layer, on `split` (`contended`: the decode
+    lane is busy)."""
+    return perf.prefill_layers_time(
+        job.shapes, split.prefill_sms, job.layers_done, layers, contended=contended
+    )
 
 
 @dataclass

@@ -39,6 +39,11 @@ class PrefillJob:
     ttft_deadline_s: float
     layers_done: int = 0
     job_id: int = field(default_factory=lambda: next(_job_ids))
+    # The batch's prefill shapes, for the performance model (a job's items do not change).
+    shapes: tuple[PrefillShape, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shapes = tuple(PrefillShape(i.num_new_tokens, i.start) for i in self.batch.items)
 
     @property
     def done(self) -> bool:
@@ -47,7 +52,7 @@ class PrefillJob:
     def as_in_flight(self) -> InFlightPrefill:
         return InFlightPrefill(
             request_ids=tuple(i.seq.request_id for i in self.batch.items),
-            shapes=tuple(PrefillShape(i.num_new_tokens, i.start) for i in self.batch.items),
+            shapes=self.shapes,
             layers_done=self.layers_done,
             ttft_deadline_s=self.ttft_deadline_s,
         )

@@ -22,6 +22,7 @@ block hashes chain from the session's own prompt).
 from __future__ import annotations
 
 from ..engine.scheduler import Batch
+from ..multiplex.mux_loop import decode_step_time, prefill_block_time
 from ..multiplex.perf_model import FittedPerfModel, PerfModel, PrefillShape
 from ..multiplex.policies import PrefillJob
 from ..partition.base import Split
@@ -84,34 +85,16 @@ class SimExecutor:
 
 
 class SimMuxExecutor:
-    """The lanes' latencies on the virtual clock: a decode step on the split's decode SMs, a block of prefill
-    layers on its prefill SMs, each slowed by the model's contention factor when the other lane is busy at
-    its launch (the factor is fixed for the whole step or block)."""
+    """The lanes' latencies on the virtual clock (`mux_loop.decode_step_time` / `prefill_block_time`): each
+    lane's contention factor is fixed at its launch, by whether the other lane is busy then."""
 
     def __init__(self, model: PerfModel) -> None:
         self.model = model
-        self._shapes: dict[int, list[PrefillShape]] = {}
-
-    def start_prefill(self, job: PrefillJob) -> None:
-        self._shapes[job.job_id] = [PrefillShape(i.num_new_tokens, i.start) for i in job.batch.items]
-
-    def finish_prefill(self, job: PrefillJob) -> None:
-        self._shapes.pop(job.job_id, None)
 
     def decode(self, split: Split, batch: Batch, contended: bool) -> float:
-        kv = 0
-        for item in batch.items:
-            kv += item.start + 1
-        return self.model.decode_time(batch.num_seqs, kv, split.decode_sms, contended=contended)
+        return decode_step_time(self.model, split, batch, contended)
 
     def prefill(self, split: Split, job: PrefillJob, layers: int, contended: bool) -> tuple[float, Sampled]:
         """(latency, sampled tokens) of `layers` layers of `job`; tokens only when they complete it."""
-        shapes = self._shapes.get(job.job_id)
-        if shapes is None:  # a job started before this executor existed (policy switch)
-            self.start_prefill(job)
-            shapes = self._shapes[job.job_id]
-        t = self.model.prefill_layers_time(
-            shapes, split.prefill_sms, job.layers_done, layers, contended=contended
-        )
-        skip = {i.seq.seq_id for i in job.batch.items if i.end != i.seq.num_tokens}
-        return t, Sampled(skip)
+        t = prefill_block_time(self.model, split, job, layers, contended)
+        return t, Sampled({i.seq.seq_id for i in job.batch.items if not i.samples})

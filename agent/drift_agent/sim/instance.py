@@ -229,71 +229,67 @@ class SimInstance:
             return None
         self.span = None
         self._finish_is_event = finish_is_event
-        if self.multiplexing:
-            end = self._start_mux(now, horizon)
-            if end is None:
-                return None
-        else:
-            dt = self._start_sequential(now, horizon)
-            if dt is None:
-                return None
-            if self.span is None:
-                self.num_steps += 1
-            else:
-                self.num_steps += len(self.span.durations)
-                self.num_fast_forwarded += len(self.span.durations) - 1
-            end = now + dt
+        end = self._start_mux(now, horizon) if self.multiplexing else self._start_sequential(now, horizon)
+        if end is None:
+            return None
         self.busy = True
         self.busy_time += end - now
         self.step_end = end
         return end
 
+    def _count_steps(self, steps: int) -> None:
+        """`steps` launched at once: one, or a span's (all but the first fast-forwarded)."""
+        self.num_steps += steps
+        self.num_fast_forwarded += steps - 1
+
     def _start_sequential(self, now: float, horizon: float) -> float | None:
+        """Schedule and launch one batch on the whole device; when it (or its span) ends."""
         out = self.sched.schedule(now)
         if not out.batches:
             return None
         batch = out.batches[0]
         dt, sampled = self.executor.batch(batch)
         self._batch, self._sampled = batch, sampled
-        if self.fast_forward and batch.phase == "decode" and now + dt < horizon and not out.preempted:
-            # Step 1 is scheduled, not posted: after it, sequence s has (left - 1) tokens to go.
+        end = now + dt
+        if self.fast_forward and batch.phase == "decode" and end < horizon and not out.preempted:
             sched = self.sched
             if batch.num_seqs == len(sched.running) and batch.num_seqs <= self.config.max_num_batched_tokens:
-                after = [(i.seq.max_tokens - i.seq.num_output_tokens - 1, i.start + 2) for i in batch.items]
-                seqs = [i.seq for i in batch.items]
-                span = self._try_span(seqs, after, now, dt, horizon, self.perf.total_sms)
-                if span is not None:
-                    self.span = span
-                    return span.ends[-1] - now
-        return dt
+                self.span = self._try_span(batch, now, dt, horizon, self.perf.total_sms)
+        if self.span is not None:
+            end = self.span.ends[-1]
+        self._count_steps(len(self.span.durations) if self.span is not None else 1)
+        return end
 
     def _try_span(
         self,
-        seqs: list[Sequence],
-        after: list[tuple[int, int]],
+        batch: Batch,
         now: float,
         dt: float,
         horizon: float,
         decode_sms: int,
         prefill_until: float | None = None,
     ) -> Span | None:
-        """Fast-forward a run of decode steps. The policy has just scheduled a decode step of every running
-        sequence, with nothing waiting (or nothing admissible: all sequence slots taken) and no prefill
-        started. Until the next event that could add work
-        (`horizon`), and while the KV pool holds every sequence's growth, the policy would schedule exactly
-        that step again each time, minus the sequences that reach their length (decode all; no prefill, no
-        preemption, the same split). So those steps are applied at once, each step's latency from the
+        """Fast-forward a run of decode steps after `batch`, a decode step of every running sequence just
+        scheduled (its KV slots allocated, its tokens not posted), with nothing waiting (or nothing
+        admissible: all sequence slots taken) and no prefill started. Until the next event that could add
+        work (`horizon`), and while the KV pool holds every sequence's growth, the policy would schedule
+        exactly that step again each time, minus the sequences that reach their length (decode all; no
+        prefill, no preemption, the same split). So those steps are applied at once, each step's latency from the
         performance model for the sequences still running in it. Exact: a test compares every token time
         with step-by-step simulation, prefix caching included (blocks are popped from the free list's head,
         so a span takes the same blocks, and frees them in the same order, as the steps it replaces).
 
         Multiplexed, `prefill_until`: the steps run beside a prefill block that completes then. Until it does,
         the lanes relaunch the decode step with no decision (the queue does not matter), contended; the span
-        holds the steps that *end* before it, so the block's completion sees the same state as stepping.
-
-        `after`: (tokens still to generate after the first step, context of the second step) per sequence.
-        The first step's KV slot is allocated (scheduled, not posted)."""
+        holds the steps that *end* before it, so the block's completion sees the same state as stepping."""
         sched = self.sched
+        seqs = [i.seq for i in batch.items]
+        # After the first step, sequence s has (left - 1) tokens to go, and the second step's context is
+        # one past the first's.
+        after = [
+            (s.max_tokens - s.num_output_tokens - 1, i.start + 2)
+            for s, i in zip(seqs, batch.items, strict=True)
+        ]
         decode_time = self.perf.decode_time
         if prefill_until is None:
             # Requests waiting while every sequence slot is taken cannot be admitted until one finishes: the
@@ -355,20 +351,18 @@ class SimInstance:
 
     def _start_mux(self, now: float, horizon: float) -> float | None:
         """Launch on the free lanes (`MuxLanes.launch`, as the engine does); when the next lane completes, or
-        None when neither lane has work. A decode span only starts with the prefill lane idle and nothing to
-        prefill, so it never overlaps a prefill block."""
+        None when neither lane has work. A decode span beside a prefill block ends before the block does, so
+        the next event is always one lane's completion, never both."""
         lanes, executor = self.lanes, self.executor
         launch = lanes.launch(now)
         split = launch.split
-        if launch.new_job is not None:
-            executor.start_prefill(launch.new_job)
         if launch.prefill is not None and launch.prefill_layers > 0:
             assert split is not None
             dt, self._prefill_sampled = executor.prefill(
                 split, launch.prefill, launch.prefill_layers, contended=lanes.decode is not None
             )
             self._prefill_end = now + dt
-            self.num_steps += 1
+            self._count_steps(1)
         if launch.decode is not None:
             assert split is not None
             dt = executor.decode(split, launch.decode, contended=lanes.prefill is not None)
@@ -380,8 +374,7 @@ class SimInstance:
                     self.span = span
                     steps = len(span.durations)
                     self._decode_end = span.ends[-1]
-            self.num_steps += steps
-            self.num_fast_forwarded += steps - 1
+            self._count_steps(steps)
             key = (split.prefill_sms, split.decode_sms)
             self.splits_used[key] = self.splits_used.get(key, 0) + steps
         if not lanes.busy:
@@ -396,14 +389,12 @@ class SimInstance:
         policy, sched = self.policy, self.sched
         batch = launch.decode
         assert batch is not None and launch.split is not None
-        # Step 1 is scheduled, not posted: after it, sequence s has (left - 1) tokens to go.
-        after = [(i.seq.max_tokens - i.seq.num_output_tokens - 1, i.start + 2) for i in batch.items]
         if self.lanes.prefill is not None:
-            if launch.preempted or self._prefill_end is None:
+            assert self._prefill_end is not None
+            if launch.preempted:
                 return None
-            seqs = [i.seq for i in batch.items]
             return self._try_span(
-                seqs, after, now, dt, horizon, launch.split.decode_sms, prefill_until=self._prefill_end
+                batch, now, dt, horizon, launch.split.decode_sms, prefill_until=self._prefill_end
             )
         decision = launch.decision
         if decision is None or decision.mode not in ("decode-only", "static") or launch.preempted:
@@ -412,8 +403,7 @@ class SimInstance:
             return None
         if batch.num_seqs != len(sched.running):
             return None
-        seqs = [i.seq for i in batch.items]
-        return self._try_span(seqs, after, now, dt, horizon, launch.split.decode_sms)
+        return self._try_span(batch, now, dt, horizon, launch.split.decode_sms)
 
     def complete_step(self, now: float) -> list[Sequence]:
         """End the running step at `now`: the sequences it advanced (token appended, prompt progressed or
@@ -444,8 +434,6 @@ class SimInstance:
                 _, advanced = lanes.decode_done(ALL_SAMPLED)
         if self._prefill_end is not None and self._prefill_end <= now:
             self._prefill_end = None
-            job, seqs = lanes.prefill_done(self._prefill_sampled)
-            if job.done:
-                self.executor.finish_prefill(job)
+            _, seqs = lanes.prefill_done(self._prefill_sampled)
             advanced = advanced + seqs
         return advanced
