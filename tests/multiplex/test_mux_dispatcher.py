@@ -379,3 +379,71 @@ def test_priority_goes_before_deadline_order():
         state(waiting=[req("early", 500, 1.0), req("x", 500, 9.0)])
     )
     assert d.launch_ids == ("early",)
+
+
+# ---- rule 7: just enough prefill when sequence slots are the bottleneck --------------------------------------
+
+
+def _prefill_s(tokens: int, sms: int) -> float:
+    return SynthModel().prefill_time(PrefillShape(tokens), sms, contended=True)
+
+
+def test_slot_bound_decode_keeps_the_sms_prefill_does_not_need() -> None:
+    """A loose TPOT lets rule 1 give prefill 112 SMs; with requests waiting for a slot and a prefill that has
+    time to spare, decode keeps the most SMs of any mixed split instead."""
+    w = [req("a", 1000, 5.0)]
+    free = Dispatcher(SynthModel()).decide(state(decode=decodes(8, tpot=0.1), waiting=w))
+    assert free.split == Split(112, 20) and free.mode == "multiplex"
+    bound = Dispatcher(SynthModel()).decide(state(decode=decodes(8, tpot=0.1), waiting=w, slot_bound=True))
+    assert bound.split == Split(72, 60) and bound.mode == "multiplex" and bound.launch_ids == ("a",)
+    assert bound.predicted_decode_step_s < free.predicted_decode_step_s
+    assert bound.predicted_ttft_s["a"] == pytest.approx(_prefill_s(1000, 72))
+    off = Dispatcher(SynthModel(), DispatcherConfig(prefill_slack_share=0.0))
+    assert off.decide(state(decode=decodes(8, tpot=0.1), waiting=w, slot_bound=True)).split == Split(112, 20)
+
+
+def test_slot_bound_prefill_keeps_what_its_deadline_needs() -> None:
+    """Deadline 0.3 s, half of it usable: 1000 tokens need 104 prefill SMs (96 would take too long)."""
+    d = Dispatcher(SynthModel()).decide(
+        state(decode=decodes(8, tpot=0.1), waiting=[req("a", 1000, 0.3)], slot_bound=True)
+    )
+    assert d.split == Split(104, 28)
+    assert _prefill_s(1000, 104) <= 0.15 < _prefill_s(1000, 96)
+
+
+def test_slot_bound_counts_the_queue_behind_the_plan() -> None:
+    """One request per batch: `a` alone could take 72 SMs, but `b` must still fit within its deadline after
+    it (whole-device work 0.1 + 0.2 s, half of b's 1 s of slack), so prefill keeps 88 SMs."""
+    cfg = DispatcherConfig(max_prefill_batch=1)
+    alone = Dispatcher(SynthModel(), cfg).decide(
+        state(decode=decodes(8, tpot=0.1), waiting=[req("a", 1000, 0.6)], slot_bound=True)
+    )
+    assert alone.split == Split(72, 60)
+    queued = Dispatcher(SynthModel(), cfg).decide(
+        state(
+            decode=decodes(8, tpot=0.1),
+            waiting=[req("a", 1000, 0.6), req("b", 2000, 1.0)],
+            slot_bound=True,
+        )
+    )
+    assert queued.launch_ids == ("a",) and queued.split == Split(88, 44)
+    allowed = 0.5 * 1.0 / 0.3 * 0.1  # b's limit on the slowdown, applied to a's whole-device time
+    assert _prefill_s(1000, 88) <= allowed < _prefill_s(1000, 80)
+
+
+def test_slot_bound_late_prefills_do_not_take_decode_sms() -> None:
+    """Every waiting request has already missed its TTFT: prefill speed gains nothing, decode gets the most."""
+    d = Dispatcher(SynthModel()).decide(
+        state(now_s=2.0, decode=decodes(8, tpot=0.1), waiting=[req("a", 1000, 1.0)], slot_bound=True)
+    )
+    assert d.split == Split(72, 60) and d.launch_ids == ("a",)
+
+
+def test_slot_bound_respects_the_decode_budget() -> None:
+    """Rule 7 only moves towards more decode SMs; a budget rule 1 could not meet still degrades by rule 6."""
+    d = Dispatcher(SynthModel()).decide(
+        state(decode=decodes(64, tpot=0.004), waiting=[req("a", 1000, 5.0)], slot_bound=True)
+    )
+    assert d.mode == "decode-first"
+    with pytest.raises(ValueError):
+        DispatcherConfig(prefill_slack_share=1.5)

@@ -162,3 +162,24 @@ def test_decode_load_matches_the_dispatchers_definition() -> None:
     got = lanes.policy._decode_load(lanes.sched.running, now)
     assert (got.batch, got.kv_tokens) == (expected.batch, expected.kv_tokens)
     assert got.step_budget_s == pytest.approx(expected.step_budget_s, rel=1e-12)
+
+
+def test_dispatcher_sees_only_requests_a_free_slot_can_take() -> None:
+    """Requests beyond the free sequence slots wait for decodes to finish, not for prefill: the dispatcher is
+    offered only as many as there are slots, and told the queue is slot-bound."""
+    model = SynthModel()
+    ctx = MuxContext(model, SPLITS, model.num_layers, default_ttft_s=60.0, default_tpot_s=0.03)
+    policy = MultiplexPolicy("drift", ctx, DispatcherConfig())
+    sched = Scheduler(SchedulerConfig(max_model_len=8192, max_num_seqs=3), BlockManager(2000, 16), policy)
+    lanes = MuxLanes(sched)
+    seen = []
+    decide = policy.dispatcher.decide
+    policy.dispatcher.decide = lambda st: seen.append(st) or decide(st)  # type: ignore[method-assign]
+    for i in range(5):
+        add(lanes, f"r{i}", 16, 50)
+    launch = lanes.launch(0.0)
+    assert [r.request_id for r in seen[-1].waiting] == ["r0", "r1", "r2"] and seen[-1].slot_bound
+    assert [i.seq.request_id for i in launch.prefill.batch.items] == ["r0", "r1", "r2"]
+    lanes.prefill_done(tokens(launch.prefill.batch))
+    lanes.launch(0.1)
+    assert seen[-1].waiting == [] and seen[-1].slot_bound

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from drift_agent.bench.metrics import SLO
+from drift_agent.bench.workloads import WorkloadParams, generate
+from drift_agent.multiplex import policies
 from drift_agent.sim import LoadSpec, SimSetup, simulate_rate
 
 from .helpers import mixed_long_and_chat
@@ -37,3 +43,27 @@ def test_drift_uses_several_splits_and_static_split_one():
     mixed = [s for s in used["static-split"] if s[0] and s[1]]
     assert len(mixed) == 1  # one fixed mixed split (plus the whole device when only one phase has work)
     assert len(used["drift"]) >= 2
+
+
+def test_drift_keeps_throughput_when_sequence_slots_are_the_bottleneck(monkeypatch: pytest.MonkeyPatch):
+    """Short prompts, long answers, a loose TPOT (100 ms) and more load than 256 slots turn over: rule 1 alone
+    (the smallest decode share meeting TPOT) gives decode 20 of 132 SMs, every step crawls, slots free slowly
+    and the queue grows. Rule 7 (just enough prefill while requests wait for a slot) keeps drift at
+    static-split's throughput; without it (prefill_slack_share=0) the collapse shows."""
+    specs = generate("random", 1000, 0, WorkloadParams(input_len=128, output_len=256, range_ratio=0.5))
+    load = LoadSpec(slo=SLO(ttft_ms=1000, tpot_ms=100))
+
+    def run(policy: str) -> dict:
+        setup = SimSetup.build("llama-3-8b", "h100", policy=policy, slo_ttft_ms=1000, slo_tpot_ms=100)
+        return simulate_rate(setup, specs, 40.0, load).summary
+
+    static, drift = run("static-split"), run("drift")
+    assert drift["slo_attainment"] >= 0.95 and drift["p90_ttft_ms"] < 1000
+    assert drift["request_throughput"] >= 0.95 * static["request_throughput"]
+    orig = policies.dispatcher_config
+    monkeypatch.setattr(
+        policies, "dispatcher_config", lambda n, p: dataclasses.replace(orig(n, p), prefill_slack_share=0.0)
+    )
+    rule1 = run("drift")
+    assert rule1["slo_attainment"] < 0.8 and rule1["p90_ttft_ms"] > 4 * drift["p90_ttft_ms"]
+    assert rule1["request_throughput"] < 0.9 * drift["request_throughput"]

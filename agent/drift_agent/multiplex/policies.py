@@ -161,9 +161,9 @@ class MultiplexPolicy:
         if decode_busy and self.active is None and self.paused is None and not sched.waiting:
             out.info = {"deferred": True}  # no prefill work: the decision could only be taken back
             return out
-        waiting = list(itertools.islice(sched.waiting, MAX_WAITING_CONSIDERED))
-        if len(sched.running) >= sched.config.max_num_seqs:
-            waiting = []  # no slot to admit into
+        # Only as many as there are sequence slots: the rest wait for decodes to finish, not for prefill.
+        slots = sched.config.max_num_seqs - len(sched.running)
+        waiting = list(itertools.islice(sched.waiting, max(0, min(slots, MAX_WAITING_CONSIDERED))))
         state = DispatchState(
             now_s=now,
             splits=self.splits,
@@ -172,6 +172,7 @@ class MultiplexPolicy:
             free_kv_blocks=sched.bm.num_free_blocks - sched.admission_reserve,
             in_flight=self.active.as_in_flight() if self.active else None,
             paused=self.paused.as_in_flight() if self.paused else None,
+            slot_bound=len(sched.waiting) > slots,
         )
         stalled = self.dispatcher.prefill_stall_steps
         decision = self.dispatcher.decide(state)
