@@ -516,7 +516,10 @@ class Dispatcher:
             t = model.decode_time(batch, kv, s.decode_sms, contended=True)
             if t * (1.0 + cfg.tpot_margin) > budget:
                 continue
-            if model.prefill_layers_time(plan.shapes, s.prefill_sms, start, layers, contended=True) <= allowed:
+            if (
+                model.prefill_layers_time(plan.shapes, s.prefill_sms, start, layers, contended=True)
+                <= allowed
+            ):
                 return s
         return fastest
 
