@@ -46,17 +46,31 @@ def _admit_waiting(
 
 
 def decode_all(sched: Scheduler, budget: int, preempted: list) -> tuple[list[ScheduledSeq], int]:
-    """One token for every running, decoding sequence, oldest first; the newest are preempted for room."""
+    """One token for every running, decoding sequence, oldest first; the newest are preempted for room.
+
+    This runs once per step over the whole running batch (and once per simulated step), so the common case
+    is inlined: a decoding sequence whose last block still has a free slot is scheduled without calls."""
     items: list[ScheduledSeq] = []
+    append = items.append
+    block_size = sched.bm.block_size
+    running = SequenceStatus.RUNNING
     for seq in list(sched.running):
         if budget <= 0:
             break
-        if seq.in_flight or seq.is_prefilling or seq.status is not SequenceStatus.RUNNING:
+        if seq.in_flight or seq.status is not running:
             continue
-        item = sched.grow_or_preempt(seq, 1, preempted)
-        if item is not None:
-            items.append(item)
-            budget -= 1
+        n, computed = len(seq.token_ids), seq.num_computed_tokens
+        if n - computed > 1 or n == seq.num_prompt_tokens:  # still prefilling (`seq.is_prefilling`)
+            continue
+        if len(seq.block_table) * block_size > computed:
+            seq.in_flight = True  # as `Scheduler.try_grow` with room in the last block
+            append(ScheduledSeq(seq, computed, 1))
+        else:
+            item = sched.grow_or_preempt(seq, 1, preempted)
+            if item is None:
+                continue
+            append(item)
+        budget -= 1
     return items, budget
 
 

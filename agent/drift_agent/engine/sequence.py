@@ -120,9 +120,10 @@ class Sequence:
         n_out = len(self.token_ids) - self.num_prompt_tokens
         if n_out == 0:
             return False
-        last = self.token_ids[-1]
         params = self.params
-        if n_out >= params.min_tokens:
+        # (Token checks only where a token can stop: this runs once per sequence per step.)
+        if n_out >= params.min_tokens and (params.stop_token_ids or not params.ignore_eos):
+            last = self.token_ids[-1]
             if not params.ignore_eos and last in self.eos_token_ids:
                 self.finish_reason, self.stop_reason = FinishReason.STOP, None
                 return True

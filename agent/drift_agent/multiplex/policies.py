@@ -119,11 +119,15 @@ class MultiplexPolicy:
             kv += n
             first = seq.times.first_token
             t = seq.slo.tpot or default
-            # `step_budget(t, n - p - 1, elapsed, borrow, floor)`, inlined; n > p here.
-            slack = t * (n - p) - (0.0 if first is None or first > now else now - first)
-            b = min(max(slack, floor * t), borrow * t)
-            if b < budget:
-                budget = b
+            # `step_budget(t, n - p - 1, elapsed, borrow, floor)`, inlined; n > p here. The clamp can only
+            # lower the budget if the slack or the borrow cap is below it, so most sequences stop at the test.
+            slack = t * (n - p) if first is None or first > now else t * (n - p) - (now - first)
+            hi = borrow * t
+            if slack < budget or hi < budget:
+                lo = floor * t
+                b = lo if slack < lo else (hi if slack > hi else slack)
+                if b < budget:
+                    budget = b
         return DecodeLoad(batch, kv, budget) if batch else DecodeLoad()
 
     def _prefill_request(self, sched: Scheduler, seq: Sequence) -> PrefillRequest:

@@ -307,7 +307,7 @@ class Cluster:
             req = by_seq.get(seq.seq_id)
             if req is None:
                 continue
-            n = seq.num_output_tokens
+            n = len(seq.token_ids) - seq.num_prompt_tokens  # `seq.num_output_tokens`, inlined (hot loop)
             at = t
             if span is not None:
                 k = n - req.n_out
