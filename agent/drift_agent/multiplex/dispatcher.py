@@ -28,9 +28,9 @@ Rules (mode `slo`):
    decode waits), and the count restarts. So TTFT degrades boundedly and TPOT degrades only on the turn steps.
 7. *Just enough prefill when slots are the bottleneck.* Rule 1's split is the fastest prefill the decode budget
    allows. When more requests wait than there are free sequence slots (`DispatchState.slot_bound`), decode
-   speed is what admits them, so when the planned prefill does not need rule 1's share, decode keeps more SMs: the mixed split with the most decode SMs on which the
-   planned prefill, and after it each admissible waiting request in EDF order, still finishes within
-   `prefill_slack_share` of its slack to its TTFT deadline. Why: with a loose TPOT target rule 1 hands prefill
+   speed is what admits them, so when the planned prefill does not need rule 1's share, decode keeps more SMs:
+   the mixed split with the most decode SMs on which the planned prefill, and after it each admissible waiting
+   request in EDF order, still finishes within `prefill_slack_share` of its slack to its TTFT deadline. Why: with a loose TPOT target rule 1 hands prefill
    most of the device for a prompt that needs a few milliseconds of it, while every running decode step crawls
    on the remainder; with the slots full that caps throughput at slots / (output length x step time), and the
    queue grows without bound (simulated ShareGPT-like at 40 req/s, TPOT 100 ms: P90 TTFT 84 s before this
