@@ -30,12 +30,13 @@ Rules (mode `slo`):
    allows. When more requests wait than there are free sequence slots (`DispatchState.slot_bound`), decode
    speed is what admits them, so when the planned prefill does not need rule 1's share, decode keeps more SMs:
    the mixed split with the most decode SMs on which the planned prefill, and after it each admissible waiting
-   request in EDF order, still finishes within `prefill_slack_share` of its slack to its TTFT deadline. Why: with a loose TPOT target rule 1 hands prefill
-   most of the device for a prompt that needs a few milliseconds of it, while every running decode step crawls
-   on the remainder; with the slots full that caps throughput at slots / (output length x step time), and the
-   queue grows without bound (simulated ShareGPT-like at 40 req/s, TPOT 100 ms: P90 TTFT 84 s before this
-   rule, 46 ms after; static-split 47 ms). With free slots, prefill speed is what serves the queue and rule 1
-   stands (applied there, this rule cost 8% of the paper-regime goodput).
+   request in EDF order, still finishes within `prefill_slack_share` of its slack to its TTFT deadline. Why:
+   with a loose TPOT target rule 1 hands prefill most of the device for a prompt that needs a few milliseconds
+   of it, while every running decode step crawls on the remainder; with the slots full that caps throughput at
+   slots / (output length x step time), and the queue grows without bound (simulated ShareGPT-like at 40 req/s,
+   TPOT 100 ms: P90 TTFT 84 s before this rule, 0.45 s after; static-split 47 ms). With free slots, prefill
+   speed is what serves the queue and rule 1 stands (applied there too, this rule cost 8% of the paper-regime
+   goodput).
 
 Mode `static` (the `static-split` policy, for comparisons): one fixed split for both phases, whatever the load;
 prefill selection and layer blocks as above.
@@ -466,7 +467,8 @@ class Dispatcher:
         )
 
     def _plan_deadline(self, state: DispatchState, plan: _Plan) -> float:
-        """The earliest TTFT deadline the planned prefill can still meet on rule 1's split (inf: none)."""
+        """The earliest TTFT deadline in the planned prefill that can still be met (for a new batch, judged by
+        whole-device prefill time as rule 3 does; inf: none)."""
         if plan.action == PrefillAction.LAUNCH:
             live = [r.ttft_deadline_s for r in plan.launch if not self._hopeless(r, state.now_s)]
             return min(live, default=math.inf)
@@ -486,14 +488,14 @@ class Dispatcher:
         """Rule 7: the mixed split with the most decode SMs that meets the decode budget and on which the
         planned prefill, and then the waiting ones in EDF order, each finish within `prefill_slack_share` of
         their slack; `fastest` (rule 1's split) when none does or the plan overtakes (urgent by construction).
-        The queue is costed by its whole-device times scaled by the plan's
-        slowdown on the split (one pass over it, memoised times)."""
+        The queue is costed by its whole-device times scaled by the plan's slowdown on the split (one pass
+        over it, with memoised times)."""
         cfg, model, now = self.config, self.model, state.now_s
         share = cfg.prefill_slack_share
         if share <= 0 or plan.action == PrefillAction.OVERTAKE:
             return fastest
         start, layers = plan.start_layer, model.num_layers - plan.start_layer
-        work = model.prefill_layers_time(plan.shapes, model.total_sms, start, layers)
+        plan_work = work = model.prefill_layers_time(plan.shapes, model.total_sms, start, layers)
         if work <= 0:
             return fastest
         # The largest slowdown against the whole device that keeps every deadline within its share of slack.
@@ -507,8 +509,9 @@ class Dispatcher:
                 continue
             work += self._alone_s(r)
             limit = min(limit, share * (r.ttft_deadline_s - now) / work)
-        # No deadline left to keep (all late): nothing is gained by prefill speed, decode takes the most.
-        allowed = limit * model.prefill_layers_time(plan.shapes, model.total_sms, start, layers)
+        # An infinite limit means no deadline is left to keep (all late): prefill speed gains nothing, so decode
+        # takes the most SMs.
+        allowed = limit * plan_work
         for s in sorted(
             (s for s in state.splits if s.is_mixed and s.decode_sms > fastest.decode_sms),
             key=lambda s: (-s.decode_sms, s.prefill_sms),
