@@ -169,7 +169,7 @@ def test_blocks_filled_while_decoding_are_published_after_a_prefix_hit():
     assert bm.allocate(b, 1, hits)
     b.num_computed_tokens = 9
     for t in (50, 51, 52):  # decode fills block 2 (tokens 8..11)
-        b.append_token(t)
+        b.token_ids.append(t)
         assert bm.allocate(b, 1)
         b.num_computed_tokens += 1
         bm.register_full_blocks(b)

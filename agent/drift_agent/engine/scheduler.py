@@ -152,16 +152,17 @@ class Scheduler:
         return len(self.running)
 
     def schedule(self, now: float) -> SchedulerOutput:
-        return self.stamp_scheduled(self.policy.schedule(self, now), now)
+        out = self.policy.schedule(self, now)
+        self.stamp_scheduled(out.batches, now)
+        return out
 
     @staticmethod
-    def stamp_scheduled(out: SchedulerOutput, now: float) -> SchedulerOutput:
-        """Record when each sequence in `out` was first scheduled."""
-        for batch in out.batches:
+    def stamp_scheduled(batches: list[Batch], now: float) -> None:
+        """Record when each sequence in `batches` was first scheduled."""
+        for batch in batches:
             for item in batch.items:
                 if item.seq.times.first_scheduled is None:
                     item.seq.times.first_scheduled = now
-        return out
 
     # ---- mechanics shared by policies ----------------------------------------------------------------
     @property

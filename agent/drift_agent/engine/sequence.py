@@ -112,9 +112,6 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
-    def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
-
     def check_stop_token(self) -> bool:
         """Length / EOS / stop-token finish after the newest token; stop *strings* are the detokenizer's."""
         n_out = len(self.token_ids) - self.num_prompt_tokens

@@ -12,9 +12,10 @@ Rules (mode `slo`):
    of a request follows its TPOT target and its slack (see `DecodeRequest.step_budget`).
 2. No prefill work → decode gets the whole device; no decode → prefill gets the whole device.
 3. New prefills are taken by priority (lower first), then earliest-deadline-first (requests that cannot meet
-   their TTFT even alone on the whole GPU go last within their priority), within free KV blocks (minus a watermark), a token budget and a batch cap. The head of the
-   queue is never skipped for a later, smaller request (so large prompts cannot starve); a request that would
-   make an already-picked request miss its TTFT is not added.
+   their TTFT even alone on the whole GPU go last within their priority), within free KV blocks (minus a
+   watermark), a token budget and a batch cap. The head of the queue is never skipped for a later, smaller
+   request (so large prompts cannot starve); a request that would make an already-picked request miss its
+   TTFT is not added.
 4. A prefill is launched a block of layers at a time, sized so one block takes about `block_decode_steps`
    decode steps; the dispatcher re-decides after each block (decode steps run back to back beside it, see
    `mux_loop`). With no decode running, all remaining layers go at once.

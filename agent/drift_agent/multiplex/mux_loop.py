@@ -99,17 +99,14 @@ class MuxLanes:
         if out.info.get("deferred"):
             launch.split = self.split
             return launch
-        sched.stamp_scheduled(out, now)
+        launch.new_job = out.info.get("new_prefill_job")
+        # A new prefill job's batch is not among `out.batches` (it runs on the prefill lane).
+        sched.stamp_scheduled(out.batches + [launch.new_job.batch] if launch.new_job else out.batches, now)
         launch.split = Split(*out.split) if out.split else policy.splits[0]
         job: PrefillJob | None = out.info.get("prefill_job")
         if job is not None:
             launch.prefill, launch.prefill_layers = job, int(out.info.get("prefill_layers", 0))
             self.prefill, self.prefill_layers = job, launch.prefill_layers
-        launch.new_job = out.info.get("new_prefill_job")
-        if launch.new_job is not None:
-            for item in launch.new_job.batch.items:
-                if item.seq.times.first_scheduled is None:
-                    item.seq.times.first_scheduled = now
         if self.decode is None:
             launch.decode = next((b for b in out.batches if b.phase == "decode"), None)
             self.decode = launch.decode

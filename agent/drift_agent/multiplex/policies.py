@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.policies import decode_all
 from ..engine.scheduler import Batch, Scheduler, SchedulerOutput
 from ..engine.sequence import Sequence
 from ..partition.base import Split
@@ -218,8 +219,6 @@ class MultiplexPolicy:
     @staticmethod
     def decode_batch(sched: Scheduler, preempted: list[Sequence]) -> Batch | None:
         """One decode step of every running sequence that is not in flight (the newest preempted for room)."""
-        from ..engine.policies import decode_all
-
         items, _ = decode_all(sched, 1 << 30, preempted)
         return Batch(items, "decode") if items else None
 

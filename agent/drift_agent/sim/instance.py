@@ -326,11 +326,11 @@ class SimInstance:
         durations.extend(further)
         return Span(list(seqs), durations, list(accumulate(durations, initial=now))[1:])
 
-    def _apply_span(self, span: Span, steps: int) -> list[Sequence]:
-        """Post `steps` decode steps of the span: sequence s gets one token per step until it reaches its
-        length (what the rounds of `on_batch_done` would do); finished ones retire in the order they
-        finished."""
+    def _apply_span(self, span: Span) -> list[Sequence]:
+        """Post the span's decode steps: sequence s gets one token per step until it reaches its length (what
+        the rounds of `on_batch_done` would do); finished ones retire in the order they finished."""
         sched, bm = self.sched, self.bm
+        steps = len(span.durations)
         finished: list[tuple[int, int, Sequence]] = []
         for pos, seq in enumerate(span.seqs):
             seq.in_flight = False
@@ -416,7 +416,7 @@ class SimInstance:
         self._batch = self._sampled = None
         assert batch is not None
         if self.span is not None:
-            return self._apply_span(self.span, len(self.span.durations))
+            return self._apply_span(self.span)
         return self.sched.on_batch_done(batch, sampled)  # type: ignore[arg-type]
 
     def _complete_lanes(self, now: float) -> list[Sequence]:
@@ -429,7 +429,7 @@ class SimInstance:
             self._decode_end = None
             if self.span is not None:
                 lanes.decode = None  # posted by the span, step by step
-                advanced = self._apply_span(self.span, len(self.span.durations))
+                advanced = self._apply_span(self.span)
             else:
                 _, advanced = lanes.decode_done(ALL_SAMPLED)
         if self._prefill_end is not None and self._prefill_end <= now:
