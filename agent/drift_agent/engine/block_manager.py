@@ -37,6 +37,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Insertion order = eviction order (front is least recently freed).
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # A block has a hash exactly when this index maps that hash to it (so an empty index: no content).
         self.hash_to_block: dict[int, int] = {}
         # Prefix-cache statistics in tokens, vLLM style (queries = prompt tokens looked up, hits = reused).
         self.prefix_queries = 0
@@ -124,6 +125,13 @@ class BlockManager:
             return True
         if not cached and need > len(self.free) - reserve:  # (with `cached`, can_allocate checked it)
             return False
+        if not self.hash_to_block:  # nothing is cached, so no free block has content to evict
+            popitem, blocks = self.free.popitem, self.blocks
+            fresh = [popitem(last=False)[0] for _ in range(need)]
+            for bid in fresh:
+                blocks[bid].ref_count = 1
+            seq.block_table += fresh
+            return True
         for _ in range(need):
             bid, _ = self.free.popitem(last=False)
             block = self.blocks[bid]
@@ -157,13 +165,14 @@ class BlockManager:
     def free_seq(self, seq: Sequence) -> None:
         """Drop the sequence's references. Tail blocks are freed first so they are evicted first: a later
         request is likelier to share the head of a prompt than its tail."""
+        blocks, free = self.blocks, self.free
         for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count < 0:
-                raise AssertionError(f"block {bid} freed twice")
-            if block.ref_count == 0:
-                self.free[bid] = None
+            block = blocks[bid]
+            block.ref_count = rc = block.ref_count - 1
+            if rc <= 0:
+                if rc < 0:
+                    raise AssertionError(f"block {bid} freed twice")
+                free[bid] = None
         seq.block_table = []
         seq.num_registered_blocks = 0
 
@@ -178,5 +187,6 @@ class BlockManager:
         for block in self.blocks:
             assert block.ref_count >= 0, block
             assert (block.ref_count == 0) == (block.block_id in self.free), block
+            assert block.hash is None or self.hash_to_block.get(block.hash) == block.block_id, block
         for h, bid in self.hash_to_block.items():
             assert self.blocks[bid].hash == h

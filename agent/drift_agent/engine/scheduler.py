@@ -242,8 +242,9 @@ class Scheduler:
     def on_batch_done(self, batch: Batch, sampled: dict[int, int]) -> list[Sequence]:
         """Advance KV progress, append sampled tokens (keyed by seq_id), finish sequences that stop.
         Returns the sequences that advanced (finished ones included)."""
-        touched = []
-        caching = self.bm.enable_prefix_caching
+        touched: list[Sequence] = []
+        touch, get = touched.append, sampled.get
+        register = self.bm.register_full_blocks if self.bm.enable_prefix_caching else None
         finished = SequenceStatus.FINISHED
         for item in batch.items:
             seq = item.seq
@@ -251,16 +252,16 @@ class Scheduler:
             if seq.status is finished:
                 continue
             seq.num_computed_tokens = item.start + item.num_new_tokens
-            if caching:
-                self.bm.register_full_blocks(seq)
+            if register is not None:
+                register(seq)
             if seq.abort_pending:
                 self._retire(seq)
-                touched.append(seq)
+                touch(seq)
                 continue
-            token = sampled.get(seq.seq_id)
+            token = get(seq.seq_id)
             if token is not None:
                 seq.token_ids.append(token)
                 if seq.check_stop_token():
                     self._retire(seq)
-            touched.append(seq)
+            touch(seq)
         return touched

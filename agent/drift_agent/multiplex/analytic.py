@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import numpy as np
+
 from .devices import DeviceSpec
 from .perf_model import PerfModel, PrefillShape
 from .schema import Contention
@@ -125,7 +127,7 @@ class AnalyticPerfModel(PerfModel):
         self._flops_per_kv = 4.0 * m.num_layers * m.num_heads * m.head_dim
         self._act_bytes_per_seq = m.num_layers * (4 * m.hidden_size + 2 * m.intermediate_size) * m.dtype_bytes
 
-    def _roofline(self, flops: float, nbytes: float, sms: int) -> float:
+    def _rates_on(self, sms: int) -> tuple[float, float]:
         rates = self._rates.get(sms)
         if rates is None:
             frac = sms / self.total_sms
@@ -133,6 +135,10 @@ class AnalyticPerfModel(PerfModel):
                 self.device.peak_flops * frac * self.compute_eff,
                 self.device.mem_bw * bandwidth_share(frac, self.bw_saturation) * self.bw_eff,
             )
+        return rates
+
+    def _roofline(self, flops: float, nbytes: float, sms: int) -> float:
+        rates = self._rates.get(sms) or self._rates_on(sms)
         return max(flops / rates[0], nbytes / rates[1]) + self.overhead_s
 
     def prefill_flops_bytes(self, shapes: list[PrefillShape]) -> tuple[float, float]:
@@ -164,3 +170,11 @@ class AnalyticPerfModel(PerfModel):
 
     def _decode_base(self, batch_size: int, kv_tokens: int, sms: int) -> float:
         return self._roofline(*self.decode_flops_bytes(batch_size, kv_tokens), sms)
+
+    def _decode_base_many(self, batch_size: int, kv_tokens: np.ndarray, sms: int) -> np.ndarray:
+        # `_decode_base` in array form, operation for operation (integer byte counts stay exact in int64).
+        m = self.shape
+        flops = batch_size * self._flops_per_seq + self._flops_per_kv * kv_tokens
+        nbytes = m.weight_bytes + m.kv_bytes_per_token * kv_tokens + batch_size * self._act_bytes_per_seq
+        rates = self._rates_on(sms)
+        return np.maximum(flops / rates[0], nbytes.astype(float) / rates[1]) + self.overhead_s

@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .schema import Contention, DecodeGrid, DecodeRegime, PerfProfile, PrefillGrid, PrefillRegime
 
 _K = 1024.0
@@ -66,6 +68,11 @@ class PerfModel(ABC):
     @abstractmethod
     def _decode_base(self, batch_size: int, kv_tokens: int, sms: int) -> float: ...
 
+    def _decode_base_many(self, batch_size: int, kv_tokens: np.ndarray, sms: int) -> np.ndarray:
+        """`_decode_base` at each of `kv_tokens`. Models with a closed form override it with array arithmetic
+        that must give the same floats as the scalar form."""
+        return np.array([self._decode_base(batch_size, int(k), sms) for k in kv_tokens], dtype=float)
+
     # --- public interface -----------------------------------------------------------------------------
     def decode_slowdown(self, decode_sms: int) -> float:
         c = self.contention
@@ -94,6 +101,19 @@ class PerfModel(ABC):
         t = max(self._decode_base(batch_size, max(kv_tokens, batch_size), min(sms, self.total_sms)), 0.0)
         return t * (self.decode_slowdown(sms) if contended else 1.0)
 
+    def decode_times(
+        self, batch_size: int, kv_tokens: np.ndarray, sms: int, *, contended: bool = False
+    ) -> np.ndarray:
+        """`decode_time` at each of `kv_tokens` (an integer array), equal to it value by value: the simulator
+        costs a run of decode steps, whose contexts grow by `batch_size` a step, in one call."""
+        if batch_size <= 0:
+            return np.zeros(len(kv_tokens))
+        if sms <= 0:
+            return np.full(len(kv_tokens), math.inf)
+        kv = np.maximum(kv_tokens, batch_size)
+        t = np.maximum(self._decode_base_many(batch_size, kv, min(sms, self.total_sms)), 0.0)
+        return t * (self.decode_slowdown(sms) if contended else 1.0)
+
     def layer_share(self, start_layer: int, num_layers: int) -> float:
         """Fraction of the prefill cost in layers [start_layer, start_layer + num_layers)."""
         start = max(0, min(start_layer, self.num_layers))
@@ -118,11 +138,15 @@ class PerfModel(ABC):
         total = self.prefill_time(shapes, sms, contended=contended)
         if not math.isfinite(total) or total <= 0:
             return 1 if not math.isfinite(total) else remaining
+        limit = budget_s * (1 + 1e-9)  # tolerate float rounding at the boundary
+        uniform = (
+            total * (1 / self.num_layers) if self.layer_fractions is None else None
+        )  # = layer_share(i, 1)
         n = 0
         spent = 0.0
         while n < remaining:
-            step = total * self.layer_share(start_layer + n, 1)
-            if spent + step > budget_s * (1 + 1e-9):  # tolerate float rounding at the boundary
+            step = total * self.layer_share(start_layer + n, 1) if uniform is None else uniform
+            if spent + step > limit:
                 break
             spent += step
             n += 1

@@ -17,6 +17,7 @@ from ..engine.sequence import Sequence
 from ..partition.base import Split
 from .dispatcher import (
     DecodeLoad,
+    DispatchDecision,
     Dispatcher,
     DispatcherConfig,
     DispatchState,
@@ -89,7 +90,7 @@ class MultiplexPolicy:
         self.dispatcher = Dispatcher(ctx.perf_model, config)
         self.active: PrefillJob | None = None
         self.paused: PrefillJob | None = None
-        self.last_decision: dict[str, Any] | None = None
+        self._last: DispatchDecision | None = None
         self._waiting_memo: dict[int, tuple[int, PrefillRequest]] = {}
 
     def reconfigure(self, engine_config: Any) -> None:
@@ -213,8 +214,13 @@ class MultiplexPolicy:
             "prefill_layers": layers,
             "decision": decision,
         }
-        self.last_decision = decision.to_dict()
+        self._last = decision
         return out
+
+    @property
+    def last_decision(self) -> dict[str, Any] | None:
+        """The last decision that stood (not one taken back), for inspection; built on demand."""
+        return self._last.to_dict() if self._last is not None else None
 
     @staticmethod
     def decode_batch(sched: Scheduler, preempted: list[Sequence]) -> Batch | None:

@@ -67,8 +67,9 @@ class SimExecutor:
                 kv += end
             else:
                 chunks.append(PrefillShape(n, item.start))
-            if end != item.seq.num_tokens:
-                skip.add(item.seq.seq_id)
+            seq = item.seq
+            if end != len(seq.token_ids):  # `not item.samples`, inlined (once per row per step)
+                skip.add(seq.seq_id)
         return self.time(rows, kv, chunks), Sampled(skip)
 
     def time(self, rows: int, kv: int, chunks: list[PrefillShape]) -> float:

@@ -13,13 +13,13 @@ does when it polls its lanes.
 
 from __future__ import annotations
 
-import functools
 import math
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Literal
+
+import numpy as np
 
 from ..engine.block_manager import BlockManager
 from ..engine.config import EngineConfig, PartitionConfig
@@ -87,17 +87,25 @@ def make_policy(config: InstanceConfig, perf: PerfModel, splits: list[Split]) ->
     return make_multiplex_policy(config.policy, config.engine_config(), ctx)
 
 
+_SHORT_RUN = 4  # decode steps costed one call each; longer runs are costed as one array
+
+
 def decode_run(
     after: list[tuple[int, int]],
     start: float,
     horizon: float,
     stop_at_first_finish: bool,
-    decode_time: Callable[..., float],
+    perf: PerfModel,
     sms: int,
+    contended: bool = False,
 ) -> array:
     """Latencies of the decode steps that follow one just run, for those starting before `horizon`: every
     sequence with tokens left takes part in each step. `after`: (tokens left, context of the next step) per
-    sequence. Stops when none is left, or at the first finish when `stop_at_first_finish`."""
+    sequence. Stops when none is left, or at the first finish when `stop_at_first_finish`.
+
+    Between two finishes the batch is fixed and its context grows by one token per sequence a step, so such a
+    run is costed with one `PerfModel.decode_times` call (the same floats as a call per step; a test checks it)
+    and its start times are one running sum, as the step-by-step loop adds them."""
     order = sorted(after)
     n = len(order)
     kv = sum(c for _, c in order)
@@ -112,11 +120,24 @@ def decode_run(
             gone += 1
         if n == 0 or (stop_at_first_finish and gone):
             break
-        d = decode_time(n, kv, sms)
-        durations.append(d)
-        t += d
-        kv += n
-        step += 1
+        run = order[gone][0] - step  # steps before the next finish
+        d = perf.decode_time(n, kv, sms, contended=contended)
+        if run > _SHORT_RUN and math.isfinite(horizon) and d > 0:
+            # Steps only get longer as contexts grow, so this many at most start before the horizon.
+            run = min(run, int((horizon - t) / d) + 1)
+        if run <= _SHORT_RUN:
+            durations.append(d)
+            t += d
+            kv += n
+            step += 1
+            continue
+        ds = perf.decode_times(n, np.arange(kv, kv + n * run, n), sms, contended=contended)
+        starts = np.cumsum(np.concatenate(([t], ds)))  # starts[j]: when step j starts; starts[run]: the end
+        k = int(np.searchsorted(starts[:run], horizon))  # the steps that start before the horizon
+        durations.frombytes(ds[:k].tobytes())
+        t = float(starts[k])
+        kv += n * k
+        step += k
     return durations
 
 
@@ -287,10 +308,10 @@ class SimInstance:
         # After the first step, sequence s has (left - 1) tokens to go, and the second step's context is
         # one past the first's.
         after = [
-            (s.max_tokens - s.num_output_tokens - 1, i.start + 2)
+            (s.max_tokens - (len(s.token_ids) - s.num_prompt_tokens) - 1, i.start + 2)  # `num_output_tokens`
             for s, i in zip(seqs, batch.items, strict=True)
         ]
-        decode_time = self.perf.decode_time
+        contended = False
         if prefill_until is None:
             # Requests waiting while every sequence slot is taken cannot be admitted until one finishes: the
             # span then ends at the first finish (the next step may admit).
@@ -303,8 +324,8 @@ class SimInstance:
                 return None
             horizon = min(horizon, prefill_until)
             stop = self._finish_is_event
-            decode_time = functools.partial(decode_time, contended=True)
-        further = decode_run(after, now + dt, horizon, stop, decode_time, decode_sms)
+            contended = True
+        further = decode_run(after, now + dt, horizon, stop, self.perf, decode_sms, contended)
         if prefill_until is not None:
             end = now + dt
             for i, d in enumerate(further):
@@ -331,18 +352,25 @@ class SimInstance:
         the rounds of `on_batch_done` would do); finished ones retire in the order they finished."""
         sched, bm = self.sched, self.bm
         steps = len(span.durations)
+        block_size = bm.block_size
+        register = bm.register_full_blocks if bm.enable_prefix_caching else None
+        finished_status = SequenceStatus.FINISHED
         finished: list[tuple[int, int, Sequence]] = []
         for pos, seq in enumerate(span.seqs):
             seq.in_flight = False
-            if seq.is_finished:
+            if seq.status is finished_status:
                 continue
-            ks = min(seq.max_tokens - seq.num_output_tokens, steps)
+            tokens = seq.token_ids
+            ks = min(seq.max_tokens - (len(tokens) - seq.num_prompt_tokens), steps)
             # The policy allocated the first step's slot; cover all ks (the last writes token c+ks-1).
-            ok = bm.allocate(seq, ks)
-            assert ok, "span KV was checked when it started"
-            seq.num_computed_tokens += ks
-            seq.token_ids.extend([OUTPUT_TOKEN] * ks)
-            bm.register_full_blocks(seq)
+            computed = seq.num_computed_tokens
+            if computed + ks > len(seq.block_table) * block_size:
+                ok = bm.allocate(seq, ks)
+                assert ok, "span KV was checked when it started"
+            seq.num_computed_tokens = computed + ks
+            tokens += [OUTPUT_TOKEN] * ks
+            if register is not None:
+                register(seq)
             if seq.check_stop_token():
                 finished.append((ks, pos, seq))
         for _, _, seq in sorted(finished, key=lambda f: (f[0], f[1])):

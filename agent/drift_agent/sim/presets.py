@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..multiplex.analytic import AnalyticPerfModel, ModelShape
 from ..multiplex.devices import DeviceSpec, lookup_device
 from ..multiplex.perf_model import PerfModel, PrefillShape
@@ -149,6 +151,9 @@ class TensorParallelPerfModel(AnalyticPerfModel):
 
     def _decode_base(self, batch_size: int, kv_tokens: int, sms: int) -> float:
         return super()._decode_base(batch_size, kv_tokens, sms) + batch_size * self._comm_per_token
+
+    def _decode_base_many(self, batch_size: int, kv_tokens: np.ndarray, sms: int) -> np.ndarray:
+        return super()._decode_base_many(batch_size, kv_tokens, sms) + batch_size * self._comm_per_token
 
 
 @dataclass(frozen=True)
