@@ -109,6 +109,30 @@ def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
     _assert_same_run(fast, slow)
 
 
+@pytest.mark.parametrize("policy", ["prefill-first", "chunked"])
+def test_fast_forward_from_a_step_that_finishes_prompts_is_exact(policy, monkeypatch):
+    """A span may start with a step that runs the last chunk of some prompts beside every decode: the new
+    sequences' first tokens, and every later token time, match stepping."""
+    from drift_agent.sim.instance import SimInstance
+
+    phases = []
+    try_span = SimInstance._try_span
+
+    def recording(self, batch, *args, **kw):
+        span = try_span(self, batch, *args, **kw)
+        if span is not None:
+            phases.append(batch.phase)
+        return span
+
+    monkeypatch.setattr(SimInstance, "_try_span", recording)
+    specs = generate("sharegpt-like", 80, seed=7)
+    base = SimSetup.build("llama-3-8b", "h100", policy=policy)
+    fast = base.run(specs, 6.0)
+    assert {"prefill", "mixed"} & set(phases)
+    slow = base.with_instance(fast_forward=False).run(specs, 6.0)
+    _assert_same_run(fast, slow)
+
+
 def _assert_same_run(fast, slow) -> None:
     assert fast.stats["fast_forwarded_steps"] > 0  # it did skip work
     assert slow.stats["fast_forwarded_steps"] == 0

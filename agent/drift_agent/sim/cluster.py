@@ -301,30 +301,32 @@ class Cluster:
         by_seq = self._by_seq
         advanced = inst.complete_step(t)
         span = inst.span
-        if span is not None:  # decode steps fast-forwarded together: gaps are the step latencies
+        if span is not None:  # steps fast-forwarded together: gaps are the step latencies
             d, ends = span.durations, span.ends
+        else:
+            first = at = t
         for seq in advanced:
             req = by_seq.get(seq.seq_id)
             if req is None:
                 continue
             n = len(seq.token_ids) - seq.num_prompt_tokens  # `seq.num_output_tokens`, inlined (hot loop)
-            at = t
-            if span is not None:
-                k = n - req.n_out
-                req.itl.append(ends[0] - req.last)
-                req.itl.extend(d[1:k])
-                at = ends[k - 1]
-            elif n > req.n_out:
+            k = n - req.n_out  # tokens it got: at the end of each step, or of its first k steps in a span
+            if k > 0:
+                if span is not None:
+                    first, at = ends[0], ends[k - 1]
                 if req.n_out == 0:
-                    req.first = at
-                    seq.times.first_token = at
+                    req.first = first
+                    seq.times.first_token = first
                     inst.pending_prefill_tokens -= seq.num_prompt_tokens
                 else:
-                    req.itl.append(at - req.last)
-            if n > req.n_out:
+                    req.itl.append(first - req.last)
+                if k > 1:
+                    req.itl.extend(d[1:k])
                 req.last = at
                 seq.times.last_token = at
                 req.n_out = n
+            else:
+                at = t
             if seq.status is SequenceStatus.FINISHED:
                 seq.times.finished = at
                 del by_seq[seq.seq_id]

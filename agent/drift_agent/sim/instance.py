@@ -143,9 +143,11 @@ def decode_run(
 
 @dataclass(slots=True)
 class Span:
-    """Decode steps fast-forwarded together: the sequences (each gets one token per step) and step latencies."""
+    """Steps fast-forwarded together: a first step as scheduled, then decode steps. Each sequence gets one token
+    per step until it reaches its length."""
 
     seqs: list[Sequence]
+    chunk_ends: list[int]  # per sequence, the end of its first step's chunk (its first sampled position)
     durations: array  # latency of each step
     ends: list[float]  # end time of each step
 
@@ -272,7 +274,9 @@ class SimInstance:
         dt, sampled = self.executor.batch(batch)
         self._batch, self._sampled = batch, sampled
         end = now + dt
-        if self.fast_forward and batch.phase == "decode" and end < horizon and not out.preempted:
+        # A span may start with any step of every running sequence in which each samples (decodes, and prompts
+        # whose last chunk runs): afterwards all of them decode. A prompt cut short would prefill again.
+        if self.fast_forward and end < horizon and not out.preempted and not sampled.skip:
             sched = self.sched
             if batch.num_seqs == len(sched.running) and batch.num_seqs <= self.config.max_num_batched_tokens:
                 self.span = self._try_span(batch, now, dt, horizon, self.perf.total_sms)
@@ -290,11 +294,12 @@ class SimInstance:
         decode_sms: int,
         prefill_until: float | None = None,
     ) -> Span | None:
-        """Fast-forward a run of decode steps after `batch`, a decode step of every running sequence just
-        scheduled (its KV slots allocated, its tokens not posted), with nothing waiting (or nothing
-        admissible: all sequence slots taken) and no prefill started. Until the next event that could add
-        work (`horizon`), and while the KV pool holds every sequence's growth, the policy would schedule
-        exactly that step again each time, minus the sequences that reach their length (decode all; no
+        """Fast-forward a run of decode steps after `batch`, a step of every running sequence just scheduled
+        (its KV slots allocated, its tokens not posted) in which every sequence samples: a decode step, or a
+        sequential policy's step that also runs the last chunk of some prompts. With nothing waiting (or
+        nothing admissible: all sequence slots taken) and no prefill left, until the next event that could add
+        work (`horizon`) and while the KV pool holds every sequence's growth, the policy would schedule a
+        decode step of all of them each time, minus the sequences that reach their length (decode all; no
         prefill, no preemption, the same split). So those steps are applied at once, each step's latency from the
         performance model for the sequences still running in it. Exact: a test compares every token time
         with step-by-step simulation, prefix caching included (blocks are popped from the free list's head,
@@ -305,11 +310,12 @@ class SimInstance:
         holds the steps that *end* before it, so the block's completion sees the same state as stepping."""
         sched = self.sched
         seqs = [i.seq for i in batch.items]
+        chunk_ends = [i.start + i.num_new_tokens for i in batch.items]
         # After the first step, sequence s has (left - 1) tokens to go, and the second step's context is
-        # one past the first's.
+        # one past the first's chunk (its sampled token's position, plus that token).
         after = [
-            (s.max_tokens - (len(s.token_ids) - s.num_prompt_tokens) - 1, i.start + 2)  # `num_output_tokens`
-            for s, i in zip(seqs, batch.items, strict=True)
+            (s.max_tokens - (len(s.token_ids) - s.num_prompt_tokens) - 1, e + 1)  # `num_output_tokens`
+            for s, e in zip(seqs, chunk_ends, strict=True)
         ]
         contended = False
         if prefill_until is None:
@@ -338,36 +344,37 @@ class SimInstance:
         k = len(further)  # steps after the first
         bm = self.bm
         need = 0
-        for seq, (left, _) in zip(seqs, after, strict=True):
+        for seq, e, (left, _) in zip(seqs, chunk_ends, after, strict=True):
             if left > 0:
-                need += bm.blocks_needed(seq.num_computed_tokens + 1 + min(left, k)) - len(seq.block_table)
+                need += bm.blocks_needed(e + min(left, k)) - len(seq.block_table)
         if need > bm.num_free_blocks:
             return None
         durations = array("d", [dt])
         durations.extend(further)
-        return Span(list(seqs), durations, list(accumulate(durations, initial=now))[1:])
+        return Span(seqs, chunk_ends, durations, list(accumulate(durations, initial=now))[1:])
 
     def _apply_span(self, span: Span) -> list[Sequence]:
-        """Post the span's decode steps: sequence s gets one token per step until it reaches its length (what
-        the rounds of `on_batch_done` would do); finished ones retire in the order they finished."""
+        """Post the span's steps: sequence s gets one token per step until it reaches its length (what the
+        rounds of `on_batch_done` would do); finished ones retire in the order they finished."""
         sched, bm = self.sched, self.bm
         steps = len(span.durations)
         block_size = bm.block_size
         register = bm.register_full_blocks if bm.enable_prefix_caching else None
         finished_status = SequenceStatus.FINISHED
         finished: list[tuple[int, int, Sequence]] = []
-        for pos, seq in enumerate(span.seqs):
+        for pos, (seq, chunk_end) in enumerate(zip(span.seqs, span.chunk_ends, strict=True)):
             seq.in_flight = False
             if seq.status is finished_status:
                 continue
             tokens = seq.token_ids
             ks = min(seq.max_tokens - (len(tokens) - seq.num_prompt_tokens), steps)
-            # The policy allocated the first step's slot; cover all ks (the last writes token c+ks-1).
-            computed = seq.num_computed_tokens
-            if computed + ks > len(seq.block_table) * block_size:
-                ok = bm.allocate(seq, ks)
+            # The policy allocated the first step's slots; the later steps compute up to position end+ks-2 and
+            # the last sampled token sits at end+ks-1.
+            computed = chunk_end + ks - 1
+            if computed > len(seq.block_table) * block_size:
+                ok = bm.allocate(seq, computed - seq.num_computed_tokens)
                 assert ok, "span KV was checked when it started"
-            seq.num_computed_tokens = computed + ks
+            seq.num_computed_tokens = computed
             tokens += [OUTPUT_TOKEN] * ks
             if register is not None:
                 register(seq)
