@@ -139,9 +139,8 @@ class PerfModel(ABC):
         if not math.isfinite(total) or total <= 0:
             return 1 if not math.isfinite(total) else remaining
         limit = budget_s * (1 + 1e-9)  # tolerate float rounding at the boundary
-        uniform = (
-            total * (1 / self.num_layers) if self.layer_fractions is None else None
-        )  # = layer_share(i, 1)
+        # Equal layers: every layer's step is `total * layer_share(i, 1)`, i.e. this one value.
+        uniform = total * (1 / self.num_layers) if self.layer_fractions is None else None
         n = 0
         spent = 0.0
         while n < remaining:

@@ -123,7 +123,8 @@ def decode_run(
         run = order[gone][0] - step  # steps before the next finish
         d = perf.decode_time(n, kv, sms, contended=contended)
         if run > _SHORT_RUN and math.isfinite(horizon) and d > 0:
-            # Steps only get longer as contexts grow, so this many at most start before the horizon.
+            # Steps get longer as contexts grow, so no more than this start before the horizon (were a model
+            # to disagree, the loop just costs the rest in the next round).
             run = min(run, int((horizon - t) / d) + 1)
         if run <= _SHORT_RUN:
             durations.append(d)
