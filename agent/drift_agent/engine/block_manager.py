@@ -37,7 +37,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Insertion order = eviction order (front is least recently freed).
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        # A block has a hash exactly when this index maps that hash to it (so an empty index: no content).
+        # A block has a hash exactly when this index maps that hash to it.
         self.hash_to_block: dict[int, int] = {}
         # Prefix-cache statistics in tokens, vLLM style (queries = prompt tokens looked up, hits = reused).
         self.prefix_queries = 0
@@ -125,22 +125,16 @@ class BlockManager:
             return True
         if not cached and need > len(self.free) - reserve:  # (with `cached`, can_allocate checked it)
             return False
-        if not self.hash_to_block:  # nothing is cached, so no free block has content to evict
-            popitem, blocks = self.free.popitem, self.blocks
-            fresh = [popitem(last=False)[0] for _ in range(need)]
-            for bid in fresh:
-                blocks[bid].ref_count = 1
-            seq.block_table += fresh
-            return True
-        for _ in range(need):
-            bid, _ = self.free.popitem(last=False)
-            block = self.blocks[bid]
+        popitem, blocks = self.free.popitem, self.blocks
+        fresh = [popitem(last=False)[0] for _ in range(need)]  # a long prompt takes hundreds at once
+        for bid in fresh:
+            block = blocks[bid]
             if block.hash is not None:  # evict its cached content
                 if self.hash_to_block.get(block.hash) == bid:
                     del self.hash_to_block[block.hash]
                 block.hash, block.parent_hash, block.token_ids = None, None, ()
             block.ref_count = 1
-            seq.block_table.append(bid)
+        seq.block_table += fresh
         return True
 
     def register_full_blocks(self, seq: Sequence) -> None:
