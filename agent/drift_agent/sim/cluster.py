@@ -301,44 +301,64 @@ class Cluster:
         by_seq = self._by_seq
         advanced = inst.complete_step(t)
         span = inst.span
-        if span is not None:  # steps fast-forwarded together: gaps are the step latencies
+        # Tokens' times live in the requests (`seq.times.last_token` is only set when a sequence ends: nothing
+        # in the simulation reads it before).
+        if span is None:  # one step: each advanced sequence got at most one token, at t
+            for seq in advanced:
+                req = by_seq.get(seq.seq_id)
+                if req is None:
+                    continue
+                n = len(seq.token_ids) - seq.num_prompt_tokens  # `seq.num_output_tokens`, inlined (hot loop)
+                if n != req.n_out:
+                    if req.n_out:
+                        req.itl.append(t - req.last)
+                    else:
+                        req.first = t
+                        seq.times.first_token = t
+                        inst.pending_prefill_tokens -= seq.num_prompt_tokens
+                    req.last = t
+                    req.n_out = n
+                if seq.status is SequenceStatus.FINISHED:
+                    self._retire(inst, seq, req, t)
+        else:  # steps fast-forwarded together: a sequence's k tokens came at the ends of the first k steps
             d, ends = span.durations, span.ends
-        else:
-            first = at = t
-        for seq in advanced:
-            req = by_seq.get(seq.seq_id)
-            if req is None:
-                continue
-            n = len(seq.token_ids) - seq.num_prompt_tokens  # `seq.num_output_tokens`, inlined (hot loop)
-            k = n - req.n_out  # tokens it got: at the end of each step, or of its first k steps in a span
-            if k > 0:
-                if span is not None:
-                    first, at = ends[0], ends[k - 1]
-                if req.n_out == 0:
-                    req.first = first
-                    seq.times.first_token = first
-                    inst.pending_prefill_tokens -= seq.num_prompt_tokens
-                else:
-                    req.itl.append(first - req.last)
-                if k > 1:
-                    req.itl.extend(d[1:k])
-                req.last = at
-                seq.times.last_token = at
-                req.n_out = n
-            else:
+            for seq in advanced:
+                req = by_seq.get(seq.seq_id)
+                if req is None:
+                    continue
+                n = len(seq.token_ids) - seq.num_prompt_tokens
+                k = n - req.n_out
                 at = t
-            if seq.status is SequenceStatus.FINISHED:
-                seq.times.finished = at
-                del by_seq[seq.seq_id]
-                if inst.role == "prefill" and req.n_out < req.spec.output_len:
-                    self._hand_off(req, seq, at)
-                else:
-                    self._finish(req, at)
+                if k > 0:
+                    first, at = ends[0], ends[k - 1]
+                    if req.n_out:
+                        req.itl.append(first - req.last)
+                    else:
+                        req.first = first
+                        seq.times.first_token = first
+                        inst.pending_prefill_tokens -= seq.num_prompt_tokens
+                    if k > 1:
+                        req.itl.extend(d[1:k])
+                    req.last = at
+                    req.n_out = n
+                if seq.status is SequenceStatus.FINISHED:
+                    self._retire(inst, seq, req, at)
         if self.decode_pool and inst.role == "decode":
             self._pull(inst, t)
         if self.migrator is not None:
             self.migrator.at_step_boundary(inst, t)
         self._start(inst, t)
+
+    def _retire(self, inst: SimInstance, seq: Seq, req: SimRequest, at: float) -> None:
+        """`seq` finished at `at`: the request ends, or (a disaggregated prefill) moves to a decode instance."""
+        seq.times.finished = at
+        if req.n_out:
+            seq.times.last_token = req.last
+        del self._by_seq[seq.seq_id]
+        if inst.role == "prefill" and req.n_out < req.spec.output_len:
+            self._hand_off(req, seq, at)
+        else:
+            self._finish(req, at)
 
     # ---- disaggregated hand-off --------------------------------------------------------------------------------
     def _hand_off(self, req: SimRequest, prefilled: Seq, t: float) -> None:

@@ -309,29 +309,31 @@ class SimInstance:
         Multiplexed, `prefill_until`: the steps run beside a prefill block that completes then. Until it does,
         the lanes relaunch the decode step with no decision (the queue does not matter), contended; the span
         holds the steps that *end* before it, so the block's completion sees the same state as stepping."""
-        sched = self.sched
-        seqs = [i.seq for i in batch.items]
-        chunk_ends = [i.start + i.num_new_tokens for i in batch.items]
+        contended = False
+        if prefill_until is None:
+            # Requests waiting while every sequence slot is taken cannot be admitted until one finishes: the
+            # span then ends at the first finish (the next step may admit).
+            blocked = bool(self.sched.waiting)
+            if blocked and batch.num_seqs < self.config.max_num_seqs:
+                return None
+            stop = blocked or self._finish_is_event
+        else:
+            # A second step as long as the first would not end before the block does: most likely none
+            # would (only finishes shorten the next step), and stepping is exact either way.
+            if now + 2 * dt >= prefill_until:
+                return None
+            horizon = min(horizon, prefill_until)
+            stop = self._finish_is_event
+            contended = True
+        items = batch.items
+        seqs = [i.seq for i in items]
+        chunk_ends = [i.start + i.num_new_tokens for i in items]
         # After the first step, sequence s has (left - 1) tokens to go, and the second step's context is
         # one past the first's chunk (its sampled token's position, plus that token).
         after = [
             (s.max_tokens - (len(s.token_ids) - s.num_prompt_tokens) - 1, e + 1)  # `num_output_tokens`
             for s, e in zip(seqs, chunk_ends, strict=True)
         ]
-        contended = False
-        if prefill_until is None:
-            # Requests waiting while every sequence slot is taken cannot be admitted until one finishes: the
-            # span then ends at the first finish (the next step may admit).
-            blocked = bool(sched.waiting)
-            if blocked and len(seqs) < self.config.max_num_seqs:
-                return None
-            stop = blocked or self._finish_is_event
-        else:
-            if now + dt >= prefill_until:
-                return None
-            horizon = min(horizon, prefill_until)
-            stop = self._finish_is_event
-            contended = True
         further = decode_run(after, now + dt, horizon, stop, self.perf, decode_sms, contended)
         if prefill_until is not None:
             end = now + dt
@@ -344,12 +346,15 @@ class SimInstance:
             return None
         k = len(further)  # steps after the first
         bm = self.bm
-        need = 0
-        for seq, e, (left, _) in zip(seqs, chunk_ends, after, strict=True):
-            if left > 0:
-                need += bm.blocks_needed(e + min(left, k)) - len(seq.block_table)
-        if need > bm.num_free_blocks:
-            return None
+        # The first step's chunk fits its blocks, so k more tokens need at most ceil(k / block size) more
+        # blocks a sequence: only a pool short of that bound is worth counting exactly.
+        if len(seqs) * -(-k // bm.block_size) > bm.num_free_blocks:
+            need = 0
+            for seq, e, (left, _) in zip(seqs, chunk_ends, after, strict=True):
+                if left > 0:
+                    need += bm.blocks_needed(e + min(left, k)) - len(seq.block_table)
+            if need > bm.num_free_blocks:
+                return None
         durations = array("d", [dt])
         durations.extend(further)
         return Span(seqs, chunk_ends, durations, list(accumulate(durations, initial=now))[1:])
