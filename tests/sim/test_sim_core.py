@@ -71,6 +71,31 @@ def test_fast_forward_is_exact(policy, blocks, rate, seqs):
         assert (fast.stats["preemptions"] > 0) == (blocks is not None)
 
 
+def test_fast_forward_counts_kv_exactly_only_when_the_pool_may_be_short(monkeypatch):
+    """Spans skip the per-sequence KV count while the free pool exceeds a bound on their growth; under KV
+    pressure the exact count runs, refuses some spans and admits others, and the run still equals stepping
+    (a span admitted without room would trip `_apply_span`'s allocation assert)."""
+    from drift_agent.sim.instance import SimInstance
+
+    verdicts = []
+    fits = SimInstance._span_fits_kv
+
+    def recording(self, *args):
+        verdicts.append(fits(self, *args))
+        return verdicts[-1]
+
+    monkeypatch.setattr(SimInstance, "_span_fits_kv", recording)
+    specs = generate("sharegpt-like", 80, seed=5)
+    base = SimSetup.build("llama-3-8b", "h100", policy="chunked", num_kv_blocks=700)
+    fast = base.run(specs, 30.0)
+    assert True in verdicts and False in verdicts
+    slow = base.with_instance(fast_forward=False).run(specs, 30.0)
+    _assert_same_run(fast, slow)
+    verdicts.clear()
+    base.with_instance(num_kv_blocks=100_000).run(specs, 30.0)
+    assert not verdicts  # a roomy pool never needs the count
+
+
 def test_fast_forward_is_exact_with_prefix_caching():
     """Multi-turn sessions over a small pool: cached blocks get evicted while spans run, and every later
     cache hit (hence every prefill length and token time) must be the same as when stepping."""

@@ -301,48 +301,34 @@ class Cluster:
         by_seq = self._by_seq
         advanced = inst.complete_step(t)
         span = inst.span
-        # Tokens' times live in the requests (`seq.times.last_token` is only set when a sequence ends: nothing
-        # in the simulation reads it before).
-        if span is None:  # one step: each advanced sequence got at most one token, at t
-            for seq in advanced:
-                req = by_seq.get(seq.seq_id)
-                if req is None:
-                    continue
-                n = len(seq.token_ids) - seq.num_prompt_tokens  # `seq.num_output_tokens`, inlined (hot loop)
-                if n != req.n_out:
-                    if req.n_out:
-                        req.itl.append(t - req.last)
-                    else:
-                        req.first = t
-                        seq.times.first_token = t
-                        inst.pending_prefill_tokens -= seq.num_prompt_tokens
-                    req.last = t
-                    req.n_out = n
-                if seq.status is SequenceStatus.FINISHED:
-                    self._retire(inst, seq, req, t)
-        else:  # steps fast-forwarded together: a sequence's k tokens came at the ends of the first k steps
+        if span is not None:  # steps fast-forwarded together: gaps are the step latencies
             d, ends = span.durations, span.ends
-            for seq in advanced:
-                req = by_seq.get(seq.seq_id)
-                if req is None:
-                    continue
-                n = len(seq.token_ids) - seq.num_prompt_tokens
-                k = n - req.n_out
-                at = t
-                if k > 0:
+        # Token times live in the requests; `seq.times.last_token` is set when a sequence ends (nothing in the
+        # simulation reads it before).
+        for seq in advanced:
+            req = by_seq.get(seq.seq_id)
+            if req is None:
+                continue
+            n = len(seq.token_ids) - seq.num_prompt_tokens  # `seq.num_output_tokens`, inlined (hot loop)
+            k = n - req.n_out  # tokens it got: at the end of each step, or of its first k steps in a span
+            at = t
+            if k > 0:
+                if span is None:
+                    first = t
+                else:
                     first, at = ends[0], ends[k - 1]
-                    if req.n_out:
-                        req.itl.append(first - req.last)
-                    else:
-                        req.first = first
-                        seq.times.first_token = first
-                        inst.pending_prefill_tokens -= seq.num_prompt_tokens
-                    if k > 1:
-                        req.itl.extend(d[1:k])
-                    req.last = at
-                    req.n_out = n
-                if seq.status is SequenceStatus.FINISHED:
-                    self._retire(inst, seq, req, at)
+                if req.n_out:
+                    req.itl.append(first - req.last)
+                else:
+                    req.first = first
+                    seq.times.first_token = first
+                    inst.pending_prefill_tokens -= seq.num_prompt_tokens
+                if k > 1:
+                    req.itl.extend(d[1:k])
+                req.last = at
+                req.n_out = n
+            if seq.status is SequenceStatus.FINISHED:
+                self._retire(inst, seq, req, at)
         if self.decode_pool and inst.role == "decode":
             self._pull(inst, t)
         if self.migrator is not None:

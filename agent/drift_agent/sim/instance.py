@@ -345,19 +345,25 @@ class SimInstance:
         if not further:
             return None
         k = len(further)  # steps after the first
-        bm = self.bm
         # The first step's chunk fits its blocks, so k more tokens need at most ceil(k / block size) more
         # blocks a sequence: only a pool short of that bound is worth counting exactly.
-        if len(seqs) * -(-k // bm.block_size) > bm.num_free_blocks:
-            need = 0
-            for seq, e, (left, _) in zip(seqs, chunk_ends, after, strict=True):
-                if left > 0:
-                    need += bm.blocks_needed(e + min(left, k)) - len(seq.block_table)
-            if need > bm.num_free_blocks:
-                return None
+        roomy = len(seqs) * -(-k // self.bm.block_size) <= self.bm.num_free_blocks
+        if not roomy and not self._span_fits_kv(seqs, chunk_ends, after, k):
+            return None
         durations = array("d", [dt])
         durations.extend(further)
         return Span(seqs, chunk_ends, durations, list(accumulate(durations, initial=now))[1:])
+
+    def _span_fits_kv(
+        self, seqs: list[Sequence], chunk_ends: list[int], after: list[tuple[int, int]], k: int
+    ) -> bool:
+        """Whether the free pool holds the blocks of `k` more decode steps (a sequence stops at its length)."""
+        bm = self.bm
+        need = 0
+        for seq, e, (left, _) in zip(seqs, chunk_ends, after, strict=True):
+            if left > 0:
+                need += bm.blocks_needed(e + min(left, k)) - len(seq.block_table)
+        return need <= bm.num_free_blocks
 
     def _apply_span(self, span: Span) -> list[Sequence]:
         """Post the span's steps: sequence s gets one token per step until it reaches its length (what the
@@ -373,7 +379,8 @@ class SimInstance:
             if seq.status is finished_status:
                 continue
             tokens = seq.token_ids
-            ks = min(seq.max_tokens - (len(tokens) - seq.num_prompt_tokens), steps)
+            left = seq.max_tokens - (len(tokens) - seq.num_prompt_tokens)
+            ks = left if left < steps else steps
             # The policy allocated the first step's slots; the later steps compute up to position end+ks-2 and
             # the last sampled token sits at end+ks-1.
             computed = chunk_end + ks - 1
@@ -384,7 +391,9 @@ class SimInstance:
             tokens += [OUTPUT_TOKEN] * ks
             if register is not None:
                 register(seq)
-            if seq.check_stop_token():
+            # Only the length can end a sequence inside a span (simulated requests ignore EOS, have no stop
+            # tokens); `check_stop_token` still decides, and records the reason.
+            if ks == left and seq.check_stop_token():
                 finished.append((ks, pos, seq))
         for _, _, seq in sorted(finished, key=lambda f: (f[0], f[1])):
             sched.finish(seq, seq.finish_reason)  # type: ignore[arg-type]
