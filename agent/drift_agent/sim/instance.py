@@ -17,6 +17,7 @@ import math
 from array import array
 from dataclasses import dataclass
 from itertools import accumulate
+from operator import itemgetter
 from typing import Any, Literal
 
 import numpy as np
@@ -108,7 +109,7 @@ def decode_run(
     and its start times are one running sum, as the step-by-step loop adds them."""
     order = sorted(after)
     n = len(order)
-    kv = sum(c for _, c in order)
+    kv = sum(map(itemgetter(1), order))
     gone = 0  # sequences finished so far (a prefix of `order`)
     durations = array("d")
     t = start
@@ -149,6 +150,7 @@ class Span:
 
     seqs: list[Sequence]
     chunk_ends: list[int]  # per sequence, the end of its first step's chunk (its first sampled position)
+    after: list[tuple[int, int]]  # per sequence, (tokens left after the first step, context of the second)
     durations: array  # latency of each step
     ends: list[float]  # end time of each step
 
@@ -352,7 +354,7 @@ class SimInstance:
             return None
         durations = array("d", [dt])
         durations.extend(further)
-        return Span(seqs, chunk_ends, durations, list(accumulate(durations, initial=now))[1:])
+        return Span(seqs, chunk_ends, after, durations, list(accumulate(durations, initial=now))[1:])
 
     def _span_fits_kv(
         self, seqs: list[Sequence], chunk_ends: list[int], after: list[tuple[int, int]], k: int
@@ -374,12 +376,13 @@ class SimInstance:
         register = bm.register_full_blocks if bm.enable_prefix_caching else None
         finished_status = SequenceStatus.FINISHED
         finished: list[tuple[int, int, Sequence]] = []
-        for pos, (seq, chunk_end) in enumerate(zip(span.seqs, span.chunk_ends, strict=True)):
+        for pos, (seq, chunk_end, (rest, _)) in enumerate(
+            zip(span.seqs, span.chunk_ends, span.after, strict=True)
+        ):
             seq.in_flight = False
             if seq.status is finished_status:
                 continue
-            tokens = seq.token_ids
-            left = seq.max_tokens - (len(tokens) - seq.num_prompt_tokens)
+            left = rest + 1  # tokens to go before the first step (nothing posted since the span was made)
             ks = left if left < steps else steps
             # The policy allocated the first step's slots; the later steps compute up to position end+ks-2 and
             # the last sampled token sits at end+ks-1.
@@ -388,7 +391,7 @@ class SimInstance:
                 ok = bm.allocate(seq, computed - seq.num_computed_tokens)
                 assert ok, "span KV was checked when it started"
             seq.num_computed_tokens = computed
-            tokens += [OUTPUT_TOKEN] * ks
+            seq.token_ids += [OUTPUT_TOKEN] * ks
             if register is not None:
                 register(seq)
             # Only the length can end a sequence inside a span (simulated requests ignore EOS, have no stop
