@@ -138,7 +138,7 @@ class AnalyticPerfModel(PerfModel):
         return rates
 
     def _roofline(self, flops: float, nbytes: float, sms: int) -> float:
-        rates = self._rates.get(sms) or self._rates_on(sms)
+        rates = self._rates_on(sms)
         return max(flops / rates[0], nbytes / rates[1]) + self.overhead_s
 
     def prefill_flops_bytes(self, shapes: list[PrefillShape]) -> tuple[float, float]:

@@ -149,8 +149,9 @@ class Span:
     per step until it reaches its length."""
 
     seqs: list[Sequence]
-    chunk_ends: list[int]  # per sequence, the end of its first step's chunk (its first sampled position)
-    after: list[tuple[int, int]]  # per sequence, (tokens left after the first step, context of the second)
+    # Per sequence, (tokens left after the first step, context of the second step): the context is one past the
+    # end of the first step's chunk, which is the sequence's first sampled position.
+    after: list[tuple[int, int]]
     durations: array  # latency of each step
     ends: list[float]  # end time of each step
 
@@ -329,12 +330,11 @@ class SimInstance:
             contended = True
         items = batch.items
         seqs = [i.seq for i in items]
-        chunk_ends = [i.start + i.num_new_tokens for i in items]
         # After the first step, sequence s has (left - 1) tokens to go, and the second step's context is
         # one past the first's chunk (its sampled token's position, plus that token).
         after = [
-            (s.max_tokens - (len(s.token_ids) - s.num_prompt_tokens) - 1, e + 1)  # `num_output_tokens`
-            for s, e in zip(seqs, chunk_ends, strict=True)
+            (s.max_tokens - (len(s.token_ids) - s.num_prompt_tokens) - 1, i.start + i.num_new_tokens + 1)
+            for s, i in zip(seqs, items, strict=True)
         ]
         further = decode_run(after, now + dt, horizon, stop, self.perf, decode_sms, contended)
         if prefill_until is not None:
@@ -350,21 +350,19 @@ class SimInstance:
         # The first step's chunk fits its blocks, so k more tokens need at most ceil(k / block size) more
         # blocks a sequence: only a pool short of that bound is worth counting exactly.
         roomy = len(seqs) * -(-k // self.bm.block_size) <= self.bm.num_free_blocks
-        if not roomy and not self._span_fits_kv(seqs, chunk_ends, after, k):
+        if not roomy and not self._span_fits_kv(seqs, after, k):
             return None
         durations = array("d", [dt])
         durations.extend(further)
-        return Span(seqs, chunk_ends, after, durations, list(accumulate(durations, initial=now))[1:])
+        return Span(seqs, after, durations, list(accumulate(durations, initial=now))[1:])
 
-    def _span_fits_kv(
-        self, seqs: list[Sequence], chunk_ends: list[int], after: list[tuple[int, int]], k: int
-    ) -> bool:
+    def _span_fits_kv(self, seqs: list[Sequence], after: list[tuple[int, int]], k: int) -> bool:
         """Whether the free pool holds the blocks of `k` more decode steps (a sequence stops at its length)."""
         bm = self.bm
         need = 0
-        for seq, e, (left, _) in zip(seqs, chunk_ends, after, strict=True):
-            if left > 0:
-                need += bm.blocks_needed(e + min(left, k)) - len(seq.block_table)
+        for seq, (left, context) in zip(seqs, after, strict=True):
+            if left > 0:  # the first chunk ends at context - 1
+                need += bm.blocks_needed(context - 1 + min(left, k)) - len(seq.block_table)
         return need <= bm.num_free_blocks
 
     def _apply_span(self, span: Span) -> list[Sequence]:
@@ -376,17 +374,15 @@ class SimInstance:
         register = bm.register_full_blocks if bm.enable_prefix_caching else None
         finished_status = SequenceStatus.FINISHED
         finished: list[tuple[int, int, Sequence]] = []
-        for pos, (seq, chunk_end, (rest, _)) in enumerate(
-            zip(span.seqs, span.chunk_ends, span.after, strict=True)
-        ):
+        for pos, (seq, (rest, context)) in enumerate(zip(span.seqs, span.after, strict=True)):
             seq.in_flight = False
             if seq.status is finished_status:
                 continue
             left = rest + 1  # tokens to go before the first step (nothing posted since the span was made)
             ks = left if left < steps else steps
-            # The policy allocated the first step's slots; the later steps compute up to position end+ks-2 and
-            # the last sampled token sits at end+ks-1.
-            computed = chunk_end + ks - 1
+            # The policy allocated the first step's slots, up to its chunk's end (context - 1); the later steps
+            # compute up to position end+ks-2 and the last sampled token sits at end+ks-1.
+            computed = context - 1 + ks - 1
             if computed > len(seq.block_table) * block_size:
                 ok = bm.allocate(seq, computed - seq.num_computed_tokens)
                 assert ok, "span KV was checked when it started"
