@@ -147,6 +147,42 @@ def test_stop_token_and_eos_finish():
     assert e.is_finished and e.finish_reason is FinishReason.STOP
 
 
+def test_only_the_length_ends_a_sequence_no_token_can_stop():
+    # `on_batch_done` asks `check_stop_token` only of sequences a token can stop, or that reached their length.
+    eos = frozenset({9})
+    ignoring = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True), eos_token_ids=eos)
+    honouring = Sequence("b", [1, 2, 3], SamplingParams(max_tokens=3), eos_token_ids=eos)
+    stop_ids = Sequence("c", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True, stop_token_ids=[9]))
+    no_eos = Sequence("d", [1, 2, 3], SamplingParams(max_tokens=3))
+    assert [s.stops_on_token for s in (ignoring, honouring, stop_ids, no_eos)] == [False, True, True, False]
+    sched = make(ChunkedPolicy)
+    for s in (ignoring, honouring, stop_ids, no_eos):
+        sched.add(s)
+    run_batch(sched, sched.schedule(0), token=9)
+    assert honouring.finish_reason is FinishReason.STOP and stop_ids.stop_reason == 9
+    assert not ignoring.is_finished and not no_eos.is_finished
+    for _ in range(2):
+        run_batch(sched, sched.schedule(0), token=9)
+    assert ignoring.num_output_tokens == no_eos.num_output_tokens == 3
+    assert ignoring.finish_reason is no_eos.finish_reason is FinishReason.LENGTH
+    assert not sched.has_unfinished
+
+
+def test_first_scheduled_is_stamped_by_the_prefill_and_decode_batches_are_not_visited():
+    sched = make(ChunkedPolicy)
+    a = seq(5, "a", max_tokens=4)
+    sched.add(a)
+    out = sched.schedule(1.0)
+    assert a.times.first_scheduled == 1.0
+    run_batch(sched, out)
+    out = sched.schedule(2.0)
+    assert out.batches[0].phase == "decode" and a.times.first_scheduled == 1.0
+    # Its sequences were all stamped for their prefill, so a decode batch is skipped (once per step saved).
+    a.times.first_scheduled = None
+    Scheduler.stamp_scheduled(out.batches, 3.0)
+    assert a.times.first_scheduled is None
+
+
 def test_admission_leaves_the_watermark_free_while_sequences_run():
     # 100 blocks of 4 tokens, watermark 10%: with a sequence running, a new prompt may take the pool down to
     # 10 free blocks and no further; with nothing running, a prompt that needs the whole pool still starts.

@@ -249,3 +249,37 @@ def test_a_cluster_runs_once():
     cluster.run(specs, 1.0)
     with pytest.raises(RuntimeError, match="one run"):
         cluster.run(specs, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("workload", "caching", "instances"),
+    [
+        ("multi-turn", True, 1),
+        ("multi-turn", False, 1),
+        ("sharegpt-like", False, 1),
+        ("sharegpt-like", False, 2),
+    ],
+)
+def test_prompt_ids_are_unique_only_where_read_and_cheap_ids_change_nothing(
+    monkeypatch, workload, caching, instances
+):
+    import drift_agent.sim.cluster as cluster_module
+    from drift_agent.sim.requests import TokenSource
+
+    asked: list[bool] = []
+
+    class AlwaysUnique(TokenSource):
+        def __init__(self, prefix_len: int = 0, unique: bool = True) -> None:
+            asked.append(unique)
+            super().__init__(prefix_len, unique=True)
+
+    specs = generate(workload, 150, seed=2)
+    setup = SimSetup.build("llama-3-8b", "h100", policy="drift", enable_prefix_caching=caching)
+    if instances > 1:
+        setup = setup.with_cluster(instances=instances, router="prefix-affinity")
+    plain = setup.run(specs, 6.0)
+    monkeypatch.setattr(cluster_module, "TokenSource", AlwaysUnique)
+    unique = setup.run(specs, 6.0)
+    # A prefix cache reads the ids, and so does a router keyed on a prompt's first block (several instances).
+    assert asked == [caching or instances > 1]
+    assert _records(plain) == _records(unique)

@@ -9,7 +9,7 @@ from array import array
 import numpy as np
 import pytest
 
-from drift_agent.multiplex.perf_model import PerfModel
+from drift_agent.multiplex.perf_model import PerfModel, PrefillShape
 from drift_agent.sim.instance import decode_run
 from drift_agent.sim.presets import Hardware, device_preset, model_preset
 
@@ -34,6 +34,21 @@ def test_decode_times_equal_decode_time_value_by_value(name, perf):
             many = perf.decode_times(n, kv, sms, contended=contended)
             one = [perf.decode_time(n, int(k), sms, contended=contended) for k in kv]
             assert many.tolist() == one, name  # exact, not approximate
+
+
+@pytest.mark.parametrize(("name", "perf"), _models())
+def test_mixed_time_equals_prefill_time_with_a_shape_per_decode_row(name, perf):
+    # The simulator costs a chunked step's decode rows in closed form; the value must not change by a bit.
+    rng = random.Random(1)
+    for _ in range(200):
+        chunks = [
+            PrefillShape(rng.randint(1, 2048), rng.choice([0, rng.randint(0, 30_000)]))
+            for _ in range(rng.randint(0, 4))
+        ]
+        rows, context = rng.randint(0, 300), rng.randint(0, 60_000)
+        sms = rng.choice([perf.total_sms, max(1, perf.total_sms // 3), 0])
+        expanded = [*chunks, *([PrefillShape(1, context)] * rows)]
+        assert perf.mixed_time(chunks, rows, context, sms) == perf.prefill_time(expanded, sms), name
 
 
 def _stepwise(after, start, horizon, stop, perf, sms, contended) -> array:

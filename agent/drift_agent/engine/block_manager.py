@@ -126,7 +126,8 @@ class BlockManager:
         if not cached and need > len(self.free) - reserve:  # (with `cached`, can_allocate checked it)
             return False
         popitem, blocks = self.free.popitem, self.blocks
-        fresh = [popitem(last=False)[0] for _ in range(need)]  # a long prompt takes hundreds at once
+        # A long prompt takes hundreds at once; a decode step crossing into a new block, one.
+        fresh = [popitem(last=False)[0] for _ in range(need)] if need > 1 else [popitem(last=False)[0]]
         for bid in fresh:
             block = blocks[bid]
             if block.hash is not None:  # evict its cached content

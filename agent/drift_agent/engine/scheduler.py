@@ -158,8 +158,11 @@ class Scheduler:
 
     @staticmethod
     def stamp_scheduled(batches: list[Batch], now: float) -> None:
-        """Record when each sequence in `batches` was first scheduled."""
+        """Record when each sequence in `batches` was first scheduled. A decode batch is skipped: its sequences
+        were all scheduled before, for their prefill (a sequence handed over from elsewhere brings its time)."""
         for batch in batches:
+            if batch.phase == "decode":
+                continue
             for item in batch.items:
                 if item.seq.times.first_scheduled is None:
                     item.seq.times.first_scheduled = now
@@ -260,8 +263,11 @@ class Scheduler:
                 continue
             token = get(seq.seq_id)
             if token is not None:
-                seq.token_ids.append(token)
-                if seq.check_stop_token():
+                token_ids = seq.token_ids
+                token_ids.append(token)
+                # Unless a token can stop it, a sequence can only end at its length: no call before then.
+                can_end = seq.stops_on_token or len(token_ids) - seq.num_prompt_tokens >= seq.max_tokens
+                if can_end and seq.check_stop_token():
                     self._retire(seq)
             touch(seq)
         return touched

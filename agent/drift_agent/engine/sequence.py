@@ -73,12 +73,19 @@ class Sequence:
     num_registered_blocks: int = field(init=False, default=0)  # leading blocks published to the prefix cache
     in_flight: bool = field(init=False, default=False)  # part of a batch that has not completed yet
     abort_pending: bool = field(init=False, default=False)
+    # Whether a sampled token can end it (EOS honoured, or stop tokens): otherwise only its length can, and the
+    # scheduler skips `check_stop_token` until the length is reached. Fixed at creation, as the params are.
+    stops_on_token: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = n = len(self.prompt_token_ids)
         room = self.max_model_len - n
         self.max_tokens = room if self.params.max_tokens is None else min(self.params.max_tokens, room)
+        params = self.params
+        self.stops_on_token = bool(params.stop_token_ids) or (
+            not params.ignore_eos and bool(self.eos_token_ids)
+        )
 
     def __repr__(self) -> str:
         return (

@@ -141,7 +141,10 @@ class AnalyticPerfModel(PerfModel):
         rates = self._rates_on(sms)
         return max(flops / rates[0], nbytes / rates[1]) + self.overhead_s
 
-    def prefill_flops_bytes(self, shapes: list[PrefillShape]) -> tuple[float, float]:
+    def prefill_flops_bytes(
+        self, shapes: list[PrefillShape], rows: int = 0, row_context: int = 0
+    ) -> tuple[float, float]:
+        """FLOPs and bytes of a prefill batch: `shapes`, then `rows` one-token shapes on `row_context` tokens."""
         m = self.shape
         new = cached = 0
         pairs = 0.0  # (query, key) pairs of causal attention
@@ -150,10 +153,16 @@ class AnalyticPerfModel(PerfModel):
             new += t
             cached += c
             pairs += t * c + t * (t + 1) / 2
+        if rows:
+            # Each row adds row_context + 1 pairs. Every term is a whole number far below 2**53, so the float
+            # sum is exact in any order: the same value as a shape per row.
+            new += rows
+            cached += rows * row_context
+            pairs += rows * (row_context + 1)
         flops = (
             2.0 * new * m.num_layers * m.layer_params
             + 4.0 * m.num_layers * m.num_heads * m.head_dim * pairs
-            + 2.0 * len(shapes) * m.hidden_size * m.vocab_size
+            + 2.0 * (len(shapes) + rows) * m.hidden_size * m.vocab_size
         )
         act = m.num_layers * new * (4 * m.hidden_size + 2 * m.intermediate_size) * m.dtype_bytes
         nbytes = m.weight_bytes + m.kv_bytes_per_token * (new + cached) + act
@@ -167,6 +176,11 @@ class AnalyticPerfModel(PerfModel):
 
     def _prefill_base(self, shapes: list[PrefillShape], sms: int) -> float:
         return self._roofline(*self.prefill_flops_bytes(shapes), sms)
+
+    def _prefill_base_with_rows(
+        self, chunks: list[PrefillShape], rows: int, row_context: int, sms: int
+    ) -> float:
+        return self._roofline(*self.prefill_flops_bytes(chunks, rows, row_context), sms)
 
     def _decode_base(self, batch_size: int, kv_tokens: int, sms: int) -> float:
         return self._roofline(*self.decode_flops_bytes(batch_size, kv_tokens), sms)

@@ -73,6 +73,13 @@ class PerfModel(ABC):
         that must give the same floats as the scalar form."""
         return np.array([self._decode_base(batch_size, int(k), sms) for k in kv_tokens], dtype=float)
 
+    def _prefill_base_with_rows(
+        self, chunks: list[PrefillShape], rows: int, row_context: int, sms: int
+    ) -> float:
+        """`_prefill_base` of `chunks` followed by `rows` one-token shapes on `row_context` tokens each. Models
+        with a closed form override it, giving the same float without building a shape per row."""
+        return self._prefill_base([*chunks, *([PrefillShape(1, row_context)] * rows)], sms)
+
     # --- public interface -----------------------------------------------------------------------------
     def decode_slowdown(self, decode_sms: int) -> float:
         c = self.contention
@@ -91,6 +98,18 @@ class PerfModel(ABC):
             return math.inf
         t = max(self._prefill_base(items, min(sms, self.total_sms)), 0.0)
         return t * (self.prefill_slowdown(sms) if contended else 1.0)
+
+    def mixed_time(self, chunks: Sequence[PrefillShape], rows: int, row_context: int, sms: int) -> float:
+        """A step running prefill `chunks` and `rows` decode rows together on `sms` SMs (a chunked-prefill
+        step), costed as one prefill batch in which each decode row is one token on `row_context` tokens:
+        `prefill_time` of that batch, uncontended."""
+        if not chunks and rows <= 0:
+            return 0.0
+        if sms <= 0:
+            return math.inf
+        return max(
+            self._prefill_base_with_rows(list(chunks), rows, row_context, min(sms, self.total_sms)), 0.0
+        )
 
     def decode_time(self, batch_size: int, kv_tokens: int, sms: int, *, contended: bool = False) -> float:
         """One decode step (one token for each of `batch_size` sequences holding `kv_tokens` in total)."""

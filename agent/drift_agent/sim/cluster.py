@@ -177,7 +177,9 @@ class Cluster:
             if slo
             else None
         )
-        self._tokens = TokenSource(prefix_len)
+        # Token ids matter to a prefix cache and to routing keyed on a prompt's first block (several instances).
+        caching = any(i.config.enable_prefix_caching for i in self.instances)
+        self._tokens = TokenSource(prefix_len, unique=caching or len(self.instances) > 1)
         self._multi_turn = {s.session_id for s in specs if s.turn > 0}
         self._coupled = bool(self.migrator or self.decode_pool or self._multi_turn or max_concurrency)
         reqs = [SimRequest(s) for s in specs]
@@ -355,7 +357,12 @@ class Cluster:
             req.prompt,
             SamplingParams(max_tokens=req.spec.output_len, ignore_eos=True),
             slo=prefilled.slo,
-            times=RequestTimes(arrival=prefilled.times.arrival, first_token=t, last_token=t),
+            times=RequestTimes(
+                arrival=prefilled.times.arrival,
+                first_scheduled=prefilled.times.first_scheduled,
+                first_token=t,
+                last_token=t,
+            ),
         )
         seq.token_ids = list(prefilled.token_ids)
         seq.num_computed_tokens = prefilled.num_prompt_tokens

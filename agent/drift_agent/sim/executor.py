@@ -78,8 +78,7 @@ class SimExecutor:
             return model.decode_time(rows, kv, sms)
         if not rows:
             return model.prefill_time(chunks, sms)
-        mean_context = max(kv // rows - 1, 0)
-        mixed = model.prefill_time([*chunks, *([PrefillShape(1, mean_context)] * rows)], sms)
+        mixed = model.mixed_time(chunks, rows, max(kv // rows - 1, 0), sms)  # rows at their mean context
         if self.fitted:
             mixed = max(mixed, model.decode_time(rows, kv, sms), model.prefill_time(chunks, sms))
         return mixed

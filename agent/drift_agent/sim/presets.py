@@ -149,6 +149,14 @@ class TensorParallelPerfModel(AnalyticPerfModel):
             return base
         return base + sum(s.new_tokens for s in shapes) * self._comm_per_token
 
+    def _prefill_base_with_rows(
+        self, chunks: list[PrefillShape], rows: int, row_context: int, sms: int
+    ) -> float:
+        base = super()._prefill_base_with_rows(chunks, rows, row_context, sms)
+        if not self._comm_per_token:
+            return base
+        return base + (sum(s.new_tokens for s in chunks) + rows) * self._comm_per_token
+
     def _decode_base(self, batch_size: int, kv_tokens: int, sms: int) -> float:
         return super()._decode_base(batch_size, kv_tokens, sms) + batch_size * self._comm_per_token
 

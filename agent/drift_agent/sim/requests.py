@@ -64,13 +64,22 @@ class SimRequest:
 
 class TokenSource:
     """Synthetic prompt token ids: unique per request, except a prefix shared by all first turns (the
-    workload's --prefix-len), so prefix caching hits exactly where a real tokenizer's ids would repeat."""
+    workload's --prefix-len), so prefix caching hits exactly where a real tokenizer's ids would repeat.
 
-    def __init__(self, prefix_len: int = 0) -> None:
-        self.prefix = list(range(2, 2 + prefix_len))
+    `unique=False` where nothing reads the ids (no prefix cache, no router keyed on them): every id is then the
+    same small int, which spares building an int object per prompt token (a 4096-token prompt cost about 0.1 ms,
+    a tenth of a long-context request's whole simulation)."""
+
+    FILLER = 2
+
+    def __init__(self, prefix_len: int = 0, unique: bool = True) -> None:
+        self.unique = unique
+        self.prefix = list(range(2, 2 + prefix_len)) if unique else [self.FILLER] * prefix_len
         self._next = 2 + prefix_len
 
     def fresh(self, n: int) -> list[int]:
+        if not self.unique:
+            return [self.FILLER] * n
         start = self._next
         self._next += n
         return list(range(start, start + n))
