@@ -37,7 +37,7 @@ def test_decode_times_equal_decode_time_value_by_value(name, perf):
 
 
 @pytest.mark.parametrize(("name", "perf"), _models())
-def test_mixed_time_equals_prefill_time_with_a_shape_per_decode_row(name, perf):
+def test_prefill_rows_equal_a_shape_per_decode_row(name, perf):
     # The simulator costs a chunked step's decode rows in closed form; the value must not change by a bit.
     rng = random.Random(1)
     for _ in range(200):
@@ -48,7 +48,9 @@ def test_mixed_time_equals_prefill_time_with_a_shape_per_decode_row(name, perf):
         rows, context = rng.randint(0, 300), rng.randint(0, 60_000)
         sms = rng.choice([perf.total_sms, max(1, perf.total_sms // 3), 0])
         expanded = [*chunks, *([PrefillShape(1, context)] * rows)]
-        assert perf.mixed_time(chunks, rows, context, sms) == perf.prefill_time(expanded, sms), name
+        for contended in (False, True):
+            got = perf.prefill_time(chunks, sms, contended=contended, rows=rows, row_context=context)
+            assert got == perf.prefill_time(expanded, sms, contended=contended), name
 
 
 def _stepwise(after, start, horizon, stop, perf, sms, contended) -> array:

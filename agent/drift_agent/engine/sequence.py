@@ -80,9 +80,9 @@ class Sequence:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = n = len(self.prompt_token_ids)
-        room = self.max_model_len - n
-        self.max_tokens = room if self.params.max_tokens is None else min(self.params.max_tokens, room)
         params = self.params
+        room = self.max_model_len - n
+        self.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         self.stops_on_token = bool(params.stop_token_ids) or (
             not params.ignore_eos and bool(self.eos_token_ids)
         )

@@ -175,7 +175,8 @@ class AnalyticPerfModel(PerfModel):
         return flops, float(nbytes)
 
     def _prefill_base(self, shapes: list[PrefillShape], sms: int) -> float:
-        return self._roofline(*self.prefill_flops_bytes(shapes), sms)
+        # The closed form with no rows (so a subclass adjusts `_prefill_base_with_rows` alone).
+        return self._prefill_base_with_rows(shapes, 0, 0, sms)
 
     def _prefill_base_with_rows(
         self, chunks: list[PrefillShape], rows: int, row_context: int, sms: int

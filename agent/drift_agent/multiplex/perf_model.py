@@ -89,27 +89,24 @@ class PerfModel(ABC):
         c = self.contention
         return _nearest_factor(c.per_sms_prefill, prefill_sms, c.prefill_slowdown)
 
-    def prefill_time(self, shapes: Shapes, sms: int, *, contended: bool = False) -> float:
-        """Whole-prefill latency (all layers plus LM head) of a batch on `sms` SMs."""
+    def prefill_time(
+        self, shapes: Shapes, sms: int, *, contended: bool = False, rows: int = 0, row_context: int = 0
+    ) -> float:
+        """Whole-prefill latency (all layers plus LM head) of a batch on `sms` SMs. `rows` more one-token
+        shapes on `row_context` tokens each may follow `shapes` without being built (a chunked step's decode
+        rows)."""
         items = _as_list(shapes)
-        if not items:
+        if not items and rows <= 0:
             return 0.0
         if sms <= 0:
             return math.inf
-        t = max(self._prefill_base(items, min(sms, self.total_sms)), 0.0)
-        return t * (self.prefill_slowdown(sms) if contended else 1.0)
-
-    def mixed_time(self, chunks: Sequence[PrefillShape], rows: int, row_context: int, sms: int) -> float:
-        """A step running prefill `chunks` and `rows` decode rows together on `sms` SMs (a chunked-prefill
-        step), costed as one prefill batch in which each decode row is one token on `row_context` tokens:
-        `prefill_time` of that batch, uncontended."""
-        if not chunks and rows <= 0:
-            return 0.0
-        if sms <= 0:
-            return math.inf
-        return max(
-            self._prefill_base_with_rows(list(chunks), rows, row_context, min(sms, self.total_sms)), 0.0
+        s = min(sms, self.total_sms)
+        base = (
+            self._prefill_base_with_rows(items, rows, row_context, s)
+            if rows > 0
+            else self._prefill_base(items, s)
         )
+        return max(base, 0.0) * (self.prefill_slowdown(sms) if contended else 1.0)
 
     def decode_time(self, batch_size: int, kv_tokens: int, sms: int, *, contended: bool = False) -> float:
         """One decode step (one token for each of `batch_size` sequences holding `kv_tokens` in total)."""

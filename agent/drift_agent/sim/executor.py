@@ -78,7 +78,8 @@ class SimExecutor:
             return model.decode_time(rows, kv, sms)
         if not rows:
             return model.prefill_time(chunks, sms)
-        mixed = model.mixed_time(chunks, rows, max(kv // rows - 1, 0), sms)  # rows at their mean context
+        # The decode rows join the prefill batch as one-token shapes at their mean context.
+        mixed = model.prefill_time(chunks, sms, rows=rows, row_context=max(kv // rows - 1, 0))
         if self.fitted:
             mixed = max(mixed, model.decode_time(rows, kv, sms), model.prefill_time(chunks, sms))
         return mixed

@@ -143,12 +143,6 @@ class TensorParallelPerfModel(AnalyticPerfModel):
             else 2 * (2 * (tp - 1) / tp) * shape.hidden_size * shape.dtype_bytes / link_bw * shape.num_layers
         )
 
-    def _prefill_base(self, shapes: list[PrefillShape], sms: int) -> float:
-        base = super()._prefill_base(shapes, sms)
-        if not self._comm_per_token:
-            return base
-        return base + sum(s.new_tokens for s in shapes) * self._comm_per_token
-
     def _prefill_base_with_rows(
         self, chunks: list[PrefillShape], rows: int, row_context: int, sms: int
     ) -> float:
