@@ -447,3 +447,62 @@ def test_slot_bound_respects_the_decode_budget() -> None:
     assert d.mode == "decode-first"
     with pytest.raises(ValueError):
         DispatcherConfig(prefill_slack_share=1.5)
+
+
+# --- rule 8: short prompts folded into the decode step ---------------------------------------------------
+# SynthModel costs a mixed step like a prefill of (prompt tokens + one per decode row): 0.1 ms each on 132 SMs.
+
+
+def test_short_prompt_folds_into_the_decode_step() -> None:
+    disp = Dispatcher(SynthModel())
+    d = disp.decide(state(decode=decodes(4, tpot=0.03), waiting=[req("a", 100, 1.0)]))
+    assert d.mode == "fold" and d.prefill_action is PrefillAction.FOLD and d.launch_ids == ("a",)
+    assert d.split == Split(0, 132) and d.run_decode and d.prefill_layers == 0
+    step = SynthModel().mixed_step_time([PrefillShape(100)], 4, 4 * 1024, 132)
+    assert step == pytest.approx(0.0104)  # 100 prompt tokens + 4 rows
+    assert d.predicted_decode_step_s == d.predicted_prefill_remaining_s == pytest.approx(step)
+    assert d.predicted_ttft_s == {"a": pytest.approx(step)} and d.tpot_ok
+    assert "fold 1 request(s)" in d.reason and json.loads(json.dumps(d.to_dict()))["prefill_action"] == "fold"
+
+
+def test_fold_takes_the_longest_head_that_keeps_the_decode_budget() -> None:
+    # 8 ms per step: no mixed split meets it with contention, the whole device does with 3 ms to spare.
+    infeasible = dict(decode=decodes(8, tpot=0.008))
+    disp = Dispatcher(SynthModel())
+    assert disp.decide(state(**infeasible, waiting=[req("big", 2000, 9.0)])).mode == "decode-first"
+    w = [req("a", 30, 1.0), req("b", 30, 2.0), req("c", 30, 3.0)]
+    d = disp.decide(state(**infeasible, waiting=w))
+    assert d.mode == "fold" and d.launch_ids == ("a", "b")  # (60 + 8) x 0.1 ms; with c 9.8 ms > 8
+    assert d.predicted_decode_step_s <= 0.008 and disp.prefill_stall_steps == 0  # prefill made progress
+    # The head is never skipped for a later prompt that would fit (rule 3), nor a prompt past free KV.
+    blocked = [req("head", 500, 1.0), req("small", 10, 2.0)]
+    assert disp.decide(state(**infeasible, waiting=blocked)).mode == "decode-first"
+    no_kv = state(**infeasible, waiting=[req("a", 30, 1.0, blocks=50)], free_kv_blocks=40)
+    assert disp.decide(no_kv).mode == "decode-only"
+
+
+def test_fold_only_instead_of_the_whole_planned_launch() -> None:
+    # 25 ms budget: two 100-token prompts fold (20.4 ms), three do not; rule 1 plans all three on the prefill
+    # lane, so folding two would delay the third: multiplex.
+    w = [req(f"r{i}", 100, 1.0 + i) for i in range(3)]
+    d = Dispatcher(SynthModel()).decide(state(decode=decodes(4, tpot=0.025), waiting=w))
+    assert d.mode == "multiplex" and d.prefill_action is PrefillAction.LAUNCH and len(d.launch_ids) == 3
+    two = Dispatcher(SynthModel()).decide(state(decode=decodes(4, tpot=0.025), waiting=w[:2]))
+    assert two.mode == "fold" and two.launch_ids == ("r0", "r1")
+
+
+def test_no_fold_while_a_prefill_runs_or_when_disabled_or_static() -> None:
+    busy = state(decode=decodes(4), waiting=[req("a", 100, 1.0)], in_flight=_flight(2, 4000, 5.0))
+    d = Dispatcher(SynthModel()).decide(busy)
+    assert d.mode == "multiplex" and d.prefill_action is PrefillAction.CONTINUE
+    short = state(decode=decodes(4), waiting=[req("a", 100, 1.0)])
+    off = Dispatcher(SynthModel(), DispatcherConfig(fold_max_tokens=0)).decide(short)
+    assert off.mode == "multiplex" and off.prefill_action is PrefillAction.LAUNCH
+    capped = Dispatcher(SynthModel(), DispatcherConfig(fold_max_tokens=99)).decide(short)
+    assert capped.mode == "multiplex"
+    static = Dispatcher(SynthModel(), DispatcherConfig(mode="static")).decide(short)
+    assert static.mode == "static" and static.prefill_action is PrefillAction.LAUNCH
+    # Nothing to fold into: with no decode running the prompt gets the whole device on the prefill lane.
+    assert Dispatcher(SynthModel()).decide(state(waiting=[req("a", 100, 1.0)])).mode == "prefill-only"
+    with pytest.raises(ValueError, match="fold_max_tokens"):
+        DispatcherConfig(fold_max_tokens=-1)

@@ -47,9 +47,12 @@ def test_multiplexed_equals_sequential(policy, reference):
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
-def test_multiplexed_with_preemption_and_arrivals_mid_run(reference):
+@pytest.mark.parametrize("fold", [2048, 0])
+def test_multiplexed_with_preemption_and_arrivals_mid_run(reference, fold):
+    """Arrivals beside running decodes: folded into the decode step (dispatcher rule 8), or as prefill jobs on
+    their own lane when folding is off. Either way the tokens are the sequential engine's."""
     prompts, params = workload(2, 8)
-    eng = engine("drift", num_kv_blocks=40)
+    eng = engine("drift", num_kv_blocks=40, partition={"fold_max_tokens": fold})
     for i in range(4):
         eng.add_request(f"r{i}", prompts[i], params[i])
     done: dict[str, list[int]] = {}
@@ -64,6 +67,7 @@ def test_multiplexed_with_preemption_and_arrivals_mid_run(reference):
             break
     assert [done[f"r{i}"] for i in range(8)] == reference(prompts, params)
     assert eng.block_manager.num_free_blocks == 40
+    assert bool(eng.stats().decisions.get("fold")) == bool(fold)
 
 
 def test_prefill_is_launched_in_layer_blocks_beside_decodes(tmp_path):

@@ -3,6 +3,8 @@ block, the dispatcher decides only when the prefill lane is free, and the split 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from drift_agent.engine.block_manager import BlockManager
@@ -20,10 +22,10 @@ SPLITS = [Split(132, 0), Split(112, 20), Split(96, 36), Split(72, 60), Split(0, 
 TOKEN = 7
 
 
-def make_lanes(tpot_s: float = 0.03, block_decode_steps: float = 1.0) -> MuxLanes:
+def make_lanes(tpot_s: float = 0.03, block_decode_steps: float = 1.0, **config: Any) -> MuxLanes:
     model = SynthModel()
     ctx = MuxContext(model, SPLITS, model.num_layers, default_ttft_s=60.0, default_tpot_s=tpot_s)
-    policy = MultiplexPolicy("drift", ctx, DispatcherConfig(block_decode_steps=block_decode_steps))
+    policy = MultiplexPolicy("drift", ctx, DispatcherConfig(block_decode_steps=block_decode_steps, **config))
     sched = Scheduler(SchedulerConfig(max_model_len=8192), BlockManager(2000, 16), policy)
     return MuxLanes(sched)
 
@@ -117,8 +119,9 @@ def test_split_change_waits_for_the_sync_point() -> None:
 
 
 def test_a_decision_taken_back_does_not_count_as_a_stalled_step() -> None:
-    # A TPOT target no mixed split can meet: the dispatcher runs decode alone and counts stalled steps.
-    lanes = make_lanes(tpot_s=0.004)
+    # A TPOT target no mixed split can meet (no slack to borrow): the dispatcher runs decode alone and counts
+    # stalled steps.
+    lanes = make_lanes(tpot_s=0.004, max_slack_borrow=1.0)
     running_decodes(lanes)
     add(lanes, "long", 1200, 4)
     first = lanes.launch(0.01)
@@ -183,3 +186,39 @@ def test_dispatcher_sees_only_requests_a_free_slot_can_take() -> None:
     lanes.prefill_done(tokens(launch.prefill.batch))
     lanes.launch(0.1)
     assert seen[-1].waiting == [] and seen[-1].slot_bound
+
+
+def test_a_folded_prompt_runs_inside_the_decode_step_and_then_decodes() -> None:
+    lanes = make_lanes()
+    seqs = running_decodes(lanes)
+    short = add(lanes, "short", 40, 3, t=0.01)
+    launch = lanes.launch(0.01)
+    assert launch.decision.mode == "fold" and launch.prefill is None and launch.new_job is None
+    batch = launch.decode
+    assert batch is lanes.decode and batch.phase == "mixed" and lanes.policy.active is None
+    assert [i.seq for i in batch.items] == [*seqs, short]  # decodes first, then the whole prompt
+    folded = batch.items[-1]  # the whole prompt past its cached prefix (it shares a block with the others)
+    assert (folded.start, folded.num_new_tokens) == (16, 24) and short.times.first_scheduled == 0.01
+    assert not lanes.sched.waiting
+    _, advanced = lanes.decode_done(tokens(batch))
+    assert advanced == [*seqs, short] and short.num_output_tokens == 1 and not short.is_prefilling
+    nxt = lanes.launch(0.02)
+    assert nxt.decision.mode == "decode-only" and nxt.decode.phase == "decode"
+    assert [i.seq for i in nxt.decode.items] == [*seqs, short]
+    # Off (fold_max_tokens=0), the same prompt is a prefill job on its own lane.
+    lanes = make_lanes(fold_max_tokens=0)
+    running_decodes(lanes)
+    add(lanes, "short", 40, 3, t=0.01)
+    launch = lanes.launch(0.01)
+    assert (
+        launch.decision.mode == "multiplex" and launch.prefill is not None and launch.decode.phase == "decode"
+    )
+
+
+def test_fold_setting_follows_the_partition_config_at_run_time() -> None:
+    from drift_agent.engine.config import EngineConfig
+
+    lanes = make_lanes()
+    assert lanes.policy.dispatcher.config.fold_max_tokens == 2048
+    lanes.policy.reconfigure(EngineConfig(policy="drift", partition={"fold_max_tokens": 0}))
+    assert lanes.policy.dispatcher.config.fold_max_tokens == 0

@@ -28,7 +28,7 @@ def test_get_shape(admin_live: LiveServer) -> None:
     with admin_live.client() as http:
         body = http.get("/admin/policy").json()
     assert set(body) == {"policy", "partition", "slo"}
-    assert set(body["partition"]) == {"mode", "prefill_sm_share", "backend"}
+    assert set(body["partition"]) == {"mode", "prefill_sm_share", "backend", "fold_max_tokens"}
     assert set(body["slo"]) == {"ttft_ms", "tpot_ms"}
     assert body["policy"] == "chunked"
 
@@ -56,14 +56,14 @@ def test_apply_and_metrics(admin_live: LiveServer) -> None:
             headers=AUTH,
             json={
                 "policy": "prefill-first",
-                "partition": {"mode": "static", "prefill_sm_share": 0.7},
+                "partition": {"mode": "static", "prefill_sm_share": 0.7, "fold_max_tokens": 0},
                 "slo": {"ttft_ms": 500.0, "tpot_ms": 40.0},
             },
         )
         assert r.status_code == 200, r.text
         assert r.json() == {
             "policy": "prefill-first",
-            "partition": {"mode": "static", "prefill_sm_share": 0.7, "backend": "auto"},
+            "partition": {"mode": "static", "prefill_sm_share": 0.7, "backend": "auto", "fold_max_tokens": 0},
             "slo": {"ttft_ms": 500.0, "tpot_ms": 40.0},
         }
         assert http.get("/admin/policy").json() == r.json()
@@ -99,6 +99,7 @@ def test_switch_to_multiplexing_policy(admin_live: LiveServer) -> None:
         {"policy": "fastest"},
         {"partition": {"prefill_sm_share": 1.5}},
         {"partition": {"mode": "sometimes"}},
+        {"partition": {"fold_max_tokens": -1}},
         {"slo": {"ttft_ms": -1}},
         {"slo": {"tpot_ms": "fast"}},
         {"unknown": 1},

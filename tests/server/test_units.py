@@ -161,6 +161,7 @@ async def test_drain_finishes_in_time() -> None:
         (["--max-num-seqs", "0"], {}),
         (["--port", "70000"], {}),
         (["--prefill-sm-share", "2"], {}),
+        (["--fold-max-tokens", "-1"], {}),
         ([], {"DRIFT_SLO_WINDOW_S": "soon"}),
         ([], {"DRIFT_POLICY": "fastest"}),
     ],

@@ -152,3 +152,10 @@ def test_presets_lists_models_and_gpus(capsys):
     assert main(["sim", "presets"]) == 0
     out = capsys.readouterr().out
     assert "llama-3-70b" in out and "H100" in out
+
+
+def test_a_negative_fold_budget_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sim", "run", *SMALL, "--fold-max-tokens", "-5"])
+    assert exc.value.code == 2
+    assert "argument --fold-max-tokens: must be >= 0, got -5" in capsys.readouterr().err

@@ -134,10 +134,11 @@ def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
     _assert_same_run(fast, slow)
 
 
-@pytest.mark.parametrize("policy", ["prefill-first", "chunked"])
+@pytest.mark.parametrize("policy", ["prefill-first", "chunked", "drift"])
 def test_fast_forward_from_a_step_that_finishes_prompts_is_exact(policy, monkeypatch):
-    """A span may start with a step that runs the last chunk of some prompts beside every decode: the new
-    sequences' first tokens, and every later token time, match stepping."""
+    """A span may start with a step that runs the last chunk of some prompts beside every decode (for drift, a
+    decode step with prompts folded into it): the new sequences' first tokens, and every later token time,
+    match stepping."""
     from drift_agent.sim.instance import SimInstance
 
     phases = []
@@ -154,6 +155,8 @@ def test_fast_forward_from_a_step_that_finishes_prompts_is_exact(policy, monkeyp
     base = SimSetup.build("llama-3-8b", "h100", policy=policy)
     fast = base.run(specs, 6.0)
     assert {"prefill", "mixed"} & set(phases)
+    if policy == "drift":
+        assert "mixed" in phases and fast.stats["instances"][0]["decisions"]["fold"] > 0
     slow = base.with_instance(fast_forward=False).run(specs, 6.0)
     _assert_same_run(fast, slow)
 

@@ -49,17 +49,21 @@ def test_drift_keeps_throughput_when_sequence_slots_are_the_bottleneck(monkeypat
     """Short prompts, long answers, a loose TPOT (100 ms) and more load than 256 slots turn over: rule 1 alone
     (the smallest decode share meeting TPOT) gives decode 20 of 132 SMs, every step crawls, slots free slowly
     and the queue grows. Rule 7 (just enough prefill while requests wait for a slot) keeps drift at
-    static-split's throughput; without it (prefill_slack_share=0) the collapse shows."""
+    static-split's throughput; without it (prefill_slack_share=0) the collapse shows. Rule 8 (folding short
+    prompts into the decode step) avoids the split altogether, so it is off for the rule 7 comparison."""
     specs = generate("random", 1000, 0, WorkloadParams(input_len=128, output_len=256, range_ratio=0.5))
     load = LoadSpec(slo=SLO(ttft_ms=1000, tpot_ms=100))
 
-    def run(policy: str) -> dict:
-        setup = SimSetup.build("llama-3-8b", "h100", policy=policy, slo_ttft_ms=1000, slo_tpot_ms=100)
+    def run(policy: str, fold: int = 0) -> dict:
+        setup = SimSetup.build(
+            "llama-3-8b", "h100", policy=policy, slo_ttft_ms=1000, slo_tpot_ms=100, fold_max_tokens=fold
+        )
         return simulate_rate(setup, specs, 40.0, load).summary
 
-    static, drift = run("static-split"), run("drift")
-    assert drift["slo_attainment"] >= 0.95 and drift["p90_ttft_ms"] < 1000
-    assert drift["request_throughput"] >= 0.95 * static["request_throughput"]
+    static, drift, folding = run("static-split"), run("drift"), run("drift", fold=2048)
+    for d in (drift, folding):
+        assert d["slo_attainment"] >= 0.95 and d["p90_ttft_ms"] < 1000
+        assert d["request_throughput"] >= 0.95 * static["request_throughput"]
     orig = policies.dispatcher_config
     monkeypatch.setattr(
         policies, "dispatcher_config", lambda n, p: dataclasses.replace(orig(n, p), prefill_slack_share=0.0)
@@ -67,3 +71,23 @@ def test_drift_keeps_throughput_when_sequence_slots_are_the_bottleneck(monkeypat
     rule1 = run("drift")
     assert rule1["slo_attainment"] < 0.8 and rule1["p90_ttft_ms"] > 4 * drift["p90_ttft_ms"]
     assert rule1["request_throughput"] < 0.9 * drift["request_throughput"]
+
+
+def test_folding_short_prompts_keeps_drift_level_with_chunked_on_chat():
+    """ShareGPT-like chat near chunked prefill's capacity (52 req/s, TTFT 500 ms, TPOT 15 ms): short prompts
+    ride along the decode step (dispatcher rule 8), as chunked prefill runs them, instead of taking SMs from
+    decode. Without folding, drift's queue grows and a third of the requests miss their TTFT."""
+    specs = generate("sharegpt-like", 2000, seed=0)
+    load = LoadSpec(slo=SLO(ttft_ms=500, tpot_ms=15))
+
+    def run(policy: str, fold: int) -> dict:
+        setup = SimSetup.build(
+            "llama-3-8b", "h100", policy=policy, slo_ttft_ms=500, slo_tpot_ms=15, fold_max_tokens=fold
+        )
+        return simulate_rate(setup, specs, 52.0, load).summary
+
+    chunked, folding, splitting = run("chunked", 2048), run("drift", 2048), run("drift", 0)
+    assert (
+        folding["slo_attainment"] >= 0.95 and folding["request_goodput"] >= 0.95 * chunked["request_goodput"]
+    )
+    assert splitting["slo_attainment"] < folding["slo_attainment"] - 0.2

@@ -22,6 +22,9 @@ class PartitionConfig(BaseModel):
     prefill_sm_share: float = Field(0.5, ge=0.0, le=1.0)
     # Which partitioner realises the split: green contexts, MPS, or a shared (no-op) partitioner.
     backend: Literal["auto", "green-context", "mps", "shared"] = "auto"
+    # drift (mode=auto): most prompt tokens the dispatcher may fold into one decode step, chunked-prefill
+    # style, when that step still meets the decode budget (dispatcher rule 8); 0 never folds.
+    fold_max_tokens: int = Field(2048, ge=0)
 
 
 class EngineConfig(BaseModel):

@@ -382,6 +382,10 @@ class LLMEngine:
                 perf, launch.split, job, layers, contended=lanes.decode is not None
             )
         if launch.decode is not None:
+            if launch.decode.phase == "mixed":  # prompts folded into the decode step (dispatcher rule 8)
+                self.prompt_tokens_total += sum(
+                    i.num_new_tokens for i in launch.decode.items if i.seq.is_prefilling
+                )
             executor.launch_decode(launch.split, launch.decode)
             self._predicted["decode"] = decode_step_time(
                 perf, launch.split, launch.decode, contended=lanes.prefill is not None

@@ -38,6 +38,15 @@ Rules (mode `slo`):
    TPOT 100 ms: P90 TTFT 84 s before this rule, 0.45 s after; static-split 47 ms). With free slots, prefill
    speed is what serves the queue and rule 1 stands (applied there too, this rule cost 8% of the paper-regime
    goodput).
+8. *Fold short prompts into the decode step.* With no prefill started, the queue's head may instead join the
+   decode step as a mixed batch on the decode end of the splits (chunked prefill's one pass, on the whole
+   device): as many waiting requests, in rule 3's order and within `fold_max_tokens`, as keep that step within
+   the decode budget. The dispatcher folds when rule 1 would start no prefill (decode first, or nothing fits
+   the prefill SMs), or when the fold takes the whole launch rule 1 planned (folding only part of it would
+   delay the rest by a step, while the planned job would have started all of it at once). Why: a short
+   prompt's GEMMs ride along a memory-bound decode step almost for free, while splitting SMs for it slows
+   every decode and pays the contention factor on both sides (simulated ShareGPT-like chat: chunked prefill
+   beat drift 1.2-1.3x in goodput before this rule; see docs/benchmarks.md). Long prompts still multiplex.
 
 Mode `static` (the `static-split` policy, for comparisons): one fixed split for both phases, whatever the load;
 prefill selection and layer blocks as above.
@@ -163,9 +172,12 @@ class PrefillAction(str, Enum):
     CONTINUE = "continue"  # next layer block of `in_flight`
     OVERTAKE = "overtake"  # pause `in_flight`, start a new batch (`launch_ids`)
     RESUME = "resume"  # `in_flight` is done; continue the paused batch
+    FOLD = "fold"  # run `launch_ids` whole inside the decode step (rule 8), not on the prefill lane
 
 
-Mode = Literal["idle", "decode-only", "prefill-only", "multiplex", "decode-first", "prefill-turn", "static"]
+Mode = Literal[
+    "idle", "decode-only", "prefill-only", "multiplex", "decode-first", "prefill-turn", "fold", "static"
+]
 
 
 @dataclass(frozen=True)
@@ -174,7 +186,7 @@ class DispatchDecision:
     mode: Mode
     run_decode: bool
     prefill_action: PrefillAction
-    launch_ids: tuple[str, ...]  # new prefills to start, in EDF order (LAUNCH / OVERTAKE)
+    launch_ids: tuple[str, ...]  # new prefills to start, in EDF order (LAUNCH / OVERTAKE / FOLD)
     prefill_layers: int  # layers of the active prefill batch to launch now (0: none)
     predicted_decode_step_s: float | None
     predicted_prefill_block_s: float | None
@@ -226,13 +238,17 @@ class DispatcherConfig:
     # Rule 7: share of a planned prefill's slack it may use when decode takes SMs back (0: always rule 1's
     # fastest prefill, as the paper's dispatcher does). The rest absorbs prediction error and new arrivals.
     prefill_slack_share: float = 0.5
-    max_slack_borrow: float = 1.0
+    # TPOT is an average over a request's output, so a request ahead of schedule may spend its banked slack
+    # on a step up to this many times its target (ShareGPT-like, TPOT 15 ms: goodput 46 -> 49 req/s from 1x).
+    max_slack_borrow: float = 2.0
     catch_up_floor: float = 0.5
     max_prefill_stall_steps: int = 8
     allow_overtake: bool = True
     overtake_only_if_needed: bool = True
     deprioritize_hopeless: bool = True
     protect_batch_deadlines: bool = True
+    # Rule 8: most prompt tokens folded into one decode step (0: never fold, the paper's dispatcher).
+    fold_max_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.mode not in ("slo", "static"):
@@ -241,12 +257,22 @@ class DispatcherConfig:
             raise ValueError("static_prefill_share must be in (0, 1)")
         if self.max_prefill_tokens <= 0 or self.max_prefill_batch <= 0 or self.block_decode_steps <= 0:
             raise ValueError("max_prefill_tokens, max_prefill_batch and block_decode_steps must be positive")
-        if self.kv_watermark_blocks < 0 or self.max_prefill_stall_steps < 0 or self.tpot_margin < 0:
-            raise ValueError("kv_watermark_blocks, max_prefill_stall_steps and tpot_margin must be >= 0")
+        if (
+            min(
+                self.kv_watermark_blocks, self.max_prefill_stall_steps, self.tpot_margin, self.fold_max_tokens
+            )
+            < 0
+        ):
+            raise ValueError(
+                "kv_watermark_blocks, max_prefill_stall_steps, tpot_margin and fold_max_tokens must be >= 0"
+            )
         if not 0.0 < self.catch_up_floor <= 1.0 <= self.max_slack_borrow:
             raise ValueError("need 0 < catch_up_floor <= 1 <= max_slack_borrow")
         if not 0.0 <= self.prefill_slack_share <= 1.0:
             raise ValueError("prefill_slack_share must be in [0, 1]")
+
+
+_FOLDABLE = ("multiplex", "decode-first", "prefill-turn")  # modes with decode running and prefill to start
 
 
 @dataclass
@@ -452,6 +478,28 @@ class Dispatcher:
             reason += f"; prefill {plan.action.value}{plan.note}"
         elif prefill_work and mode != "decode-first":
             reason += "; no prefill fits"
+
+        # 4. rule 8: the queue's head inside the decode step instead ---------------------------------------
+        if cfg.fold_max_tokens and head_fits and not started and mode in _FOLDABLE and budget is not None:
+            fold = self._fold(state, ordered, decode_end.decode_sms, batch, kv, budget)
+            if fold is not None and (not prefill_active or set(plan.ids) <= {r.request_id for r in fold[0]}):
+                picked, t_fold = fold
+                self._stall_steps = 0  # prefill makes progress
+                return DispatchDecision(
+                    split=decode_end,
+                    mode="fold",
+                    run_decode=True,
+                    prefill_action=PrefillAction.FOLD,
+                    launch_ids=tuple(r.request_id for r in picked),
+                    prefill_layers=0,
+                    predicted_decode_step_s=t_fold,
+                    predicted_prefill_block_s=t_fold,
+                    predicted_prefill_remaining_s=t_fold,
+                    predicted_ttft_s={r.request_id: now + t_fold for r in picked},
+                    decode_budget_s=budget,
+                    reason=f"fold {len(picked)} request(s) into the decode step: {t_fold * 1e3:.1f} ms "
+                    f"within the {budget * 1e3:.1f} ms step budget",
+                )
         return DispatchDecision(
             split=split,
             mode=mode,
@@ -466,6 +514,41 @@ class Dispatcher:
             decode_budget_s=budget,
             reason=reason,
         )
+
+    def _fold(
+        self,
+        state: DispatchState,
+        ordered: list[PrefillRequest],
+        sms: int,
+        batch: int,
+        kv: int,
+        budget: float,
+    ) -> tuple[list[PrefillRequest], float] | None:
+        """Rule 8: the longest head of `ordered` (rule 3's order, never skipping the head) whose prompts, run
+        whole inside the decode step of `batch` rows on `sms` SMs, keep that step within `budget`; with the
+        step's predicted time. None when not even the head fits."""
+        cfg = self.config
+        blocks_left = state.free_kv_blocks - cfg.kv_watermark_blocks
+        limit = budget / (1.0 + cfg.tpot_margin)
+        picked: list[PrefillRequest] = []
+        shapes: list[PrefillShape] = []
+        tokens, t_fold = 0, 0.0
+        for r in ordered:
+            if (
+                r.kv_blocks > blocks_left
+                or tokens + r.new_tokens > cfg.fold_max_tokens
+                or len(picked) >= cfg.max_prefill_batch
+            ):
+                break
+            shapes.append(r.shape)
+            t = self.model.mixed_step_time(shapes, batch, kv, sms)
+            if t > limit:
+                break
+            picked.append(r)
+            blocks_left -= r.kv_blocks
+            tokens += r.new_tokens
+            t_fold = t
+        return (picked, t_fold) if picked else None
 
     def _plan_deadline(self, state: DispatchState, plan: _Plan) -> float:
         """The earliest TTFT deadline in the planned prefill that can still be met (for a new batch, judged by

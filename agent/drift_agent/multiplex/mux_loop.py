@@ -24,16 +24,28 @@ from typing import Any
 from ..engine.scheduler import Batch, Scheduler, SchedulerOutput
 from ..engine.sequence import Sequence
 from ..partition.base import Split
-from .perf_model import PerfModel
+from .perf_model import PerfModel, PrefillShape
 from .policies import MultiplexPolicy, PrefillJob
 
 
 def decode_step_time(perf: PerfModel, split: Split, batch: Batch, contended: bool) -> float:
-    """Predicted latency of a decode step launched on `split` (`contended`: the prefill lane is busy)."""
+    """Predicted latency of a decode step launched on `split` (`contended`: the prefill lane is busy); a
+    "mixed" one also runs whole prompts folded into it (dispatcher rule 8)."""
     kv = 0
+    if batch.phase != "mixed":
+        for item in batch.items:
+            kv += item.start + 1
+        return perf.decode_time(batch.num_seqs, kv, split.decode_sms, contended=contended)
+    rows = 0
+    chunks: list[PrefillShape] = []
     for item in batch.items:
-        kv += item.start + 1
-    return perf.decode_time(batch.num_seqs, kv, split.decode_sms, contended=contended)
+        if item.num_new_tokens == 1:
+            rows += 1
+            kv += item.start + 1
+        else:
+            chunks.append(PrefillShape(item.num_new_tokens, item.start))
+    t = perf.mixed_step_time(chunks, rows, kv, split.decode_sms)
+    return t * perf.decode_slowdown(split.decode_sms) if contended else t
 
 
 def prefill_block_time(perf: PerfModel, split: Split, job: PrefillJob, layers: int, contended: bool) -> float:
@@ -107,8 +119,8 @@ class MuxLanes:
         if job is not None:
             launch.prefill, launch.prefill_layers = job, int(out.info.get("prefill_layers", 0))
             self.prefill, self.prefill_layers = job, launch.prefill_layers
-        if self.decode is None:
-            launch.decode = next((b for b in out.batches if b.phase == "decode"), None)
+        if self.decode is None:  # a decode step, with any prompts folded into it
+            launch.decode = next((b for b in out.batches if b.phase != "prefill"), None)
             self.decode = launch.decode
         if self.busy:
             self.split = launch.split

@@ -117,6 +117,17 @@ class PerfModel(ABC):
         t = max(self._decode_base(batch_size, max(kv_tokens, batch_size), min(sms, self.total_sms)), 0.0)
         return t * (self.decode_slowdown(sms) if contended else 1.0)
 
+    def mixed_step_time(self, chunks: list[PrefillShape], rows: int, kv_tokens: int, sms: int) -> float:
+        """One forward pass of prefill `chunks` and `rows` decode rows holding `kv_tokens` in total, on `sms`
+        SMs with nothing co-running: a chunked-prefill step, or a decode step with short prompts folded in.
+        The rows join the prefill batch as one-token shapes at their mean context: the weights are read once
+        and each row's attention over its context is counted, which is what a mixed batch does on a GPU."""
+        if not chunks:
+            return self.decode_time(rows, kv_tokens, sms)
+        if not rows:
+            return self.prefill_time(chunks, sms)
+        return self.prefill_time(chunks, sms, rows=rows, row_context=max(kv_tokens // rows - 1, 0))
+
     def decode_times(
         self, batch_size: int, kv_tokens: np.ndarray, sms: int, *, contended: bool = False
     ) -> np.ndarray:
@@ -253,6 +264,14 @@ class FittedPerfModel(PerfModel):
             return max(a * sq + b * cross + c * lin + d, 0.0)
 
         return interpolate_in_sms(self._prefill_sms, at, sms)
+
+    def mixed_step_time(self, chunks: list[PrefillShape], rows: int, kv_tokens: int, sms: int) -> float:
+        """A fitted prefill form was not measured on one-token rows, so a mixed step costs no less than its
+        measured decode step, nor than its prefill alone."""
+        mixed = super().mixed_step_time(chunks, rows, kv_tokens, sms)
+        if chunks and rows:
+            mixed = max(mixed, self.decode_time(rows, kv_tokens, sms), self.prefill_time(chunks, sms))
+        return mixed
 
     def _decode_base(self, batch_size: int, kv_tokens: int, sms: int) -> float:
         k = kv_tokens / _K

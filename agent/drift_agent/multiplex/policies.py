@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.policies import decode_all
-from ..engine.scheduler import Batch, Scheduler, SchedulerOutput
+from ..engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerOutput
 from ..engine.sequence import Sequence
 from ..partition.base import Split
 from .dispatcher import (
@@ -75,7 +75,10 @@ def dispatcher_config(name: str, partition: Any) -> DispatcherConfig:
     """`static-split`, or `drift` with partition mode static/off, uses one fixed split; `drift` with auto adapts."""
     fixed = name == "static-split" or getattr(partition, "mode", "auto") in ("static", "off")
     share = min(max(float(getattr(partition, "prefill_sm_share", 0.5)), 0.01), 0.99)
-    return DispatcherConfig(mode="static" if fixed else "slo", static_prefill_share=share)
+    fold = int(getattr(partition, "fold_max_tokens", DispatcherConfig.fold_max_tokens))
+    return DispatcherConfig(
+        mode="static" if fixed else "slo", static_prefill_share=share, fold_max_tokens=fold
+    )
 
 
 class MultiplexPolicy:
@@ -201,9 +204,15 @@ class MultiplexPolicy:
         elif decision.prefill_action is PrefillAction.RESUME and self.active is None:
             self.active, self.paused = self.paused, None
         if decision.run_decode and not decode_busy:
-            batch = self.decode_batch(sched, out.preempted)
-            if batch is not None:
-                out.batches.append(batch)
+            items, _ = decode_all(sched, 1 << 30, out.preempted)
+            # Rule 8: whole prompts join the decode step (admitted after the decodes, as chunked prefill does).
+            folded = (
+                self._admit(sched, decision.launch_ids, waiting)
+                if decision.prefill_action is PrefillAction.FOLD
+                else []
+            )
+            if items or folded:
+                out.batches.append(Batch(items + folded, "mixed" if folded else "decode"))
         layers = 0
         if self.active is not None:
             layers = min(decision.prefill_layers, self.active.num_layers - self.active.layers_done)
@@ -228,7 +237,9 @@ class MultiplexPolicy:
         items, _ = decode_all(sched, 1 << 30, preempted)
         return Batch(items, "decode") if items else None
 
-    def _launch(self, sched: Scheduler, ids: tuple[str, ...], waiting: list[Sequence]) -> PrefillJob | None:
+    @staticmethod
+    def _admit(sched: Scheduler, ids: tuple[str, ...], waiting: list[Sequence]) -> list[ScheduledSeq]:
+        """Admit the waiting requests `ids` whole (those that still fit)."""
         by_id = {s.request_id: s for s in waiting}
         items = []
         for rid in ids:
@@ -238,6 +249,10 @@ class MultiplexPolicy:
             item = sched.try_admit(seq, seq.num_tokens, whole_only=True)
             if item is not None:
                 items.append(item)
+        return items
+
+    def _launch(self, sched: Scheduler, ids: tuple[str, ...], waiting: list[Sequence]) -> PrefillJob | None:
+        items = self._admit(sched, ids, waiting)
         if not items:
             return None
         deadline = min(s.seq.times.arrival + (s.seq.slo.ttft or self.ctx.default_ttft_s) for s in items)

@@ -25,6 +25,7 @@ class PartitionUpdate(BaseModel):
     mode: str | None = None
     prefill_sm_share: float | None = None
     backend: str | None = None
+    fold_max_tokens: int | None = None
 
 
 class SloUpdate(BaseModel):

@@ -29,6 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prefill-sm-share", type=float, help="prefill share of SMs in static partition mode")
     s.add_argument("--partition-backend", choices=["auto", "green-context", "mps", "shared"])
     s.add_argument(
+        "--fold-max-tokens",
+        type=int,
+        help="drift: most prompt tokens folded into one decode step when it meets TPOT (0: never; default 2048)",
+    )
+    s.add_argument(
         "--slo-window-s", type=float, help="window of drift_slo_attainment (default 60; DRIFT_SLO_WINDOW_S)"
     )
     s.add_argument(
@@ -62,6 +67,7 @@ def _config(args: argparse.Namespace) -> Any:
             "mode": args.partition_mode,
             "prefill_sm_share": args.prefill_sm_share,
             "backend": args.partition_backend,
+            "fold_max_tokens": args.fold_max_tokens,
         }.items()
         if v is not None
     }

@@ -99,6 +99,12 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
         "--prefill-sm-share", type=positive_float, default=0.5, help="static-split's prefill SM share"
     )
     e.add_argument(
+        "--fold-max-tokens",
+        type=non_negative_int,
+        default=2048,
+        help="drift: most prompt tokens folded into one decode step that meets TPOT (0: never)",
+    )
+    e.add_argument(
         "--no-fast-forward",
         action="store_true",
         help="step every decode step through the scheduler (slower; results are identical)",
@@ -265,6 +271,7 @@ def _setup(args: argparse.Namespace, specs: list[Any]) -> Any:
         max_model_len=args.max_model_len,
         enable_prefix_caching=caching,
         prefill_sm_share=args.prefill_sm_share,
+        fold_max_tokens=args.fold_max_tokens,
         slo_ttft_ms=slo.ttft_ms or 1000.0,
         slo_tpot_ms=slo.tpot_ms or 100.0,
         cluster=cluster,

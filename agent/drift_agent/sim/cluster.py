@@ -426,6 +426,7 @@ class Cluster:
                     if bm.prefix_queries
                     else None,
                     "splits_used": {f"P{p}/D{d}": n for (p, d), n in sorted(inst.splits_used.items())},
+                    "decisions": dict(sorted(inst.decisions.items())),
                 }
             )
         queries = sum(i.bm.prefix_queries for i in self.instances)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from ..engine.scheduler import Batch
 from ..multiplex.mux_loop import decode_step_time, prefill_block_time
-from ..multiplex.perf_model import FittedPerfModel, PerfModel, PrefillShape
+from ..multiplex.perf_model import PerfModel, PrefillShape
 from ..multiplex.policies import PrefillJob
 from ..partition.base import Split
 
@@ -51,7 +51,6 @@ class SimExecutor:
     def __init__(self, model: PerfModel) -> None:
         self.model = model
         self.sms = model.total_sms
-        self.fitted = isinstance(model, FittedPerfModel)
 
     def batch(self, batch: Batch) -> tuple[float, Sampled]:
         """(latency, sampled tokens) of one batch on the whole device."""
@@ -73,16 +72,7 @@ class SimExecutor:
         return self.time(rows, kv, chunks), Sampled(skip)
 
     def time(self, rows: int, kv: int, chunks: list[PrefillShape]) -> float:
-        model, sms = self.model, self.sms
-        if not chunks:
-            return model.decode_time(rows, kv, sms)
-        if not rows:
-            return model.prefill_time(chunks, sms)
-        # The decode rows join the prefill batch as one-token shapes at their mean context.
-        mixed = model.prefill_time(chunks, sms, rows=rows, row_context=max(kv // rows - 1, 0))
-        if self.fitted:
-            mixed = max(mixed, model.decode_time(rows, kv, sms), model.prefill_time(chunks, sms))
-        return mixed
+        return self.model.mixed_step_time(chunks, rows, kv, self.sms)
 
 
 class SimMuxExecutor:

@@ -48,6 +48,7 @@ class InstanceConfig:
     max_model_len: int = 32768
     enable_prefix_caching: bool = False
     prefill_sm_share: float = 0.5  # static-split's prefill share
+    fold_max_tokens: int = 2048  # drift: prompt tokens folded into a decode step at most (dispatcher rule 8)
     slo_ttft_ms: float = 1000.0  # defaults for requests without their own targets
     slo_tpot_ms: float = 100.0
     fast_forward: bool = True  # apply runs of identical decode steps at once (exact; see `SimInstance`)
@@ -57,6 +58,8 @@ class InstanceConfig:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
         if min(self.block_size, self.num_kv_blocks, self.max_num_seqs, self.max_num_batched_tokens) < 1:
             raise ValueError("block size, KV blocks, max seqs and the token budget must be positive")
+        if self.fold_max_tokens < 0:
+            raise ValueError(f"fold_max_tokens must be >= 0, got {self.fold_max_tokens}")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -65,7 +68,9 @@ class InstanceConfig:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             enable_prefix_caching=self.enable_prefix_caching,
-            partition=PartitionConfig(mode="auto", prefill_sm_share=self.prefill_sm_share),
+            partition=PartitionConfig(
+                mode="auto", prefill_sm_share=self.prefill_sm_share, fold_max_tokens=self.fold_max_tokens
+            ),
             slo_ttft_ms=self.slo_ttft_ms,
             slo_tpot_ms=self.slo_tpot_ms,
         )
@@ -200,6 +205,7 @@ class SimInstance:
         self.num_requests = 0
         self.busy_time = 0.0
         self.splits_used: dict[tuple[int, int], int] = {}
+        self.decisions: dict[str, int] = {}  # dispatcher decisions acted on, by mode (as the engine counts)
 
     # ---- load signals ----------------------------------------------------------------------------------
     @property
@@ -405,6 +411,9 @@ class SimInstance:
         lanes, executor = self.lanes, self.executor
         launch = lanes.launch(now)
         split = launch.split
+        decision = launch.decision
+        if decision is not None and not launch.output.info.get("deferred"):  # type: ignore[union-attr]
+            self.decisions[decision.mode] = self.decisions.get(decision.mode, 0) + 1
         if launch.prefill is not None and launch.prefill_layers > 0:
             assert split is not None
             dt, self._prefill_sampled = executor.prefill(
@@ -446,7 +455,7 @@ class SimInstance:
                 batch, now, dt, horizon, launch.split.decode_sms, prefill_until=self._prefill_end
             )
         decision = launch.decision
-        if decision is None or decision.mode not in ("decode-only", "static") or launch.preempted:
+        if decision is None or decision.mode not in ("decode-only", "fold", "static") or launch.preempted:
             return None
         if policy.active is not None or policy.paused is not None or launch.new_job is not None:
             return None

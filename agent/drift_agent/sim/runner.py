@@ -56,6 +56,7 @@ class SimSetup:
         max_model_len: int = 32768,
         enable_prefix_caching: bool = False,
         prefill_sm_share: float = 0.5,
+        fold_max_tokens: int = 2048,
         slo_ttft_ms: float = 1000.0,
         slo_tpot_ms: float = 100.0,
         cluster: ClusterConfig | None = None,
@@ -88,6 +89,7 @@ class SimSetup:
             max_model_len=min(max_model_len, blocks * block_size),
             enable_prefix_caching=enable_prefix_caching,
             prefill_sm_share=prefill_sm_share,
+            fold_max_tokens=fold_max_tokens,
             slo_ttft_ms=slo_ttft_ms,
             slo_tpot_ms=slo_tpot_ms,
         )
