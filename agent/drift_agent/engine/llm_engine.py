@@ -391,15 +391,15 @@ class LLMEngine:
                 perf, launch.split, launch.decode, contended=lanes.prefill is not None
             )
         decision = launch.decision
-        deferred = launch.output is not None and launch.output.info.get("deferred")
-        if decision is not None and not deferred:
-            self._decisions[decision.mode] = self._decisions.get(decision.mode, 0) + 1
+        taken = launch.decision_taken
+        if taken is not None:
+            self._decisions[taken.mode] = self._decisions.get(taken.mode, 0) + 1
             self._split = launch.output.split
             if self.trace.enabled:
                 self.trace.record(
                     t=now,
                     policy=self.scheduler.policy.name,
-                    **decision.to_dict(),
+                    **taken.to_dict(),
                     decode_seqs=launch.decode.num_seqs if launch.decode is not None else 0,
                 )
         if not lanes.busy:

@@ -443,7 +443,31 @@ class Dispatcher:
                     split, p_sms = relaxed, relaxed.prefill_sms
                     reason = f"most decode SMs leaving the prefill enough ({budget * 1e3:.1f} ms step budget)"
 
-        # 3. predictions and layer count ----------------------------------------------------------------
+        # 3. rule 8: the queue's head inside the decode step instead (before costing rule 1's plan) -------
+        if cfg.fold_max_tokens and head_fits and not started and mode in _FOLDABLE and budget is not None:
+            fold = self._fold(state, ordered, decode_end.decode_sms, batch, kv, budget)
+            if fold is not None and (
+                plan.action == PrefillAction.NONE or set(plan.ids) <= {r.request_id for r in fold[0]}
+            ):
+                picked, t_fold = fold
+                self._stall_steps = 0  # prefill makes progress
+                return DispatchDecision(
+                    split=decode_end,
+                    mode="fold",
+                    run_decode=True,
+                    prefill_action=PrefillAction.FOLD,
+                    launch_ids=tuple(r.request_id for r in picked),
+                    prefill_layers=0,
+                    predicted_decode_step_s=t_fold,
+                    predicted_prefill_block_s=t_fold,
+                    predicted_prefill_remaining_s=t_fold,
+                    predicted_ttft_s={r.request_id: now + t_fold for r in picked},
+                    decode_budget_s=budget,
+                    reason=f"fold {len(picked)} request(s) into the decode step: {t_fold * 1e3:.1f} ms "
+                    f"within the {budget * 1e3:.1f} ms step budget",
+                )
+
+        # 4. predictions and layer count ----------------------------------------------------------------
         prefill_active = plan.action != PrefillAction.NONE
         decode_step = (
             self.model.decode_time(batch, kv, split.decode_sms, contended=prefill_active)
@@ -479,27 +503,6 @@ class Dispatcher:
         elif prefill_work and mode != "decode-first":
             reason += "; no prefill fits"
 
-        # 4. rule 8: the queue's head inside the decode step instead ---------------------------------------
-        if cfg.fold_max_tokens and head_fits and not started and mode in _FOLDABLE and budget is not None:
-            fold = self._fold(state, ordered, decode_end.decode_sms, batch, kv, budget)
-            if fold is not None and (not prefill_active or set(plan.ids) <= {r.request_id for r in fold[0]}):
-                picked, t_fold = fold
-                self._stall_steps = 0  # prefill makes progress
-                return DispatchDecision(
-                    split=decode_end,
-                    mode="fold",
-                    run_decode=True,
-                    prefill_action=PrefillAction.FOLD,
-                    launch_ids=tuple(r.request_id for r in picked),
-                    prefill_layers=0,
-                    predicted_decode_step_s=t_fold,
-                    predicted_prefill_block_s=t_fold,
-                    predicted_prefill_remaining_s=t_fold,
-                    predicted_ttft_s={r.request_id: now + t_fold for r in picked},
-                    decode_budget_s=budget,
-                    reason=f"fold {len(picked)} request(s) into the decode step: {t_fold * 1e3:.1f} ms "
-                    f"within the {budget * 1e3:.1f} ms step budget",
-                )
         return DispatchDecision(
             split=split,
             mode=mode,

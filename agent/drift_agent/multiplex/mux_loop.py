@@ -73,6 +73,13 @@ class LaneLaunch:
         return self.output.info.get("decision") if self.output is not None else None
 
     @property
+    def decision_taken(self) -> Any:
+        """The decision, unless it was taken back (deferred to the next sync point)."""
+        if self.output is None or self.output.info.get("deferred"):
+            return None
+        return self.output.info.get("decision")
+
+    @property
     def started(self) -> bool:
         return self.decode is not None or self.prefill is not None
 

@@ -411,8 +411,8 @@ class SimInstance:
         lanes, executor = self.lanes, self.executor
         launch = lanes.launch(now)
         split = launch.split
-        decision = launch.decision
-        if decision is not None and not launch.output.info.get("deferred"):  # type: ignore[union-attr]
+        decision = launch.decision_taken
+        if decision is not None:
             self.decisions[decision.mode] = self.decisions.get(decision.mode, 0) + 1
         if launch.prefill is not None and launch.prefill_layers > 0:
             assert split is not None
