@@ -275,6 +275,14 @@ class DispatcherConfig:
 _FOLDABLE = ("multiplex", "decode-first", "prefill-turn")  # modes with decode running and prefill to start
 
 
+@dataclass(frozen=True)
+class _SplitRoles:
+    prefill_end: Split  # most prefill SMs
+    decode_end: Split  # most decode SMs
+    mixed: tuple[Split, ...]  # splits with SMs for both phases, fewest decode SMs first
+    static: Split | None  # static mode's fixed split
+
+
 @dataclass
 class _Plan:
     action: PrefillAction = PrefillAction.NONE
@@ -295,6 +303,7 @@ class Dispatcher:
         self.config = config or DispatcherConfig()
         self._stall_steps = 0
         self._alone: dict[tuple[int, int], float] = {}
+        self._roles_memo: tuple[Sequence[Split], _SplitRoles] | None = None
 
     def reset(self) -> None:
         self._stall_steps = 0
@@ -308,13 +317,26 @@ class Dispatcher:
         self._stall_steps = steps
 
     # --- helpers ------------------------------------------------------------------------------------
-    @staticmethod
-    def _ends(splits: Sequence[Split]) -> tuple[Split, Split]:
+    def _roles(self, splits: Sequence[Split]) -> _SplitRoles:
+        """What each decision needs to know of the splits; kept while the same tuple of splits is passed (the
+        policies pass theirs every decision; a list could change, so it is read afresh)."""
+        memo = self._roles_memo
+        if memo is not None and memo[0] is splits:
+            return memo[1]
         prefill_end = max(splits, key=lambda s: (s.prefill_sms, -s.decode_sms))
         decode_end = max(splits, key=lambda s: (s.decode_sms, -s.prefill_sms))
         if prefill_end.prefill_sms == 0 or decode_end.decode_sms == 0:
             raise ValueError("splits must give prefill SMs in one split and decode SMs in one split")
-        return prefill_end, decode_end
+        mixed = sorted((s for s in splits if s.is_mixed), key=lambda s: (s.decode_sms, -s.prefill_sms))
+        static = None
+        if self.config.mode == "static":
+            if not mixed:
+                raise ValueError("static mode needs a mixed split (both phases with SMs)")
+            static = nearest_split(list(splits), self.config.static_prefill_share)
+        roles = _SplitRoles(prefill_end, decode_end, tuple(mixed), static)
+        if type(splits) is tuple:
+            self._roles_memo = (splits, roles)
+        return roles
 
     def _alone_s(self, r: PrefillRequest) -> float:
         """Prefill time of `r` alone on the whole device, memoised by shape (a decision may sort a long queue)."""
@@ -372,10 +394,10 @@ class Dispatcher:
         return picked
 
     def _decode_fit(
-        self, splits: Sequence[Split], batch: int, kv: int, budget: float
+        self, mixed: Sequence[Split], batch: int, kv: int, budget: float
     ) -> tuple[Split | None, float | None]:
-        """Smallest-decode mixed split meeting the budget with prefill co-running."""
-        for s in sorted((s for s in splits if s.is_mixed), key=lambda s: (s.decode_sms, -s.prefill_sms)):
+        """Smallest-decode mixed split meeting the budget with prefill co-running (`mixed`: by decode SMs)."""
+        for s in mixed:
             t = self.model.decode_time(batch, kv, s.decode_sms, contended=True)
             if t * (1.0 + self.config.tpot_margin) <= budget:
                 return s, t
@@ -386,7 +408,8 @@ class Dispatcher:
         cfg = self.config
         if not state.splits:
             raise ValueError("dispatcher needs at least one split")
-        prefill_end, decode_end = self._ends(state.splits)
+        roles = self._roles(state.splits)
+        prefill_end, decode_end = roles.prefill_end, roles.decode_end
         now = state.now_s
         load = state.decode_load or DecodeLoad.of(state.decode, cfg.max_slack_borrow, cfg.catch_up_floor)
         batch, kv, budget = load.batch, load.kv_tokens, load.step_budget_s
@@ -398,10 +421,8 @@ class Dispatcher:
         # 1. the split ----------------------------------------------------------------------------------
         prefill_runs = prefill_work
         turn = False  # rule 6 prefill turn
-        if cfg.mode == "static":
-            if not any(s.is_mixed for s in state.splits):
-                raise ValueError("static mode needs a mixed split (both phases with SMs)")
-            split = nearest_split(list(state.splits), cfg.static_prefill_share)
+        if roles.static is not None:
+            split = roles.static
             mode: Mode = "static"
             reason = f"static split {split.label}"
         elif not batch and not prefill_work:
@@ -413,7 +434,7 @@ class Dispatcher:
             split, mode, reason = prefill_end, "prefill-only", "no decode running"
         else:
             assert budget is not None
-            fit, _ = self._decode_fit(state.splits, batch, kv, budget)
+            fit, _ = self._decode_fit(roles.mixed, batch, kv, budget)
             if fit is not None:
                 split, mode = fit, "multiplex"
                 reason = f"smallest decode share meeting {budget * 1e3:.1f} ms step budget"
@@ -478,25 +499,14 @@ class Dispatcher:
         block_s = remaining_s = None
         ttft: dict[str, float] = {}
         if prefill_active:
-            remaining = self.model.num_layers - plan.start_layer
             if decode_step is not None:
                 target = cfg.block_decode_steps * decode_step
             elif turn and budget is not None:
                 target = budget  # decode waits for this block: keep it to about one step budget
             else:
                 target = cfg.prefill_only_block_s if cfg.prefill_only_block_s is not None else math.inf
-            layers = (
-                remaining
-                if math.isinf(target)
-                else self.model.layers_within(
-                    plan.shapes, p_sms, plan.start_layer, target, contended=run_decode
-                )
-            )
-            block_s = self.model.prefill_layers_time(
-                plan.shapes, p_sms, plan.start_layer, layers, contended=run_decode
-            )
-            remaining_s = self.model.prefill_layers_time(
-                plan.shapes, p_sms, plan.start_layer, remaining, contended=run_decode
+            layers, block_s, remaining_s = self.model.layer_block(
+                plan.shapes, p_sms, plan.start_layer, target, contended=run_decode
             )
             ttft = {rid: now + remaining_s for rid in plan.ids}
             reason += f"; prefill {plan.action.value}{plan.note}"

@@ -159,10 +159,29 @@ class PerfModel(ABC):
         self, shapes: Shapes, sms: int, start_layer: int, budget_s: float, *, contended: bool = False
     ) -> int:
         """Most layers from `start_layer` whose predicted time fits `budget_s`; at least 1 (progress)."""
+        if start_layer >= self.num_layers:
+            return 0
+        return self._layers_fitting(self.prefill_time(shapes, sms, contended=contended), start_layer, budget_s)
+
+    def layer_block(
+        self, shapes: Shapes, sms: int, start_layer: int, budget_s: float, *, contended: bool = False
+    ) -> tuple[int, float, float]:
+        """The next layer block of a prefill from `start_layer`: (layers within `budget_s`, all remaining when it
+        is infinite; that block's latency; the latency of every remaining layer), from one `prefill_time`."""
+        remaining = self.num_layers - start_layer
+        total = self.prefill_time(shapes, sms, contended=contended)
+        layers = remaining if math.isinf(budget_s) else self._layers_fitting(total, start_layer, budget_s)
+        return (
+            layers,
+            total * self.layer_share(start_layer, layers),
+            total * self.layer_share(start_layer, remaining),
+        )
+
+    def _layers_fitting(self, total: float, start_layer: int, budget_s: float) -> int:
+        """`layers_within` for a prefill whose every layer together takes `total`."""
         remaining = self.num_layers - start_layer
         if remaining <= 0:
             return 0
-        total = self.prefill_time(shapes, sms, contended=contended)
         if not math.isfinite(total) or total <= 0:
             return 1 if not math.isfinite(total) else remaining
         limit = budget_s * (1 + 1e-9)  # tolerate float rounding at the boundary

@@ -87,7 +87,7 @@ class MultiplexPolicy:
     def __init__(self, name: str, ctx: MuxContext, config: DispatcherConfig) -> None:
         self.name = name
         self.ctx = ctx
-        self.splits = list(ctx.splits)
+        self.splits = tuple(ctx.splits)  # immutable: the dispatcher keeps what it derives from them
         if getattr(config, "mode", "slo") == "static" and not any(s.is_mixed for s in self.splits):
             raise ValueError("static split needs a device with at least one mixed split")
         self.dispatcher = Dispatcher(ctx.perf_model, config)
@@ -167,11 +167,11 @@ class MultiplexPolicy:
         lane) the decode batch. With `decode_busy` the decision only stands if it launches prefill layers on
         the current `split`; otherwise nothing changes and `info["deferred"]` is set (the lanes sync first)."""
         out = SchedulerOutput()
-        if decode_busy and self.active is None and self.paused is None and not sched.waiting:
-            out.info = {"deferred": True}  # no prefill work: the decision could only be taken back
-            return out
         # Only as many as there are sequence slots: the rest wait for decodes to finish, not for prefill.
         slots = sched.config.max_num_seqs - len(sched.running)
+        if decode_busy and self.active is None and self.paused is None and (not sched.waiting or slots <= 0):
+            out.info = {"deferred": True}  # no prefill work can start: the decision could only be taken back
+            return out
         waiting = list(itertools.islice(sched.waiting, max(0, min(slots, MAX_WAITING_CONSIDERED))))
         state = DispatchState(
             now_s=now,
