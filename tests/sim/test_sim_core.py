@@ -112,25 +112,48 @@ def test_fast_forward_is_exact_with_prefix_caching():
 
 @pytest.mark.parametrize("policy", ["static-split", "drift"])
 def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
-    """Long prompts land on running decodes: the decode steps that run under a prefill block are spanned up
-    to the block's end, and every token time matches stepping."""
+    """Long prompts land on running decodes: the decode steps beside a prefill job are spanned, and the spans
+    run on past the ends of its layer blocks where the lanes' decision there keeps the decode steps as they
+    are (and are cut back to the step in flight where it does not). Every token time matches stepping."""
     from drift_agent.sim.instance import SimInstance
 
-    beside = []
+    beside, kept, cut = [], [], []
     try_span = SimInstance._try_span
+    continue_span = SimInstance._continue_span
 
     def counting(self, *args, **kw):
         span = try_span(self, *args, **kw)
-        if span is not None and kw.get("prefill_until") is not None:
+        if span is not None and kw.get("beside_prefill"):
             beside.append(len(span.durations))
         return span
 
+    def judging(self, launch, horizon):
+        floor = self._span_cut
+        continue_span(self, launch, horizon)
+        (kept if len(self.span.durations) > floor else cut).append(floor)
+
     monkeypatch.setattr(SimInstance, "_try_span", counting)
+    monkeypatch.setattr(SimInstance, "_continue_span", judging)
     specs = mixed_long_and_chat(40, long_every=3)
     base = SimSetup.build("llama-3-8b", "h100", policy=policy, slo_ttft_ms=4000, slo_tpot_ms=20)
     fast = base.run(specs, 6.0)
     assert beside and max(beside) > 1
+    assert kept and cut  # spans ran across block ends, and jobs that finished (or decisions) cut others
     slow = base.with_instance(fast_forward=False).run(specs, 6.0)
+    _assert_same_run(fast, slow)
+
+
+@pytest.mark.parametrize("policy", ["chunked", "static-split", "drift"])
+def test_fast_forward_is_exact_behind_a_load_reading_router(policy):
+    """Several instances behind `least-loaded`: the router reads each instance's KV usage and queued prompt
+    tokens at every arrival, so spans end before it and those figures (hence every routing choice and token
+    time) are the ones stepping gives."""
+    specs = mixed_long_and_chat(60, long_every=4, long_len=4096)
+    base = SimSetup.build("llama-3-8b", "h100", policy=policy, slo_ttft_ms=4000).with_cluster(
+        instances=2, router="least-loaded"
+    )
+    fast = base.run(specs, 8.0)
+    slow = base.with_instance(fast_forward=False).run(specs, 8.0)
     _assert_same_run(fast, slow)
 
 

@@ -161,7 +161,9 @@ class PerfModel(ABC):
         """Most layers from `start_layer` whose predicted time fits `budget_s`; at least 1 (progress)."""
         if start_layer >= self.num_layers:
             return 0
-        return self._layers_fitting(self.prefill_time(shapes, sms, contended=contended), start_layer, budget_s)
+        return self._layers_fitting(
+            self.prefill_time(shapes, sms, contended=contended), start_layer, budget_s
+        )
 
     def layer_block(
         self, shapes: Shapes, sms: int, start_layer: int, budget_s: float, *, contended: bool = False

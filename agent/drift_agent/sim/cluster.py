@@ -103,6 +103,9 @@ class Cluster:
             ]
             self.decode_pool = []
         self.instances = self.prefill_pool + self.decode_pool
+        if len(self.instances) > 1:
+            for inst in self.instances:
+                inst.sync_at_horizon = True  # routing and load samples read their KV and queues
         self.router = router or make_router(config.router)
         self.migrator = (
             Migrator(self, config.migration) if config.migration and not config.disaggregated else None
@@ -302,23 +305,27 @@ class Cluster:
     def _on_step_end(self, inst: SimInstance, t: float) -> None:
         by_seq = self._by_seq
         advanced = inst.complete_step(t)
-        span = inst.span
-        if span is not None:  # steps fast-forwarded together: gaps are the step latencies
-            d, ends = span.durations, span.ends
+        # The first `spanned` sequences were posted by a span (decode steps fast-forwarded together), from its
+        # step `off`: their gaps are the step latencies.
+        spanned = inst.span_advanced
+        if spanned:
+            span = inst.span
+            assert span is not None
+            d, ends, off = span.durations, span.ends, inst.span_from
         # Token times live in the requests; `seq.times.last_token` is set when a sequence ends (nothing in the
         # simulation reads it before).
-        for seq in advanced:
+        for i, seq in enumerate(advanced):
             req = by_seq.get(seq.seq_id)
             if req is None:
                 continue
             n = len(seq.token_ids) - seq.num_prompt_tokens  # `seq.num_output_tokens`, inlined (hot loop)
-            k = n - req.n_out  # tokens it got: at the end of each step, or of its first k steps in a span
+            k = n - req.n_out  # tokens it got: at the end of each step, or of k steps of a span
             at = t
             if k > 0:
-                if span is None:
+                if i >= spanned:
                     first = t
                 else:
-                    first, at = ends[0], ends[k - 1]
+                    first, at = ends[off], ends[off + k - 1]
                 if req.n_out:
                     req.itl.append(first - req.last)
                 else:
@@ -326,7 +333,7 @@ class Cluster:
                     seq.times.first_token = first
                     inst.pending_prefill_tokens -= seq.num_prompt_tokens
                 if k > 1:
-                    req.itl.extend(d[1:k])
+                    req.itl.extend(d[off + 1 : off + k])
                 req.last = at
                 req.n_out = n
             if seq.status is SequenceStatus.FINISHED:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
 from operator import itemgetter
@@ -159,6 +160,7 @@ class Span:
     after: list[tuple[int, int]]
     durations: array  # latency of each step
     ends: list[float]  # end time of each step
+    posted: int = 0  # steps already posted (a span beside prefill blocks is posted up to each block's end)
 
 
 class SimInstance:
@@ -186,6 +188,9 @@ class SimInstance:
         self.multiplexing = bool(getattr(self.policy, "multiplexing", False))
         self.executor: Any = SimMuxExecutor(perf) if self.multiplexing else SimExecutor(perf)
         self.fast_forward = config.fast_forward
+        # Spans hold only steps that end before the horizon, so that what the cluster reads there (KV usage,
+        # queued prompt tokens) is what stepping would show; otherwise steps that start before it.
+        self.sync_at_horizon = False
         self.span: Span | None = None
         self.busy = False
         self.step_end = 0.0
@@ -198,6 +203,14 @@ class SimInstance:
         self._decode_end: float | None = None
         self._prefill_end: float | None = None
         self._prefill_sampled: Sampled | None = None
+        # A span beside prefill blocks: its split, the length it may be cut back to when a block ended inside
+        # it (set until the lanes have decided), and whether that block finished its job.
+        self._span_split: tuple[int, int] | None = None
+        self._span_cut: int | None = None
+        self._job_finished = False
+        # What `complete_step` posted from `self.span`: its first `span_advanced` sequences, from step `span_from`.
+        self.span_advanced = 0
+        self.span_from = 0
         # Router load signal: prompt tokens added here whose first token has not come out yet.
         self.pending_prefill_tokens = 0
         self.num_steps = 0
@@ -260,7 +273,8 @@ class SimInstance:
         assert not self.busy
         if not self.sched.has_unfinished:
             return None
-        self.span = None
+        if self.lanes is None or self.lanes.decode is None:
+            self.span = None  # (a span beside prefill blocks runs on while its decode lane is busy)
         self._finish_is_event = finish_is_event
         end = self._start_mux(now, horizon) if self.multiplexing else self._start_sequential(now, horizon)
         if end is None:
@@ -302,7 +316,7 @@ class SimInstance:
         dt: float,
         horizon: float,
         decode_sms: int,
-        prefill_until: float | None = None,
+        beside_prefill: bool = False,
     ) -> Span | None:
         """Fast-forward a run of decode steps after `batch`, a step of every running sequence just scheduled
         (its KV slots allocated, its tokens not posted) in which every sequence samples: a decode step, or a
@@ -315,11 +329,12 @@ class SimInstance:
         with step-by-step simulation, prefix caching included (blocks are popped from the free list's head,
         so a span takes the same blocks, and frees them in the same order, as the steps it replaces).
 
-        Multiplexed, `prefill_until`: the steps run beside a prefill block that completes then. Until it does,
-        the lanes relaunch the decode step with no decision (the queue does not matter), contended; the span
-        holds the steps that *end* before it, so the block's completion sees the same state as stepping."""
+        Multiplexed, `beside_prefill`: the steps run beside prefill layer blocks, contended. While a block
+        runs the lanes relaunch the decode step with no decision (the queue does not matter), so the span may
+        run past the block's end: there the steps that ended are posted, the lanes decide, and the span goes
+        on only if the decision keeps the decode steps as they are (see `_complete_lanes`, `_continue_span`)."""
         contended = False
-        if prefill_until is None:
+        if not beside_prefill:
             # Requests waiting while every sequence slot is taken cannot be admitted until one finishes: the
             # span then ends at the first finish (the next step may admit).
             blocked = bool(self.sched.waiting)
@@ -327,11 +342,6 @@ class SimInstance:
                 return None
             stop = blocked or self._finish_is_event
         else:
-            # A second step as long as the first would not end before the block does: most likely none
-            # would (only finishes shorten the next step), and stepping is exact either way.
-            if now + 2 * dt >= prefill_until:
-                return None
-            horizon = min(horizon, prefill_until)
             stop = self._finish_is_event
             contended = True
         items = batch.items
@@ -343,59 +353,74 @@ class SimInstance:
             for s, i in zip(seqs, items, strict=True)
         ]
         further = decode_run(after, now + dt, horizon, stop, self.perf, decode_sms, contended)
-        if prefill_until is not None:
+        if self.sync_at_horizon and further:
             end = now + dt
             for i, d in enumerate(further):
                 end += d
-                if end >= prefill_until:
+                if end >= horizon:
                     del further[i:]
                     break
         if not further:
             return None
         k = len(further)  # steps after the first
-        # The first step's chunk fits its blocks, so k more tokens need at most ceil(k / block size) more
-        # blocks a sequence: only a pool short of that bound is worth counting exactly.
-        roomy = len(seqs) * -(-k // self.bm.block_size) <= self.bm.num_free_blocks
-        if not roomy and not self._span_fits_kv(seqs, after, k):
+        if not self._span_kv_ok(seqs, after, k):
             return None
         durations = array("d", [dt])
         durations.extend(further)
         return Span(seqs, after, durations, list(accumulate(durations, initial=now))[1:])
 
+    def _span_kv_ok(self, seqs: list[Sequence], after: list[tuple[int, int]], k: int) -> bool:
+        """Whether the free pool holds the blocks the running ones of `seqs` need for `k` decode steps after a
+        span's first. The first step's chunk fits its blocks, so k more tokens need at most ceil(k / block
+        size) more blocks a sequence: only a pool short of that bound is worth counting exactly."""
+        roomy = len(seqs) * -(-k // self.bm.block_size) <= self.bm.num_free_blocks
+        return roomy or self._span_fits_kv(seqs, after, k)
+
     def _span_fits_kv(self, seqs: list[Sequence], after: list[tuple[int, int]], k: int) -> bool:
-        """Whether the free pool holds the blocks of `k` more decode steps (a sequence stops at its length)."""
+        """`_span_kv_ok`, counted block by block (a sequence stops at its length)."""
         bm = self.bm
         need = 0
+        finished = SequenceStatus.FINISHED
         for seq, (left, context) in zip(seqs, after, strict=True):
-            if left > 0:  # the first chunk ends at context - 1
+            if left > 0 and seq.status is not finished:  # the first chunk ends at context - 1
                 need += bm.blocks_needed(context - 1 + min(left, k)) - len(seq.block_table)
         return need <= bm.num_free_blocks
 
-    def _apply_span(self, span: Span) -> list[Sequence]:
-        """Post the span's steps: sequence s gets one token per step until it reaches its length (what the
-        rounds of `on_batch_done` would do); finished ones retire in the order they finished."""
+    def _post_span(self, span: Span, upto: int) -> list[Sequence]:
+        """Post the span's steps from `span.posted` up to `upto`: sequence s gets one token per step until it
+        reaches its length (what the rounds of `on_batch_done` would do); finished ones retire in the order they
+        finished. Short of the span's end, step `upto` is in flight: its sequences stay in flight and hold its KV
+        slots, allocated as its launch would have."""
         sched, bm = self.sched, self.bm
-        steps = len(span.durations)
+        done, span.posted = span.posted, upto
+        whole = upto == len(span.durations)
         block_size = bm.block_size
         register = bm.register_full_blocks if bm.enable_prefix_caching else None
         finished_status = SequenceStatus.FINISHED
         finished: list[tuple[int, int, Sequence]] = []
         for pos, (seq, (rest, context)) in enumerate(zip(span.seqs, span.after, strict=True)):
-            seq.in_flight = False
             if seq.status is finished_status:
+                seq.in_flight = False
                 continue
-            left = rest + 1  # tokens to go before the first step (nothing posted since the span was made)
-            ks = left if left < steps else steps
-            # The policy allocated the first step's slots, up to its chunk's end (context - 1); the later steps
-            # compute up to position end+ks-2 and the last sampled token sits at end+ks-1.
-            computed = context - 1 + ks - 1
-            if computed > len(seq.block_table) * block_size:
-                ok = bm.allocate(seq, computed - seq.num_computed_tokens)
+            left = rest + 1 - done  # tokens to go before step `done`
+            ks = left if left < upto - done else upto - done  # tokens it gets now
+            if ks <= 0:
+                if whole:
+                    seq.in_flight = False
+                continue
+            # The policy allocated the first step's slots, up to its chunk's end (context - 1); after step j
+            # the sequence has computed up to position end + j - 1, and a step in flight one more.
+            computed = context - 2 + done + ks
+            slots = computed if whole or ks == left else computed + 1
+            if slots > len(seq.block_table) * block_size:
+                ok = bm.allocate(seq, slots - seq.num_computed_tokens)
                 assert ok, "span KV was checked when it started"
             seq.num_computed_tokens = computed
             seq.token_ids += [OUTPUT_TOKEN] * ks
             if register is not None:
                 register(seq)
+            if whole or ks == left:
+                seq.in_flight = False
             # Only the length can end a sequence inside a span (simulated requests ignore EOS, have no stop
             # tokens); `check_stop_token` still decides, and records the reason.
             if ks == left and seq.check_stop_token():
@@ -404,10 +429,24 @@ class SimInstance:
             sched.finish(seq, seq.finish_reason)  # type: ignore[arg-type]
         return span.seqs
 
+    def _cut_span(self, steps: int) -> None:
+        """End the running span after its first `steps` steps (the rest would have been stepped)."""
+        span = self.span
+        assert span is not None and span.posted < steps
+        extra = len(span.durations) - steps
+        if extra <= 0:
+            return
+        del span.durations[steps:]
+        del span.ends[steps:]
+        self._decode_end = span.ends[-1]
+        self.num_steps -= extra
+        self.num_fast_forwarded -= extra
+        if self._span_split is not None:
+            self.splits_used[self._span_split] -= extra
+
     def _start_mux(self, now: float, horizon: float) -> float | None:
         """Launch on the free lanes (`MuxLanes.launch`, as the engine does); when the next lane completes, or
-        None when neither lane has work. A decode span beside a prefill block ends before the block does, so
-        the next event is always one lane's completion, never both."""
+        None when neither lane has work."""
         lanes, executor = self.lanes, self.executor
         launch = lanes.launch(now)
         split = launch.split
@@ -421,38 +460,49 @@ class SimInstance:
             )
             self._prefill_end = now + dt
             self._count_steps(1)
+        if self._span_cut is not None:
+            self._continue_span(launch, horizon)
         if launch.decode is not None:
             assert split is not None
             dt = executor.decode(split, launch.decode, contended=lanes.prefill is not None)
             self._decode_end = now + dt
             steps = 1
+            key = (split.prefill_sms, split.decode_sms)
             if self.fast_forward and now + dt < horizon:
                 span = self._try_mux_span(launch, now, dt, horizon)
                 if span is not None:
-                    self.span = span
+                    self.span, self._span_split = span, key
                     steps = len(span.durations)
                     self._decode_end = span.ends[-1]
             self._count_steps(steps)
-            key = (split.prefill_sms, split.decode_sms)
             self.splits_used[key] = self.splits_used.get(key, 0) + steps
         if not lanes.busy:
             return None
         return min(e for e in (self._decode_end, self._prefill_end) if e is not None)
 
     def _try_mux_span(self, launch: LaneLaunch, now: float, dt: float, horizon: float) -> Span | None:
-        """A span of decode steps: beside a prefill block in flight, the steps that end before it does (the
-        lanes relaunch decode without a decision); or from a decode-only launch with no prefill job in
-        flight, paused or starting, while the dispatcher would decide the same again (decode alone, same
-        split) at each step end until something can start a prefill."""
-        policy, sched = self.policy, self.sched
-        batch = launch.decode
-        assert batch is not None and launch.split is not None
-        if self.lanes.prefill is not None:
+        """A span of decode steps: beside a prefill block in flight, until the job's predicted end (the lanes
+        relaunch decode without a decision; each block's end may cut the span, see `_continue_span`); or from
+        a decode-only launch with no prefill job in flight, paused or starting, while the dispatcher would
+        decide the same again (decode alone, same split) at each step end until something can start a
+        prefill."""
+        policy, sched, lanes = self.policy, self.sched, self.lanes
+        batch, split = launch.decode, launch.split
+        assert batch is not None and split is not None and lanes is not None
+        job = lanes.prefill
+        if job is not None:
             assert self._prefill_end is not None
             if launch.preempted:
                 return None
+            # Steps that start after the job's last block are stepped: its prompts join the decode batch.
+            done = job.layers_done + lanes.prefill_layers
+            job_end = self._prefill_end
+            if done < job.num_layers:
+                job_end += self.perf.prefill_layers_time(
+                    job.shapes, split.prefill_sms, done, job.num_layers - done, contended=True
+                )
             return self._try_span(
-                batch, now, dt, horizon, launch.split.decode_sms, prefill_until=self._prefill_end
+                batch, now, dt, min(horizon, job_end), split.decode_sms, beside_prefill=True
             )
         decision = launch.decision
         if decision is None or decision.mode not in ("decode-only", "fold", "static") or launch.preempted:
@@ -461,37 +511,82 @@ class SimInstance:
             return None
         if batch.num_seqs != len(sched.running):
             return None
-        return self._try_span(batch, now, dt, horizon, launch.split.decode_sms)
+        return self._try_span(batch, now, dt, horizon, split.decode_sms)
+
+    def _continue_span(self, launch: LaneLaunch, horizon: float) -> None:
+        """A prefill block ended inside the running span, which `_complete_lanes` posted up to the step in
+        flight, and the lanes have decided. The span's later steps stand only if the prefill lane runs the next
+        block beside them (so the lanes relaunch decode with no decision, contended), no job finished (its
+        prompts would join the next decode launch), nothing was preempted, the pool still holds their KV after
+        any admission, and they start before the next event; otherwise it ends with the step in flight."""
+        span = self.span
+        cut, self._span_cut = self._span_cut, None
+        assert span is not None and cut is not None
+        steps = len(span.durations)
+        ok = (
+            launch.prefill is not None
+            and launch.prefill_layers > 0
+            and not launch.preempted
+            and not self._job_finished
+            and (launch.new_job is None or self._span_kv_ok(span.seqs, span.after, steps - 1))
+        )
+        # Step i > 0 starts when step i - 1 ends.
+        before = (
+            bisect_left(span.ends, horizon) if self.sync_at_horizon else 1 + bisect_left(span.ends, horizon)
+        )
+        self._cut_span(max(cut, min(steps, before)) if ok else cut)
 
     def complete_step(self, now: float) -> list[Sequence]:
         """End the running step at `now`: the sequences it advanced (token appended, prompt progressed or
-        finished), for the caller to stamp with `now` (after a span, `self.span` holds the step latencies)."""
+        finished), for the caller to stamp with `now`. After a span's steps, the first `span_advanced` of them
+        were posted by `self.span`, from its step `span_from`: the caller reads their token times there."""
         assert self.busy
         self.busy = False
+        self.span_advanced = 0
         if self.multiplexing:
             return self._complete_lanes(now)
         batch, sampled = self._batch, self._sampled
         self._batch = self._sampled = None
         assert batch is not None
-        if self.span is not None:
-            return self._apply_span(self.span)
+        span = self.span
+        if span is not None:
+            self.span_from = 0
+            advanced = self._post_span(span, len(span.durations))
+            self.span_advanced = len(advanced)
+            return advanced
         return self.sched.on_batch_done(batch, sampled)  # type: ignore[arg-type]
 
     def _complete_lanes(self, now: float) -> list[Sequence]:
         """Post the lanes that complete at `now` (decode first when both do, as the engine polls them). A
-        decode span is reported through `self.span`, which the caller reads for its step latencies."""
+        prefill block that ends inside a decode span posts the span's steps that ended before it."""
         lanes = self.lanes
         assert lanes is not None
         advanced: list[Sequence] = []
-        if self._decode_end is not None and self._decode_end <= now:
+        span = self.span
+        decode_done = self._decode_end is not None and self._decode_end <= now
+        prefill_done = self._prefill_end is not None and self._prefill_end <= now
+        if span is not None:
+            self.span_from = span.posted
+            if prefill_done and not decode_done:
+                upto = bisect_right(span.ends, now, lo=span.posted)  # steps that have ended
+                if upto > span.posted and span.ends[upto - 1] == now:
+                    self._cut_span(upto)  # the decode step ends now too: both lanes sync, as when stepping
+                    decode_done = True
+                else:
+                    advanced = self._post_span(span, upto)
+                    self._span_cut = upto + 1  # the lanes decide beside step `upto`
+        if decode_done:
             self._decode_end = None
-            if self.span is not None:
+            if span is not None:
                 lanes.decode = None  # posted by the span, step by step
-                advanced = self._apply_span(self.span)
+                advanced = self._post_span(span, len(span.durations))
             else:
                 _, advanced = lanes.decode_done(ALL_SAMPLED)
-        if self._prefill_end is not None and self._prefill_end <= now:
+        if span is not None:
+            self.span_advanced = len(advanced)
+        if prefill_done:
             self._prefill_end = None
-            _, seqs = lanes.prefill_done(self._prefill_sampled)
+            job, seqs = lanes.prefill_done(self._prefill_sampled)
+            self._job_finished = job.done
             advanced = advanced + seqs
         return advanced
