@@ -67,7 +67,11 @@ def runtime_state(spec: LLMServiceSpec, prefill_share: float) -> dict[str, Any]:
     """The body of PUT /admin/policy: everything the agent can change without a restart."""
     return {
         "policy": spec.policy,
-        "partition": {"mode": spec.partition.mode, "prefill_sm_share": round(prefill_share, 4)},
+        "partition": {
+            "mode": spec.partition.mode,
+            "prefill_sm_share": round(prefill_share, 4),
+            "fold_max_tokens": spec.partition.fold_max_tokens,
+        },
         "slo": {"ttft_ms": spec.slo.ttft_ms, "tpot_ms": spec.slo.tpot_ms},
     }
 

@@ -75,6 +75,7 @@ def render_engine_config(spec: LLMServiceSpec) -> dict[str, Any]:
             "mode": spec.partition.mode,
             "prefill_sm_share": spec.partition.prefill_sm_share,
             "backend": spec.partition.backend,
+            "fold_max_tokens": spec.partition.fold_max_tokens,
         },
         slo_ttft_ms=spec.slo.ttft_ms,
         slo_tpot_ms=spec.slo.tpot_ms,

@@ -94,6 +94,8 @@ class PartitionSpec(_CRModel):
     step: float = Field(0.05, gt=0.0, le=0.5)
     cooldown_seconds: int = Field(60, ge=0)
     backend: Literal["auto", "green-context", "mps", "shared"] = "auto"
+    # drift: most prompt tokens folded into one decode step (dispatcher rule 8); 0 never folds.
+    fold_max_tokens: int = Field(2048, ge=0)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> PartitionSpec:

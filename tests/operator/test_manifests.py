@@ -84,6 +84,7 @@ def _sample(name: str = "x", **spec: Any) -> dict[str, Any]:
         ({"slo": {"attainmentTarget": 1.5}}, "greater than the maximum"),
         ({"slo": {"window": "5 minutes"}}, "does not match"),
         ({"partition": {"mode": "dynamic"}}, "is not one of"),
+        ({"partition": {"foldMaxTokens": -1}}, "less than the minimum"),
         ({"resources": {"gpusPerReplica": "one"}}, "is not of type"),
         ({"scaling": {"minReplicas": 0}}, "less than the minimum"),
         ({"monitoring": {"prometheusUrl": "prometheus:9090"}}, "does not match"),

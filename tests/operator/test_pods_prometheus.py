@@ -42,9 +42,19 @@ def test_runtime_state_body() -> None:
     spec = parse_spec({"policy": "drift", "slo": {"ttftMs": 300, "tpotMs": 30}})
     assert runtime_state(spec, 0.61234) == {
         "policy": "drift",
-        "partition": {"mode": "auto", "prefill_sm_share": 0.6123},
+        "partition": {"mode": "auto", "prefill_sm_share": 0.6123, "fold_max_tokens": 2048},
         "slo": {"ttft_ms": 300.0, "tpot_ms": 30.0},
     }
+
+
+def test_runtime_state_is_what_the_agent_admin_api_accepts() -> None:
+    """The agent's PUT /admin/policy model forbids unknown keys: every key the operator pushes must be one."""
+    from drift_agent.server.admin import PolicyUpdate
+
+    spec = parse_spec({"policy": "drift", "partition": {"mode": "static", "foldMaxTokens": 0}})
+    update = PolicyUpdate.model_validate(runtime_state(spec, 0.4))
+    assert update.partition is not None and update.partition.fold_max_tokens == 0
+    assert update.partition.prefill_sm_share == 0.4 and update.policy == "drift"
 
 
 def test_pods_to_push() -> None:

@@ -145,7 +145,7 @@ def test_engine_config_is_what_the_agent_loads(tmp_path: Path) -> None:
     raw = {
         "engine": {"dtype": "bfloat16", "maxModelLen": 4096, "maxNumBatchedTokens": 1024},
         "policy": "static-split",
-        "partition": {"mode": "static", "prefillSmShare": 0.3, "backend": "mps"},
+        "partition": {"mode": "static", "prefillSmShare": 0.3, "backend": "mps", "foldMaxTokens": 512},
         "slo": {"ttftMs": 400, "tpotMs": 40},
         "model": {"servedModelName": "chat-model"},
     }
@@ -159,6 +159,7 @@ def test_engine_config_is_what_the_agent_loads(tmp_path: Path) -> None:
     )
     assert loaded.policy == "static-split" and loaded.partition.prefill_sm_share == 0.3
     assert loaded.partition.backend == "mps" and loaded.partition.mode == "static"
+    assert loaded.partition.fold_max_tokens == 512
     assert (loaded.slo_ttft_ms, loaded.slo_tpot_ms) == (400, 40)
     assert loaded.served_model_name == "chat-model"
 
@@ -182,6 +183,7 @@ def test_config_hash_ignores_settings_pushed_live() -> None:
     assert digest({"policy": "chunked"}) == reference
     assert digest({"partition": {"prefillSmShare": 0.6}}) == reference
     assert digest({"slo": {"ttftMs": 300}}) == reference
+    assert digest({"partition": {"foldMaxTokens": 0}}) == reference
     # Anything the engine reads only at start-up rolls the pods.
     assert digest({"engine": {"maxNumSeqs": 8}}) != reference
     assert digest({"partition": {"backend": "mps"}}) != reference
