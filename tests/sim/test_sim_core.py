@@ -114,12 +114,14 @@ def test_fast_forward_is_exact_with_prefix_caching():
 def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
     """Long prompts land on running decodes: the decode steps beside a prefill job are spanned, and the spans
     run on past the ends of its layer blocks where the lanes' decision there keeps the decode steps as they
-    are (and are cut back to the step in flight where it does not). Every token time matches stepping."""
+    are (and are cut back to the step in flight where it does not); with static-split's fixed split, the steps
+    after a job finishes are appended with its sequences joining. Every token time matches stepping."""
     from drift_agent.sim.instance import SimInstance
 
-    beside, kept, cut = [], [], []
+    beside, kept, cut, joined = [], [], [], []
     try_span = SimInstance._try_span
     continue_span = SimInstance._continue_span
+    join_span = SimInstance._join_span
 
     def counting(self, *args, **kw):
         span = try_span(self, *args, **kw)
@@ -132,13 +134,22 @@ def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
         continue_span(self, launch, horizon)
         (kept if len(self.span.durations) > floor else cut).append(floor)
 
+    def joining(self, horizon):
+        steps = len(self.span.durations)
+        join_span(self, horizon)
+        if len(self.span.durations) > steps:
+            joined.append(self.span.starts.count(steps))
+
     monkeypatch.setattr(SimInstance, "_try_span", counting)
     monkeypatch.setattr(SimInstance, "_continue_span", judging)
+    monkeypatch.setattr(SimInstance, "_join_span", joining)
     specs = mixed_long_and_chat(40, long_every=3)
     base = SimSetup.build("llama-3-8b", "h100", policy=policy, slo_ttft_ms=4000, slo_tpot_ms=20)
     fast = base.run(specs, 6.0)
     assert beside and max(beside) > 1
     assert kept and cut  # spans ran across block ends, and jobs that finished (or decisions) cut others
+    # static-split: after a job, the steps of every sequence, the job's joining, extend the span
+    assert bool(joined) == (policy == "static-split") and all(n > 0 for n in joined)
     slow = base.with_instance(fast_forward=False).run(specs, 6.0)
     _assert_same_run(fast, slow)
 

@@ -311,7 +311,7 @@ class Cluster:
         if spanned:
             span = inst.span
             assert span is not None
-            d, ends, off = span.durations, span.ends, inst.span_from
+            d, ends, off, starts = span.durations, span.ends, inst.span_from, span.starts
         # Token times live in the requests; `seq.times.last_token` is set when a sequence ends (nothing in the
         # simulation reads it before).
         for i, seq in enumerate(advanced):
@@ -323,9 +323,10 @@ class Cluster:
             at = t
             if k > 0:
                 if i >= spanned:
-                    first = t
+                    first, s0 = t, 0  # one token, at the step's end
                 else:
-                    first, at = ends[off], ends[off + k - 1]
+                    s0 = off if starts is None or starts[i] <= off else starts[i]  # (a sequence that joined)
+                    first, at = ends[s0], ends[s0 + k - 1]
                 if req.n_out:
                     req.itl.append(first - req.last)
                 else:
@@ -333,7 +334,7 @@ class Cluster:
                     seq.times.first_token = first
                     inst.pending_prefill_tokens -= seq.num_prompt_tokens
                 if k > 1:
-                    req.itl.extend(d[off + 1 : off + k])
+                    req.itl.extend(d[s0 + 1 : s0 + k])
                 req.last = at
                 req.n_out = n
             if seq.status is SequenceStatus.FINISHED:

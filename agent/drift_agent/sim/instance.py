@@ -161,6 +161,9 @@ class Span:
     durations: array  # latency of each step
     ends: list[float]  # end time of each step
     posted: int = 0  # steps already posted (a span beside prefill blocks is posted up to each block's end)
+    # The step each sequence joins at (None: all at the first). A joiner's `after` entry is written as if it had
+    # been there from the first step: (tokens left before its first step + start - 1, context there - start + 1).
+    starts: list[int] | None = None
 
 
 class SimInstance:
@@ -186,6 +189,8 @@ class SimInstance:
         self.policy = make_policy(config, perf, splits)
         self.sched = Scheduler(sched_cfg, self.bm, self.policy)
         self.multiplexing = bool(getattr(self.policy, "multiplexing", False))
+        # A fixed split makes the decision after a prefill job predictable: see `_join_span`.
+        self._joinable = self.multiplexing and self.policy.dispatcher.config.mode == "static"
         self.executor: Any = SimMuxExecutor(perf) if self.multiplexing else SimExecutor(perf)
         self.fast_forward = config.fast_forward
         # Spans hold only steps that end before the horizon, so that what the cluster reads there (KV usage,
@@ -352,22 +357,37 @@ class SimInstance:
             (s.max_tokens - (len(s.token_ids) - s.num_prompt_tokens) - 1, i.start + i.num_new_tokens + 1)
             for s, i in zip(seqs, items, strict=True)
         ]
-        further = decode_run(after, now + dt, horizon, stop, self.perf, decode_sms, contended)
-        if self.sync_at_horizon and further:
-            end = now + dt
-            for i, d in enumerate(further):
-                end += d
-                if end >= horizon:
-                    del further[i:]
-                    break
-        if not further:
+        further = self._run_from(after, now + dt, horizon, stop, decode_sms, contended)
+        if not further and not (beside_prefill and self._joinable):
             return None
-        k = len(further)  # steps after the first
+        k = len(
+            further
+        )  # steps after the first (none: the job's prompts may join after it, see `_join_span`)
         if not self._span_kv_ok(seqs, after, k):
             return None
         durations = array("d", [dt])
         durations.extend(further)
         return Span(seqs, after, durations, list(accumulate(durations, initial=now))[1:])
+
+    def _run_from(
+        self,
+        after: list[tuple[int, int]],
+        start: float,
+        horizon: float,
+        stop: bool,
+        sms: int,
+        contended: bool,
+    ) -> array:
+        """`decode_run` from `start`; with `sync_at_horizon`, only the steps that end before the horizon."""
+        run = decode_run(after, start, horizon, stop, self.perf, sms, contended)
+        if self.sync_at_horizon:
+            end = start
+            for i, d in enumerate(run):
+                end += d
+                if end >= horizon:
+                    del run[i:]
+                    break
+        return run
 
     def _span_kv_ok(self, seqs: list[Sequence], after: list[tuple[int, int]], k: int) -> bool:
         """Whether the free pool holds the blocks the running ones of `seqs` need for `k` decode steps after a
@@ -398,33 +418,35 @@ class SimInstance:
         register = bm.register_full_blocks if bm.enable_prefix_caching else None
         finished_status = SequenceStatus.FINISHED
         finished: list[tuple[int, int, Sequence]] = []
+        starts = span.starts
         for pos, (seq, (rest, context)) in enumerate(zip(span.seqs, span.after, strict=True)):
             if seq.status is finished_status:
                 seq.in_flight = False
                 continue
-            left = rest + 1 - done  # tokens to go before step `done`
-            ks = left if left < upto - done else upto - done  # tokens it gets now
-            if ks <= 0:
+            first = done if starts is None or starts[pos] <= done else starts[pos]
+            last = rest + 1 if rest + 1 < upto else upto  # it runs in steps [start, rest + 1)
+            if last <= first:
                 if whole:
                     seq.in_flight = False
                 continue
             # The policy allocated the first step's slots, up to its chunk's end (context - 1); after step j
             # the sequence has computed up to position end + j - 1, and a step in flight one more.
-            computed = context - 2 + done + ks
-            slots = computed if whole or ks == left else computed + 1
+            computed = context - 2 + last
+            ending = last == rest + 1
+            slots = computed if whole or ending else computed + 1
             if slots > len(seq.block_table) * block_size:
                 ok = bm.allocate(seq, slots - seq.num_computed_tokens)
                 assert ok, "span KV was checked when it started"
             seq.num_computed_tokens = computed
-            seq.token_ids += [OUTPUT_TOKEN] * ks
+            seq.token_ids += [OUTPUT_TOKEN] * (last - first)
             if register is not None:
                 register(seq)
-            if whole or ks == left:
+            if whole or ending:
                 seq.in_flight = False
             # Only the length can end a sequence inside a span (simulated requests ignore EOS, have no stop
             # tokens); `check_stop_token` still decides, and records the reason.
-            if ks == left and seq.check_stop_token():
-                finished.append((ks, pos, seq))
+            if ending and seq.check_stop_token():
+                finished.append((last, pos, seq))
         for _, _, seq in sorted(finished, key=lambda f: (f[0], f[1])):
             sched.finish(seq, seq.finish_reason)  # type: ignore[arg-type]
         return span.seqs
@@ -518,7 +540,8 @@ class SimInstance:
         flight, and the lanes have decided. The span's later steps stand only if the prefill lane runs the next
         block beside them (so the lanes relaunch decode with no decision, contended), no job finished (its
         prompts would join the next decode launch), nothing was preempted, the pool still holds their KV after
-        any admission, and they start before the next event; otherwise it ends with the step in flight."""
+        any admission, and they start before the next event; otherwise it ends with the step in flight, and
+        where the block finished its job, the job's sequences may join it after that step (`_join_span`)."""
         span = self.span
         cut, self._span_cut = self._span_cut, None
         assert span is not None and cut is not None
@@ -530,11 +553,67 @@ class SimInstance:
             and not self._job_finished
             and (launch.new_job is None or self._span_kv_ok(span.seqs, span.after, steps - 1))
         )
-        # Step i > 0 starts when step i - 1 ends.
-        before = (
-            bisect_left(span.ends, horizon) if self.sync_at_horizon else 1 + bisect_left(span.ends, horizon)
-        )
-        self._cut_span(max(cut, min(steps, before)) if ok else cut)
+        if ok:
+            # Step i > 0 starts when step i - 1 ends.
+            before = bisect_left(span.ends, horizon) + (0 if self.sync_at_horizon else 1)
+            self._cut_span(max(cut, min(steps, before)))
+            return
+        self._cut_span(cut)
+        if self._job_finished and launch.prefill is None and not launch.preempted:
+            self._join_span(horizon)
+
+    def _join_span(self, horizon: float) -> None:
+        """The job that just finished leaves the prefill lane idle; after the decode step in flight the lanes
+        decide again, and with static-split's fixed split, nothing waiting and no other job, that decision is
+        the decode step of every running sequence, uncontended: the span's, and those of the jobs that finished
+        while it ran. Those steps are appended to the span (up to the next event, as any span), the jobs'
+        sequences joining it at the first of them."""
+        span, policy = self.span, self.policy
+        assert span is not None
+        if not self._joinable or self.sched.waiting or policy.active is not None or policy.paused is not None:
+            return
+        j = len(span.durations)  # the joiners' first step
+        start = span.ends[-1]
+        if start >= horizon:
+            return
+        # Every running sequence outside the span decodes now (no job is left): the jobs that finished inside
+        # it. They must be the newest, as the next decode batch orders sequences by age.
+        joiners: list[Sequence] = []
+        for s in self.sched.running:
+            if not s.in_flight:
+                joiners.append(s)
+            elif joiners:
+                return
+        finished = SequenceStatus.FINISHED
+        # Each sequence's (tokens left, context) at step j, for the run of steps from there.
+        seqs = [s for s in span.seqs if s.status is not finished]
+        after = [
+            (rest - j + 1, context + j - 1)
+            for s, (rest, context) in zip(span.seqs, span.after, strict=True)
+            if s.status is not finished
+        ]
+        seqs += joiners
+        after += [
+            (s.max_tokens - (len(s.token_ids) - s.num_prompt_tokens), len(s.token_ids)) for s in joiners
+        ]
+        assert self._span_split is not None
+        sms = self._span_split[1]
+        run = self._run_from(after, start, horizon, self._finish_is_event, sms, False)
+        if not run or not self._span_kv_ok(seqs, after, len(run)):
+            return
+        for s in joiners:
+            s.in_flight = True  # scheduled for the span's steps from j
+        span.seqs += joiners
+        span.after += [
+            (left + j - 1, context - j + 1) for left, context in after[len(after) - len(joiners) :]
+        ]
+        span.starts = (span.starts or [0] * (len(span.seqs) - len(joiners))) + [j] * len(joiners)
+        span.durations.extend(run)
+        span.ends += list(accumulate(run, initial=start))[1:]
+        self._decode_end = span.ends[-1]
+        self.num_steps += len(run)
+        self.num_fast_forwarded += len(run)
+        self.splits_used[self._span_split] += len(run)
 
     def complete_step(self, now: float) -> list[Sequence]:
         """End the running step at `now`: the sequences it advanced (token appended, prompt progressed or
