@@ -114,8 +114,8 @@ def test_fast_forward_is_exact_with_prefix_caching():
 def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
     """Long prompts land on running decodes: the decode steps beside a prefill job are spanned, and the spans
     run on past the ends of its layer blocks where the lanes' decision there keeps the decode steps as they
-    are (and are cut back to the step in flight where it does not); with static-split's fixed split, the steps
-    after a job finishes are appended with its sequences joining. Every token time matches stepping."""
+    are (and are cut back to the step in flight where it does not); after a job finishes with nothing waiting,
+    the decode-alone steps that follow are appended, its sequences joining. Every token time matches stepping."""
     from drift_agent.sim.instance import SimInstance
 
     beside, kept, cut, joined = [], [], [], []
@@ -148,8 +148,8 @@ def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
     fast = base.run(specs, 6.0)
     assert beside and max(beside) > 1
     assert kept and cut  # spans ran across block ends, and jobs that finished (or decisions) cut others
-    # static-split: after a job, the steps of every sequence, the job's joining, extend the span
-    assert bool(joined) == (policy == "static-split") and all(n > 0 for n in joined)
+    # after a job, the steps of every sequence, the job's joining, extend the span
+    assert joined and all(n > 0 for n in joined)
     slow = base.with_instance(fast_forward=False).run(specs, 6.0)
     _assert_same_run(fast, slow)
 

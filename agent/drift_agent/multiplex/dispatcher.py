@@ -338,6 +338,12 @@ class Dispatcher:
             self._roles_memo = (splits, roles)
         return roles
 
+    def decode_alone_split(self, splits: Sequence[Split]) -> Split:
+        """The split a decision takes with decode running and nothing to prefill: static mode's fixed split,
+        otherwise every SM to decode (rule 2)."""
+        roles = self._roles(splits)
+        return roles.static if roles.static is not None else roles.decode_end
+
     def _alone_s(self, r: PrefillRequest) -> float:
         """Prefill time of `r` alone on the whole device, memoised by shape (a decision may sort a long queue)."""
         key = (r.new_tokens, r.cached_tokens)

@@ -189,8 +189,6 @@ class SimInstance:
         self.policy = make_policy(config, perf, splits)
         self.sched = Scheduler(sched_cfg, self.bm, self.policy)
         self.multiplexing = bool(getattr(self.policy, "multiplexing", False))
-        # A fixed split makes the decision after a prefill job predictable: see `_join_span`.
-        self._joinable = self.multiplexing and self.policy.dispatcher.config.mode == "static"
         self.executor: Any = SimMuxExecutor(perf) if self.multiplexing else SimExecutor(perf)
         self.fast_forward = config.fast_forward
         # Spans hold only steps that end before the horizon, so that what the cluster reads there (KV usage,
@@ -358,7 +356,7 @@ class SimInstance:
             for s, i in zip(seqs, items, strict=True)
         ]
         further = self._run_from(after, now + dt, horizon, stop, decode_sms, contended)
-        if not further and not (beside_prefill and self._joinable):
+        if not further and not beside_prefill:
             return None
         k = len(
             further
@@ -564,13 +562,18 @@ class SimInstance:
 
     def _join_span(self, horizon: float) -> None:
         """The job that just finished leaves the prefill lane idle; after the decode step in flight the lanes
-        decide again, and with static-split's fixed split, nothing waiting and no other job, that decision is
-        the decode step of every running sequence, uncontended: the span's, and those of the jobs that finished
-        while it ran. Those steps are appended to the span (up to the next event, as any span), the jobs'
-        sequences joining it at the first of them."""
+        decide again, and with nothing waiting and no other job that decision is the decode step of every running
+        sequence, uncontended, on the split for decode alone (`Dispatcher.decode_alone_split`): the span's
+        sequences and those of the jobs that finished while it ran. Those steps are appended to the span (up to
+        the next event, as any span), the jobs' sequences joining it at the first of them."""
         span, policy = self.span, self.policy
         assert span is not None
-        if not self._joinable or self.sched.waiting or policy.active is not None or policy.paused is not None:
+        if (
+            self.sched.waiting
+            or policy.active is not None
+            or policy.paused is not None
+            or policy.dispatcher.prefill_stall_steps  # (the decision would reset rule 6's count)
+        ):
             return
         j = len(span.durations)  # the joiners' first step
         start = span.ends[-1]
@@ -596,9 +599,8 @@ class SimInstance:
         after += [
             (s.max_tokens - (len(s.token_ids) - s.num_prompt_tokens), len(s.token_ids)) for s in joiners
         ]
-        assert self._span_split is not None
-        sms = self._span_split[1]
-        run = self._run_from(after, start, horizon, self._finish_is_event, sms, False)
+        split = policy.dispatcher.decode_alone_split(policy.splits)
+        run = self._run_from(after, start, horizon, self._finish_is_event, split.decode_sms, False)
         if not run or not self._span_kv_ok(seqs, after, len(run)):
             return
         for s in joiners:
@@ -613,7 +615,11 @@ class SimInstance:
         self._decode_end = span.ends[-1]
         self.num_steps += len(run)
         self.num_fast_forwarded += len(run)
-        self.splits_used[self._span_split] += len(run)
+        key = (split.prefill_sms, split.decode_sms)
+        self.splits_used[key] = self.splits_used.get(key, 0) + len(run)
+        self._span_split = key  # (a joined span is never cut: no prefill block ends inside it)
+        assert self.lanes is not None
+        self.lanes.split = split  # as the decision after the step in flight sets it
 
     def complete_step(self, now: float) -> list[Sequence]:
         """End the running step at `now`: the sequences it advanced (token appended, prompt progressed or
