@@ -408,10 +408,13 @@ class SimInstance:
         """Post the span's steps from `span.posted` up to `upto`: sequence s gets one token per step until it
         reaches its length (what the rounds of `on_batch_done` would do); finished ones retire in the order they
         finished. Short of the span's end, step `upto` is in flight: its sequences stay in flight and hold its KV
-        slots, allocated as its launch would have."""
+        slots, allocated as its launch would have. Returns the span's sequences for the caller to stamp (none
+        when no step ended)."""
         sched, bm = self.sched, self.bm
         done, span.posted = span.posted, upto
         whole = upto == len(span.durations)
+        if upto == done and not whole:
+            return []  # no step ended since the last posting; the one in flight has its slots already
         block_size = bm.block_size
         register = bm.register_full_blocks if bm.enable_prefix_caching else None
         finished_status = SequenceStatus.FINISHED
