@@ -517,7 +517,8 @@ class SimInstance:
             assert self._prefill_end is not None
             if launch.preempted:
                 return None
-            # Steps that start after the job's last block are stepped: its prompts join the decode batch.
+            # Up to the step in flight when the job's last block ends: its prompts join the steps after that
+            # (`_join_span`, where the decision there is predictable).
             done = job.layers_done + lanes.prefill_layers
             job_end = self._prefill_end
             if done < job.num_layers:
