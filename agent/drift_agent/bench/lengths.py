@@ -23,16 +23,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import brentq
-from scipy.stats import norm
+from scipy.special import ndtr  # the normal CDF (scipy.stats' norm.cdf; importing scipy.stats costs 0.6 s)
 
 
 def clipped_lognormal_mean(mu: float, sigma: float, lo: float, hi: float) -> float:
     """E[clip(X, lo, hi)] for X ~ LogNormal(mu, sigma), in closed form."""
     a, b = math.log(lo), math.log(hi)
-    below = lo * norm.cdf((a - mu) / sigma)
-    above = hi * norm.sf((b - mu) / sigma)
+    below = lo * ndtr((a - mu) / sigma)
+    above = hi * ndtr((mu - b) / sigma)  # the survival function, as norm.sf computes it
     inside = math.exp(mu + sigma**2 / 2) * (
-        norm.cdf((b - mu - sigma**2) / sigma) - norm.cdf((a - mu - sigma**2) / sigma)
+        ndtr((b - mu - sigma**2) / sigma) - ndtr((a - mu - sigma**2) / sigma)
     )
     return float(below + above + inside)
 
