@@ -143,8 +143,11 @@ def test_prefills_launch_earliest_deadline_first() -> None:
 def test_hopeless_requests_go_last() -> None:
     # "doomed" cannot make its deadline even alone on the whole GPU (1000 tokens = 0.1 s).
     w = [req("doomed", 1000, 0.05), req("ok", 100, 1.0)]
-    d = Dispatcher(SynthModel()).decide(state(waiting=w))
+    dispatcher = Dispatcher(SynthModel())
+    d = dispatcher.decide(state(waiting=w))
     assert d.launch_ids == ("ok", "doomed")
+    # The second decision reads each request's time alone from the memo: the same order.
+    assert dispatcher.decide(state(waiting=w)).launch_ids == ("ok", "doomed")
     d2 = Dispatcher(SynthModel(), DispatcherConfig(deprioritize_hopeless=False)).decide(state(waiting=w))
     assert d2.launch_ids[0] == "doomed"
 

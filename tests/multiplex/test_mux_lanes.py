@@ -222,3 +222,18 @@ def test_fold_setting_follows_the_partition_config_at_run_time() -> None:
     assert lanes.policy.dispatcher.config.fold_max_tokens == 2048
     lanes.policy.reconfigure(EngineConfig(policy="drift", partition={"fold_max_tokens": 0}))
     assert lanes.policy.dispatcher.config.fold_max_tokens == 0
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_waiting_requests_are_built_once_until_their_tokens_change(caching: bool) -> None:
+    lanes = make_lanes()
+    policy, sched = lanes.policy, lanes.sched
+    sched.bm = BlockManager(2000, 16, enable_prefix_caching=caching)
+    seq = add(lanes, "w", 100, 4)
+    first = policy._prefill_requests(sched, [seq])[0]
+    assert (first.new_tokens, first.kv_blocks) == (100, 7)
+    again = policy._prefill_requests(sched, [seq])[0]
+    assert again == first and (again is first) is not caching  # a prefix cache can change between decisions
+    seq.token_ids += [TOKEN] * 20  # a preempted request returns with its output tokens
+    grown = policy._prefill_requests(sched, [seq])[0]
+    assert (grown.new_tokens, grown.kv_blocks) == (120, 8)

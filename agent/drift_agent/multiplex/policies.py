@@ -135,13 +135,23 @@ class MultiplexPolicy:
                     budget = b
         return DecodeLoad(batch, kv, budget) if batch else DecodeLoad()
 
+    def _prefill_requests(self, sched: Scheduler, seqs: list[Sequence]) -> list[PrefillRequest]:
+        """The dispatcher's view of the waiting requests considered (one pass a decision, over up to
+        `MAX_WAITING_CONSIDERED` of them)."""
+        if sched.bm.enable_prefix_caching:
+            return [self._prefill_request(sched, s) for s in seqs]
+        # Without a prefix cache a waiting request looks the same every decision: built once, then read here.
+        memo = self._waiting_memo
+        out = []
+        for s in seqs:
+            m = memo.get(s.seq_id)
+            out.append(
+                m[1] if m is not None and m[0] == len(s.token_ids) else self._prefill_request(sched, s)
+            )
+        return out
+
     def _prefill_request(self, sched: Scheduler, seq: Sequence) -> PrefillRequest:
         bm = sched.bm
-        if not bm.enable_prefix_caching:
-            # Without a prefix cache a waiting request looks the same every decision: build it once.
-            memo = self._waiting_memo.get(seq.seq_id)
-            if memo is not None and memo[0] == seq.num_tokens:
-                return memo[1]
         cached = bm.find_cached_prefix(seq)
         revived = sum(1 for b in cached if bm.blocks[b].ref_count == 0)
         req = PrefillRequest(
@@ -177,7 +187,7 @@ class MultiplexPolicy:
             now_s=now,
             splits=self.splits,
             decode_load=self._decode_load(sched.running, now),
-            waiting=[self._prefill_request(sched, s) for s in waiting],
+            waiting=self._prefill_requests(sched, waiting),
             free_kv_blocks=sched.bm.num_free_blocks - sched.admission_reserve,
             in_flight=self.active.as_in_flight() if self.active else None,
             paused=self.paused.as_in_flight() if self.paused else None,
