@@ -22,11 +22,14 @@ SPLITS = [Split(132, 0), Split(112, 20), Split(96, 36), Split(72, 60), Split(0, 
 TOKEN = 7
 
 
-def make_lanes(tpot_s: float = 0.03, block_decode_steps: float = 1.0, **config: Any) -> MuxLanes:
+def make_lanes(
+    tpot_s: float = 0.03, block_decode_steps: float = 1.0, prefix_caching: bool = True, **config: Any
+) -> MuxLanes:
     model = SynthModel()
     ctx = MuxContext(model, SPLITS, model.num_layers, default_ttft_s=60.0, default_tpot_s=tpot_s)
     policy = MultiplexPolicy("drift", ctx, DispatcherConfig(block_decode_steps=block_decode_steps, **config))
-    sched = Scheduler(SchedulerConfig(max_model_len=8192), BlockManager(2000, 16), policy)
+    pool = BlockManager(2000, 16, enable_prefix_caching=prefix_caching)
+    sched = Scheduler(SchedulerConfig(max_model_len=8192), pool, policy)
     return MuxLanes(sched)
 
 
@@ -226,9 +229,8 @@ def test_fold_setting_follows_the_partition_config_at_run_time() -> None:
 
 @pytest.mark.parametrize("caching", [False, True])
 def test_waiting_requests_are_built_once_until_their_tokens_change(caching: bool) -> None:
-    lanes = make_lanes()
+    lanes = make_lanes(prefix_caching=caching)
     policy, sched = lanes.policy, lanes.sched
-    sched.bm = BlockManager(2000, 16, enable_prefix_caching=caching)
     seq = add(lanes, "w", 100, 4)
     first = policy._prefill_requests(sched, [seq])[0]
     assert (first.new_tokens, first.kv_blocks) == (100, 7)

@@ -140,21 +140,25 @@ class MultiplexPolicy:
         `MAX_WAITING_CONSIDERED` of them)."""
         if sched.bm.enable_prefix_caching:
             return [self._prefill_request(sched, s) for s in seqs]
-        # Without a prefix cache a waiting request looks the same every decision: built once, then read here.
+        # Without a prefix cache a waiting request looks the same every decision until its tokens change (a
+        # preempted one returns with its outputs): built once, keyed by its token count.
         memo = self._waiting_memo
         out = []
         for s in seqs:
+            n = len(s.token_ids)
             m = memo.get(s.seq_id)
-            out.append(
-                m[1] if m is not None and m[0] == len(s.token_ids) else self._prefill_request(sched, s)
-            )
+            if m is None or m[0] != n:
+                if len(memo) >= 4 * MAX_WAITING_CONSIDERED:
+                    memo.clear()  # drops admitted and finished requests' entries too
+                m = memo[s.seq_id] = (n, self._prefill_request(sched, s))
+            out.append(m[1])
         return out
 
     def _prefill_request(self, sched: Scheduler, seq: Sequence) -> PrefillRequest:
         bm = sched.bm
         cached = bm.find_cached_prefix(seq)
         revived = sum(1 for b in cached if bm.blocks[b].ref_count == 0)
-        req = PrefillRequest(
+        return PrefillRequest(
             request_id=seq.request_id,
             new_tokens=seq.num_tokens - len(cached) * bm.block_size,
             cached_tokens=len(cached) * bm.block_size,
@@ -163,11 +167,6 @@ class MultiplexPolicy:
             kv_blocks=bm.blocks_needed(seq.num_tokens) - len(cached) + revived,
             priority=seq.slo.priority,
         )
-        if not bm.enable_prefix_caching:
-            if len(self._waiting_memo) >= 4 * MAX_WAITING_CONSIDERED:
-                self._waiting_memo.clear()  # drops admitted and finished requests' entries too
-            self._waiting_memo[seq.seq_id] = (seq.num_tokens, req)
-        return req
 
     # ---- the policy ----------------------------------------------------------------------------------
     def schedule(
