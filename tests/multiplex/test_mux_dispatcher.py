@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drift_agent.engine.config import PartitionConfig
 from drift_agent.multiplex.dispatcher import (
     DecodeLoad,
     DecodeRequest,
@@ -18,6 +19,7 @@ from drift_agent.multiplex.dispatcher import (
     PrefillRequest,
 )
 from drift_agent.multiplex.perf_model import PrefillShape
+from drift_agent.multiplex.policies import dispatcher_config
 from drift_agent.partition import Split, candidate_splits
 from tests.multiplex.mux_synth import SynthModel
 
@@ -509,3 +511,50 @@ def test_no_fold_while_a_prefill_runs_or_when_disabled_or_static() -> None:
     assert Dispatcher(SynthModel()).decide(state(waiting=[req("a", 100, 1.0)])).mode == "prefill-only"
     with pytest.raises(ValueError, match="fold_max_tokens"):
         DispatcherConfig(fold_max_tokens=-1)
+
+
+# --- rule 0: the TPOT margin (decode plans against budget / (1 + margin)) -------------------------------------
+
+
+def _with_margin(margin: float) -> Dispatcher:
+    return Dispatcher(SynthModel(), DispatcherConfig(tpot_margin=margin))
+
+
+def test_tpot_margin_gives_decode_more_sms_when_positive_and_fewer_when_negative() -> None:
+    # 16 requests at 12 ms: margin 0 needs 44 decode SMs (see test_chooses_smallest_decode_share_meeting_tpot).
+    s = state(decode=decodes(16, 0.012), waiting=[req("a", 2000, 10.0)])
+    base, safer, bolder = (_with_margin(m).decide(s) for m in (0.0, 0.1, -0.1))
+    assert base == Dispatcher(SynthModel()).decide(s)  # margin 0 is the dispatcher without one
+    assert base.mode == safer.mode == bolder.mode == "multiplex"
+    assert bolder.split.decode_sms < base.split.decode_sms < safer.split.decode_sms
+    # Each picks the smallest decode share whose prediction fits the budget divided by (1 + margin).
+    for d, margin in ((base, 0.0), (safer, 0.1), (bolder, -0.1)):
+        assert d.decode_budget_s == pytest.approx(0.012 / (1 + margin))
+        assert d.predicted_decode_step_s <= d.decode_budget_s
+    # A margin no mixed split meets degrades as rule 6 does: decode alone.
+    assert _with_margin(0.25).decide(s).mode == "decode-first"
+
+
+def test_tpot_margin_sets_how_much_folds_into_the_decode_step() -> None:
+    # 8 ms budget, 30-token prompts: (60 + 8) x 0.1 ms fits at margin 0, one fewer at +0.25, one more at -0.25.
+    w = [req("a", 30, 1.0), req("b", 30, 2.0), req("c", 30, 3.0)]
+    folded = {
+        m: _with_margin(m).decide(state(decode=decodes(8, tpot=0.008), waiting=w)).launch_ids
+        for m in (0.0, 0.25, -0.25)
+    }
+    assert folded == {0.0: ("a", "b"), 0.25: ("a",), -0.25: ("a", "b", "c")}
+
+
+def test_tpot_margin_must_keep_the_budget_positive() -> None:
+    DispatcherConfig(tpot_margin=-0.5)
+    with pytest.raises(ValueError, match="tpot_margin"):
+        DispatcherConfig(tpot_margin=-1.0)
+
+
+def test_the_drift_policy_passes_the_configured_margin() -> None:
+    partition = PartitionConfig(tpot_margin=0.2)
+    assert dispatcher_config("drift", partition).tpot_margin == 0.2
+    assert dispatcher_config("drift", PartitionConfig()).tpot_margin == 0.0
+    # A fixed split plans nothing against the decode budget.
+    assert dispatcher_config("static-split", partition).tpot_margin == 0.0
+    assert dispatcher_config("drift", PartitionConfig(mode="static", tpot_margin=0.2)).tpot_margin == 0.0

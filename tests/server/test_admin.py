@@ -28,7 +28,8 @@ def test_get_shape(admin_live: LiveServer) -> None:
     with admin_live.client() as http:
         body = http.get("/admin/policy").json()
     assert set(body) == {"policy", "partition", "slo"}
-    assert set(body["partition"]) == {"mode", "prefill_sm_share", "backend", "fold_max_tokens"}
+    assert set(body["partition"]) == {"mode", "prefill_sm_share", "backend", "fold_max_tokens", "tpot_margin"}
+    assert body["partition"]["tpot_margin"] == 0.0
     assert set(body["slo"]) == {"ttft_ms", "tpot_ms"}
     assert body["policy"] == "chunked"
 
@@ -63,7 +64,13 @@ def test_apply_and_metrics(admin_live: LiveServer) -> None:
         assert r.status_code == 200, r.text
         assert r.json() == {
             "policy": "prefill-first",
-            "partition": {"mode": "static", "prefill_sm_share": 0.7, "backend": "auto", "fold_max_tokens": 0},
+            "partition": {
+                "mode": "static",
+                "prefill_sm_share": 0.7,
+                "backend": "auto",
+                "fold_max_tokens": 0,
+                "tpot_margin": 0.0,
+            },
             "slo": {"ttft_ms": 500.0, "tpot_ms": 40.0},
         }
         assert http.get("/admin/policy").json() == r.json()
@@ -93,6 +100,28 @@ def test_switch_to_multiplexing_policy(admin_live: LiveServer) -> None:
     assert 0 < prefill <= 1 and 0 < decode <= 1  # a static split gives both phases SMs
 
 
+def test_tpot_margin_round_trips(admin_live: LiveServer) -> None:
+    """The operator's lever under drift: settable alone, shown by GET, kept by a later partial update, and
+    handed to the running drift dispatcher."""
+    with admin_live.client() as http:
+        r = http.put(
+            "/admin/policy",
+            headers=AUTH,
+            json={"policy": "drift", "partition": {"mode": "auto", "tpot_margin": 0.25}},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["policy"] == "drift" and r.json()["partition"]["tpot_margin"] == 0.25
+        r = http.put("/admin/policy", headers=AUTH, json={"partition": {"tpot_margin": -0.5}})
+        assert r.status_code == 200, r.text
+        assert http.get("/admin/policy").json()["partition"]["tpot_margin"] == -0.5
+        r = http.put("/admin/policy", headers=AUTH, json={"partition": {"prefill_sm_share": 0.4}})
+        partition = r.json()["partition"]
+        assert partition["tpot_margin"] == -0.5 and partition["prefill_sm_share"] == 0.4
+    engine = admin_live.async_engine.engine
+    assert engine.config.partition.tpot_margin == -0.5
+    assert engine.scheduler.policy.dispatcher.config.tpot_margin == -0.5
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -100,6 +129,9 @@ def test_switch_to_multiplexing_policy(admin_live: LiveServer) -> None:
         {"partition": {"prefill_sm_share": 1.5}},
         {"partition": {"mode": "sometimes"}},
         {"partition": {"fold_max_tokens": -1}},
+        {"partition": {"tpot_margin": 1.5}},
+        {"partition": {"tpot_margin": -0.6}},
+        {"partition": {"tpot_margin": "more"}},
         {"slo": {"ttft_ms": -1}},
         {"slo": {"tpot_ms": "fast"}},
         {"unknown": 1},

@@ -5,7 +5,9 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import MODEL, LiveServer, wait_idle
+from drift_agent.engine.async_engine import AsyncLLMEngine
+from drift_agent.server.settings import ServerSettings
+from tests.server.conftest import MODEL, LiveServer, start_server, wait_idle
 
 VLLM_FAMILIES = {
     "vllm:time_to_first_token_seconds": "histogram",
@@ -26,6 +28,7 @@ DRIFT_FAMILIES = {
     "drift_slo_requests": "counter",
     "drift_slo_attainment": "gauge",
     "drift_partition_sm_share": "gauge",
+    "drift_partition_config": "gauge",
     "drift_policy_info": "gauge",
 }
 
@@ -117,3 +120,40 @@ def test_attainment_window(live: LiveServer) -> None:
         assert 0.0 <= value <= 1.0 and count >= 1
     # The tight-SLO request is in the 60 s window: attainment is below 1.
     assert m[("drift_slo_attainment", frozenset({("phase", "both")}))] < 1.0
+
+
+def configured(live: LiveServer) -> dict[str, float]:
+    m = live.metrics()
+    return {dict(labels)["setting"]: v for (name, labels), v in m.items() if name == "drift_partition_config"}
+
+
+def test_partition_config_reports_configured_settings_and_follows_admin_puts(
+    async_engine: AsyncLLMEngine,
+) -> None:
+    """`drift_partition_config` is what the engine is configured with (the operator compares it with what it
+    pushed); `drift_partition_sm_share` stays the per-step split, which a time-sharing policy keeps at 1."""
+    token = {"Authorization": "Bearer metrics-token"}
+    live = start_server(async_engine, ServerSettings(host="127.0.0.1", port=0, admin_token="metrics-token"))
+    try:
+        with live.client() as http:
+            original = http.get("/admin/policy").json()
+        partition = async_engine.engine.config.partition
+        assert configured(live) == {
+            "prefill_sm_share": partition.prefill_sm_share,
+            "tpot_margin": partition.tpot_margin,
+            "fold_max_tokens": float(partition.fold_max_tokens),
+        }
+        change = {
+            "policy": "chunked",
+            "partition": {"prefill_sm_share": 0.3, "tpot_margin": 0.15, "fold_max_tokens": 512},
+        }
+        with live.client() as http:
+            assert http.put("/admin/policy", json=change, headers=token).status_code == 200
+        assert configured(live) == {"prefill_sm_share": 0.3, "tpot_margin": 0.15, "fold_max_tokens": 512.0}
+        shares = live.metrics()
+        for phase in ("prefill", "decode"):  # chunked time-shares the whole GPU, whatever the share
+            assert shares[("drift_partition_sm_share", frozenset({("phase", phase)}))] == 1.0
+    finally:
+        with live.client() as http:  # the engine is shared with other test modules: put everything back
+            assert http.put("/admin/policy", json=original, headers=token).status_code == 200
+        live.stop()

@@ -25,6 +25,10 @@ class PartitionConfig(BaseModel):
     # drift (mode=auto): most prompt tokens the dispatcher may fold into one decode step, chunked-prefill
     # style, when that step still meets the decode budget (dispatcher rule 8); 0 never folds.
     fold_max_tokens: int = Field(2048, ge=0)
+    # drift (mode=auto): the dispatcher plans decode against step budget / (1 + tpot_margin). The operator's
+    # SLO loop steers it: > 0 defends TPOT when the performance model is optimistic (decode keeps more SMs,
+    # fewer prompts fold), < 0 hands prefill more SMs and folds more (favours TTFT).
+    tpot_margin: float = Field(0.0, ge=-0.5, le=1.0)
 
 
 class EngineConfig(BaseModel):

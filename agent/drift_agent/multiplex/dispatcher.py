@@ -7,6 +7,10 @@ next to the measured ones.
 
 Rules (mode `slo`):
 
+0. *TPOT margin.* Every rule below plans decode against the running batch's tightest step budget divided by
+   `1 + tpot_margin` (the operator's SLO loop steers the margin): > 0 keeps decode on more SMs and folds less,
+   defending TPOT when the performance model underestimates the device; < 0 gives prefill more SMs and folds
+   more, favouring TTFT. At 0 the budget is the requests' own.
 1. Decode gets the *smallest* SM share whose predicted step time, with the contention factor when prefill
    co-runs, fits the tightest step budget among the running requests; prefill gets the rest. The step budget
    of a request follows its TPOT target and its slack (see `DecodeRequest.step_budget`).
@@ -192,7 +196,7 @@ class DispatchDecision:
     predicted_prefill_block_s: float | None
     predicted_prefill_remaining_s: float | None  # whole remaining prefill of the active batch
     predicted_ttft_s: Mapping[str, float]  # absolute predicted first-token time of the active batch
-    decode_budget_s: float | None  # tightest step budget of the running requests
+    decode_budget_s: float | None  # tightest step budget of the running requests / (1 + tpot_margin)
     reason: str
 
     @property
@@ -234,7 +238,8 @@ class DispatcherConfig:
     # goodput in simulation (paper regime 12.1 -> 13.1 req/s, ShareGPT-like 43 -> 46 against 1 step).
     block_decode_steps: float = 4.0
     prefill_only_block_s: float | None = None  # block length with no decode running; None = all layers
-    tpot_margin: float = 0.0  # require predicted·(1 + margin) ≤ budget
+    # Rule 0: decode plans against step budget / (1 + tpot_margin); > 0 defends TPOT, < 0 favours TTFT.
+    tpot_margin: float = 0.0
     # Rule 7: share of a planned prefill's slack it may use when decode takes SMs back (0: always rule 1's
     # fastest prefill, as the paper's dispatcher does). The rest absorbs prediction error and new arrivals.
     prefill_slack_share: float = 0.5
@@ -257,15 +262,10 @@ class DispatcherConfig:
             raise ValueError("static_prefill_share must be in (0, 1)")
         if self.max_prefill_tokens <= 0 or self.max_prefill_batch <= 0 or self.block_decode_steps <= 0:
             raise ValueError("max_prefill_tokens, max_prefill_batch and block_decode_steps must be positive")
-        if (
-            min(
-                self.kv_watermark_blocks, self.max_prefill_stall_steps, self.tpot_margin, self.fold_max_tokens
-            )
-            < 0
-        ):
-            raise ValueError(
-                "kv_watermark_blocks, max_prefill_stall_steps, tpot_margin and fold_max_tokens must be >= 0"
-            )
+        if min(self.kv_watermark_blocks, self.max_prefill_stall_steps, self.fold_max_tokens) < 0:
+            raise ValueError("kv_watermark_blocks, max_prefill_stall_steps and fold_max_tokens must be >= 0")
+        if not self.tpot_margin > -1.0:
+            raise ValueError(f"tpot_margin must be > -1 (budget / (1 + margin)), got {self.tpot_margin}")
         if not 0.0 < self.catch_up_floor <= 1.0 <= self.max_slack_borrow:
             raise ValueError("need 0 < catch_up_floor <= 1 <= max_slack_borrow")
         if not 0.0 <= self.prefill_slack_share <= 1.0:
@@ -412,7 +412,7 @@ class Dispatcher:
         """Smallest-decode mixed split meeting the budget with prefill co-running (`mixed`: by decode SMs)."""
         for s in mixed:
             t = self.model.decode_time(batch, kv, s.decode_sms, contended=True)
-            if t * (1.0 + self.config.tpot_margin) <= budget:
+            if t <= budget:
                 return s, t
         return None, None
 
@@ -426,6 +426,8 @@ class Dispatcher:
         now = state.now_s
         load = state.decode_load or DecodeLoad.of(state.decode, cfg.max_slack_borrow, cfg.catch_up_floor)
         batch, kv, budget = load.batch, load.kv_tokens, load.step_budget_s
+        if budget is not None and cfg.tpot_margin:  # rule 0, once for every rule (skipped at 0: same floats)
+            budget /= 1.0 + cfg.tpot_margin
         ordered = self._edf(state.waiting, now)
         head_fits = bool(ordered) and ordered[0].kv_blocks <= state.free_kv_blocks - cfg.kv_watermark_blocks
         started = state.in_flight is not None or state.paused is not None
@@ -555,7 +557,6 @@ class Dispatcher:
         step's predicted time. None when not even the head fits."""
         cfg = self.config
         blocks_left = state.free_kv_blocks - cfg.kv_watermark_blocks
-        limit = budget / (1.0 + cfg.tpot_margin)
         picked: list[PrefillRequest] = []
         shapes: list[PrefillShape] = []
         tokens, t_fold = 0, 0.0
@@ -568,7 +569,7 @@ class Dispatcher:
                 break
             shapes.append(r.shape)
             t = self.model.mixed_step_time(shapes, batch, kv, sms)
-            if t > limit:
+            if t > budget:
                 break
             picked.append(r)
             blocks_left -= r.kv_blocks
@@ -627,7 +628,7 @@ class Dispatcher:
             key=lambda s: (-s.decode_sms, s.prefill_sms),
         ):
             t = model.decode_time(batch, kv, s.decode_sms, contended=True)
-            if t * (1.0 + cfg.tpot_margin) > budget:
+            if t > budget:
                 continue
             if (
                 model.prefill_layers_time(plan.shapes, s.prefill_sms, start, layers, contended=True)

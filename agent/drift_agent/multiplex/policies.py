@@ -72,12 +72,18 @@ class MuxContext:
 
 
 def dispatcher_config(name: str, partition: Any) -> DispatcherConfig:
-    """`static-split`, or `drift` with partition mode static/off, uses one fixed split; `drift` with auto adapts."""
+    """`static-split`, or `drift` with partition mode static/off, uses one fixed split; `drift` with auto adapts,
+    planning decode against its step budget / (1 + `tpot_margin`) (the lever the operator steers)."""
     fixed = name == "static-split" or getattr(partition, "mode", "auto") in ("static", "off")
     share = min(max(float(getattr(partition, "prefill_sm_share", 0.5)), 0.01), 0.99)
     fold = int(getattr(partition, "fold_max_tokens", DispatcherConfig.fold_max_tokens))
+    # Only the adaptive mode plans against the decode budget; a fixed split has no use for the margin.
+    margin = 0.0 if fixed else float(getattr(partition, "tpot_margin", 0.0))
     return DispatcherConfig(
-        mode="static" if fixed else "slo", static_prefill_share=share, fold_max_tokens=fold
+        mode="static" if fixed else "slo",
+        static_prefill_share=share,
+        fold_max_tokens=fold,
+        tpot_margin=margin,
     )
 
 

@@ -13,19 +13,19 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from ..commands.engine_args import config_error_message
-from ..engine.config import EngineConfig
+from ..engine.config import EngineConfig, PartitionConfig
 from .errors import APIError
 
-
-class PartitionUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    mode: str | None = None
-    prefill_sm_share: float | None = None
-    backend: str | None = None
-    fold_max_tokens: int | None = None
+# Every `PartitionConfig` field, optional, so a new partition setting is settable here without a second list
+# to keep in step. Only the types are checked on parsing; ranges are `EngineConfig`'s, when it is applied.
+PartitionUpdate = create_model(
+    "PartitionUpdate",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (field.annotation | None, None) for name, field in PartitionConfig.model_fields.items()},
+)
 
 
 class SloUpdate(BaseModel):

@@ -34,6 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="drift: most prompt tokens folded into one decode step when it meets TPOT (0: never; default 2048)",
     )
     s.add_argument(
+        "--tpot-margin",
+        type=float,
+        help="drift: plan decode against TPOT step budget / (1 + margin), in [-0.5, 1]; > 0 keeps decode on "
+        "more SMs when the performance model is optimistic, < 0 gives prefill more (favours TTFT); default 0. "
+        "The operator steers it at run time",
+    )
+    s.add_argument(
         "--slo-window-s", type=float, help="window of drift_slo_attainment (default 60; DRIFT_SLO_WINDOW_S)"
     )
     s.add_argument(
@@ -68,6 +75,7 @@ def _config(args: argparse.Namespace) -> Any:
             "prefill_sm_share": args.prefill_sm_share,
             "backend": args.partition_backend,
             "fold_max_tokens": args.fold_max_tokens,
+            "tpot_margin": args.tpot_margin,
         }.items()
         if v is not None
     }

@@ -30,6 +30,9 @@ ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15
 REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                    240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
 MULTIPLEX_POLICIES = ("static-split", "drift")
+# Configured partition settings exported by `drift_partition_config{setting}` (what the operator pushes and
+# compares; the per-step split the dispatcher decides is `drift_partition_sm_share`).
+PARTITION_SETTINGS = ("prefill_sm_share", "tpot_margin", "fold_max_tokens")
 FINISH_REASONS = ("stop", "length", "abort")
 
 
@@ -305,12 +308,22 @@ class _StateCollector(Collector):
         prefill, decode = partition_shares(config, *live_partition(stats))
         part = GaugeMetricFamily(
             "drift_partition_sm_share",
-            "Fraction of the GPU's SMs each phase may use (1 each when time-shared)",
+            "Fraction of the GPU's SMs each phase may use at the current step: the split the dispatcher "
+            "decided last, as the partitioner realises it (1 each when time-shared); configured settings "
+            "are drift_partition_config",
             labels=["phase"],
         )
         part.add_metric(["prefill"], prefill)
         part.add_metric(["decode"], decode)
         yield part
+        configured = GaugeMetricFamily(
+            "drift_partition_config",
+            "Configured partition settings (engine config, as set by flags, YAML or PUT /admin/policy)",
+            labels=["setting"],
+        )
+        for setting in PARTITION_SETTINGS:
+            configured.add_metric([setting], float(getattr(config.partition, setting)))
+        yield configured
         decisions = CounterMetricFamily(
             "drift_scheduler_decisions",
             "Dispatcher decisions of the multiplexing policy, by mode",
@@ -328,7 +341,7 @@ class _StateCollector(Collector):
                 g.add_metric([], value)
                 yield g
         info = GaugeMetricFamily(
-            "drift_policy_info", "The active scheduling policy (1) and the others (0)", labels=["policy"]
+            "drift_policy_info", "The configured scheduling policy (1) and the others (0)", labels=["policy"]
         )
         for policy in POLICIES:
             info.add_metric([policy], 1.0 if policy == config.policy else 0.0)

@@ -71,6 +71,14 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
     h.add_argument(
         "--profile-model", default=None, help="model key in the profile file (default: its only one)"
     )
+    h.add_argument(
+        "--model-error",
+        type=positive_float,
+        default=1.0,
+        metavar="FACTOR",
+        help="the device takes FACTOR x the latency the performance model predicts (policies still plan "
+        "with the model): 1.2 = a model 20%% optimistic about the device; default 1 (exact)",
+    )
 
     e = p.add_argument_group("engine")
     e.add_argument(
@@ -103,6 +111,13 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
         type=non_negative_int,
         default=2048,
         help="drift: most prompt tokens folded into one decode step that meets TPOT (0: never)",
+    )
+    e.add_argument(
+        "--tpot-margin",
+        type=float,
+        default=0.0,
+        help="drift: decode plans against TPOT step budget / (1 + margin), in [-0.5, 1]; > 0 keeps decode on "
+        "more SMs (defends TPOT), < 0 gives prefill more (favours TTFT); what the operator steers",
     )
     e.add_argument(
         "--no-fast-forward",
@@ -272,6 +287,8 @@ def _setup(args: argparse.Namespace, specs: list[Any]) -> Any:
         enable_prefix_caching=caching,
         prefill_sm_share=args.prefill_sm_share,
         fold_max_tokens=args.fold_max_tokens,
+        tpot_margin=args.tpot_margin,
+        model_error=args.model_error,
         slo_ttft_ms=slo.ttft_ms or 1000.0,
         slo_tpot_ms=slo.tpot_ms or 100.0,
         cluster=cluster,

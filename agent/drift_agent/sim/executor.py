@@ -14,6 +14,11 @@ Multiplexed policies (`static-split`, `drift`): `SimMuxExecutor` costs what `mul
 launches: a decode step on the split's decode SMs and a block of prefill layers on its prefill SMs, each slowed
 by the model's contention factor when the other lane is busy; each lane completes at its own time.
 
+Model error (`InstanceConfig.model_error`): the device may be slower (or faster) than the performance model
+the policies and the router predict with. `ScaledDevice` is that device: every step, lane launch and
+fast-forwarded span takes the factor times what the model predicts (contention included), while the dispatcher
+still plans with the model, so a drift run has a misjudged TPOT to steer `tpot_margin` against.
+
 Sampled tokens: every sampling row gets `OUTPUT_TOKEN` (requests run with `ignore_eos` and a fixed length, so
 the value only matters for prefix-cache identity of multi-turn histories, which stays per-session unique because
 block hashes chain from the session's own prompt).
@@ -21,9 +26,11 @@ block hashes chain from the session's own prompt).
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..engine.scheduler import Batch
 from ..multiplex.mux_loop import decode_step_time, prefill_block_time
-from ..multiplex.perf_model import PerfModel, PrefillShape
+from ..multiplex.perf_model import PerfModel, PrefillShape, Shapes
 from ..multiplex.policies import PrefillJob
 from ..partition.base import Split
 
@@ -43,6 +50,55 @@ class Sampled:
 
 
 ALL_SAMPLED = Sampled(set())  # a decode step: every row samples
+
+
+class ScaledDevice(PerfModel):
+    """The device a misjudging `model` runs on: every latency is `factor` x the model's (the contention
+    slowdowns are the model's, applied to the scaled times), layer shares and SM counts are the model's."""
+
+    def __init__(self, model: PerfModel, factor: float) -> None:
+        if not factor > 0:
+            raise ValueError(f"model error factor must be positive, got {factor}")
+        self.model, self.factor = model, factor
+        self.total_sms = model.total_sms
+        self.num_layers = model.num_layers
+        self.contention = model.contention
+        self.layer_fractions = model.layer_fractions
+
+    def _prefill_base(self, shapes: list[PrefillShape], sms: int) -> float:
+        return self.model._prefill_base(shapes, sms) * self.factor
+
+    def _decode_base(self, batch_size: int, kv_tokens: int, sms: int) -> float:
+        return self.model._decode_base(batch_size, kv_tokens, sms) * self.factor
+
+    # The public methods delegate whole (a model may override them, as the fitted one does mixed steps).
+    def decode_slowdown(self, decode_sms: int) -> float:
+        return self.model.decode_slowdown(decode_sms)
+
+    def prefill_slowdown(self, prefill_sms: int) -> float:
+        return self.model.prefill_slowdown(prefill_sms)
+
+    def prefill_time(
+        self, shapes: Shapes, sms: int, *, contended: bool = False, rows: int = 0, row_context: int = 0
+    ) -> float:
+        t = self.model.prefill_time(shapes, sms, contended=contended, rows=rows, row_context=row_context)
+        return t * self.factor
+
+    def decode_time(self, batch_size: int, kv_tokens: int, sms: int, *, contended: bool = False) -> float:
+        return self.model.decode_time(batch_size, kv_tokens, sms, contended=contended) * self.factor
+
+    def mixed_step_time(self, chunks: list[PrefillShape], rows: int, kv_tokens: int, sms: int) -> float:
+        return self.model.mixed_step_time(chunks, rows, kv_tokens, sms) * self.factor
+
+    def decode_times(
+        self, batch_size: int, kv_tokens: np.ndarray, sms: int, *, contended: bool = False
+    ) -> np.ndarray:
+        return self.model.decode_times(batch_size, kv_tokens, sms, contended=contended) * self.factor
+
+
+def device_model(model: PerfModel, model_error: float) -> PerfModel:
+    """What the simulated device runs at: the model itself when it is exact (the same floats as ever)."""
+    return model if model_error == 1.0 else ScaledDevice(model, model_error)
 
 
 class SimExecutor:

@@ -31,7 +31,7 @@ from ..engine.sequence import Sequence, SequenceStatus
 from ..multiplex.mux_loop import LaneLaunch, MuxLanes
 from ..multiplex.perf_model import PerfModel
 from ..partition.base import Split
-from .executor import ALL_SAMPLED, OUTPUT_TOKEN, Sampled, SimExecutor, SimMuxExecutor
+from .executor import ALL_SAMPLED, OUTPUT_TOKEN, Sampled, SimExecutor, SimMuxExecutor, device_model
 
 Role = Literal["both", "prefill", "decode"]
 POLICY_NAMES: tuple[str, ...] = ("prefill-first", "chunked", "static-split", "drift")
@@ -50,6 +50,10 @@ class InstanceConfig:
     enable_prefix_caching: bool = False
     prefill_sm_share: float = 0.5  # static-split's prefill share
     fold_max_tokens: int = 2048  # drift: prompt tokens folded into a decode step at most (dispatcher rule 8)
+    tpot_margin: float = 0.0  # drift: decode plans against step budget / (1 + margin) (dispatcher rule 0)
+    # The device takes this many times the performance model's latency (1: the model is exact); the policies
+    # and router still predict with the model (see `executor.ScaledDevice`).
+    model_error: float = 1.0
     slo_ttft_ms: float = 1000.0  # defaults for requests without their own targets
     slo_tpot_ms: float = 100.0
     fast_forward: bool = True  # apply runs of identical decode steps at once (exact; see `SimInstance`)
@@ -61,6 +65,10 @@ class InstanceConfig:
             raise ValueError("block size, KV blocks, max seqs and the token budget must be positive")
         if self.fold_max_tokens < 0:
             raise ValueError(f"fold_max_tokens must be >= 0, got {self.fold_max_tokens}")
+        if not -0.5 <= self.tpot_margin <= 1.0:  # `PartitionConfig.tpot_margin`'s range
+            raise ValueError(f"tpot_margin must be in [-0.5, 1], got {self.tpot_margin}")
+        if not self.model_error > 0:
+            raise ValueError(f"model_error must be positive, got {self.model_error}")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -70,7 +78,10 @@ class InstanceConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             enable_prefix_caching=self.enable_prefix_caching,
             partition=PartitionConfig(
-                mode="auto", prefill_sm_share=self.prefill_sm_share, fold_max_tokens=self.fold_max_tokens
+                mode="auto",
+                prefill_sm_share=self.prefill_sm_share,
+                fold_max_tokens=self.fold_max_tokens,
+                tpot_margin=self.tpot_margin,
             ),
             slo_ttft_ms=self.slo_ttft_ms,
             slo_tpot_ms=self.slo_tpot_ms,
@@ -178,7 +189,8 @@ class SimInstance:
         self.index = index
         self.config = config
         self.role = role
-        self.perf = perf
+        self.perf = perf  # what the policy and the router predict with
+        self.device = device_model(perf, config.model_error)  # what steps take on the virtual clock
         self.bm = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(
             block_size=config.block_size,
@@ -189,7 +201,7 @@ class SimInstance:
         self.policy = make_policy(config, perf, splits)
         self.sched = Scheduler(sched_cfg, self.bm, self.policy)
         self.multiplexing = bool(getattr(self.policy, "multiplexing", False))
-        self.executor: Any = SimMuxExecutor(perf) if self.multiplexing else SimExecutor(perf)
+        self.executor: Any = SimMuxExecutor(self.device) if self.multiplexing else SimExecutor(self.device)
         self.fast_forward = config.fast_forward
         # Spans hold only steps that end before the horizon, so that what the cluster reads there (KV usage,
         # queued prompt tokens) is what stepping would show; otherwise steps that start before it.
@@ -306,7 +318,7 @@ class SimInstance:
         if self.fast_forward and end < horizon and not out.preempted and not sampled.skip:
             sched = self.sched
             if batch.num_seqs == len(sched.running) and batch.num_seqs <= self.config.max_num_batched_tokens:
-                self.span = self._try_span(batch, now, dt, horizon, self.perf.total_sms)
+                self.span = self._try_span(batch, now, dt, horizon, self.device.total_sms)
         if self.span is not None:
             end = self.span.ends[-1]
         self._count_steps(len(self.span.durations) if self.span is not None else 1)
@@ -377,7 +389,7 @@ class SimInstance:
         contended: bool,
     ) -> array:
         """`decode_run` from `start`; with `sync_at_horizon`, only the steps that end before the horizon."""
-        run = decode_run(after, start, horizon, stop, self.perf, sms, contended)
+        run = decode_run(after, start, horizon, stop, self.device, sms, contended)
         if self.sync_at_horizon:
             end = start
             for i, d in enumerate(run):
@@ -522,7 +534,7 @@ class SimInstance:
             done = job.layers_done + lanes.prefill_layers
             job_end = self._prefill_end
             if done < job.num_layers:
-                job_end += self.perf.prefill_layers_time(
+                job_end += self.device.prefill_layers_time(
                     job.shapes, split.prefill_sms, done, job.num_layers - done, contended=True
                 )
             return self._try_span(

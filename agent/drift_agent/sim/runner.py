@@ -57,12 +57,16 @@ class SimSetup:
         enable_prefix_caching: bool = False,
         prefill_sm_share: float = 0.5,
         fold_max_tokens: int = 2048,
+        tpot_margin: float = 0.0,
+        model_error: float = 1.0,
         slo_ttft_ms: float = 1000.0,
         slo_tpot_ms: float = 100.0,
         cluster: ClusterConfig | None = None,
     ) -> SimSetup:
         """From the built-in presets; with `profile_path`, step latencies come from that measured profile
-        (`drift profile` output) instead of the roofline model, and the preset still sizes the KV pool."""
+        (`drift profile` output) instead of the roofline model, and the preset still sizes the KV pool.
+        `model_error`: the simulated device takes that many times the model's latencies (see
+        `executor.ScaledDevice`)."""
         hw = Hardware(model_preset(model), device_preset(device), tp)
         perf: PerfModel = hw.perf_model()
         splits = device_splits(hw.gpu)
@@ -90,6 +94,8 @@ class SimSetup:
             enable_prefix_caching=enable_prefix_caching,
             prefill_sm_share=prefill_sm_share,
             fold_max_tokens=fold_max_tokens,
+            tpot_margin=tpot_margin,
+            model_error=model_error,
             slo_ttft_ms=slo_ttft_ms,
             slo_tpot_ms=slo_tpot_ms,
         )
