@@ -42,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if not getattr(args, "configures_logging", False):  # e.g. the operator: kopf installs its own handler
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     if not args.verbose:  # one INFO line per HTTP request would bury the benchmark's own output
         logging.getLogger("httpx").setLevel(logging.WARNING)
     if not getattr(args, "func", None):

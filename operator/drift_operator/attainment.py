@@ -97,16 +97,23 @@ class SampleWindow:
         return self.scrapes[-1].time if self.scrapes else None
 
 
-def window_stats(scrapes: Sequence[Scrape], now: float, window_s: float) -> WindowStats | None:
-    """Counts over [now - window, now]; None until two scrapes span some time (no increase is known yet)."""
+def window_stats(
+    scrapes: Sequence[Scrape], now: float, window_s: float, since: float | None = None
+) -> WindowStats | None:
+    """Counts over [now - window, now], and only of requests that finished after `since` (the last action's
+    effect); None until two scrapes span some time (no increase is known yet)."""
     if not scrapes:
         return None
     start = now - window_s
-    # The baseline is the newest scrape at or before the window start, else the oldest we have.
+    # The baseline is the newest scrape at or before the window start, else the oldest we have; with
+    # `since`, no earlier than the first scrape taken at or after it.
     first = 0
     for i, scrape in enumerate(scrapes):
         if scrape.time <= start:
             first = i
+    if since is not None:
+        while first < len(scrapes) and scrapes[first].time < since:
+            first += 1
     used = list(scrapes[first:])
     if len(used) < 2 or used[-1].time <= used[0].time:
         return None

@@ -36,7 +36,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--prometheus-url", metavar="URL", help="read SLO counters from this Prometheus")
     parser.add_argument("-v", "--verbose", action="store_true", help="verbose logging")
     parser.add_argument("--debug", action="store_true", help="debug logging")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, configures_logging=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +56,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"drift operator: {exc}", file=sys.stderr)
         return 2
 
+    from drift_operator.kube import load_credentials
+
+    try:
+        load_credentials()
+    except Exception as exc:  # the kubernetes loaders raise assorted types
+        print(
+            f"drift operator: no usable Kubernetes credentials (in-cluster or kubeconfig): {exc}",
+            file=sys.stderr,
+        )
+        return 2
     kopf.configure(verbose=args.verbose, debug=args.debug)
     namespaces = list(args.namespaces)
     try:

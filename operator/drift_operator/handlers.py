@@ -18,8 +18,8 @@ from prometheus_client import start_http_server
 from . import constants as c
 from . import operator_metrics
 from .agents import AgentClient
-from .kube import KubeClient, load_credentials
-from .loop import Context, Outcome, memory_of, reconcile
+from .kube import KubeApiError, KubeClient, load_credentials
+from .loop import Context, Outcome, memory_of, publish_status, reconcile
 from .settings import OperatorConfig
 
 CONFIG = OperatorConfig.from_env()
@@ -38,9 +38,13 @@ def operator_context(memo: Any) -> Context:
     return context
 
 
-def _publish(outcome: Outcome, body: Mapping[str, Any], patch: kopf.Patch, logger: logging.Logger) -> None:
-    for key, value in outcome.status.items():
-        patch.status[key] = value
+async def _publish(ctx: Context, outcome: Outcome, body: Mapping[str, Any], logger: logging.Logger) -> None:
+    """Status through our own optimistic-concurrency writer (kopf's handler patch has no resourceVersion
+    precondition, so a handler holding a stale body could overwrite newer status), then the events."""
+    try:
+        await publish_status(ctx, body, outcome)
+    except KubeApiError as exc:
+        logger.warning("status write failed, retried on the next reconciliation: %s", exc)
     for event in outcome.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
     if outcome.error:
@@ -62,7 +66,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 330
     operator_context(memo)
     if CONFIG.metrics_port:
-        start_http_server(CONFIG.metrics_port, registry=operator_metrics.REGISTRY)
+        try:
+            start_http_server(CONFIG.metrics_port, registry=operator_metrics.REGISTRY)
+        except OSError as exc:  # e.g. the port is taken: retrying cannot help, so stop with one clear line
+            raise kopf.PermanentError(
+                f"cannot serve operator metrics on port {CONFIG.metrics_port}: {exc.strerror or exc}"
+            ) from None
 
 
 @kopf.on.login()
@@ -96,12 +105,11 @@ async def close_clients(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(c.GROUP, c.VERSION, c.PLURAL)
 @kopf.on.create(c.GROUP, c.VERSION, c.PLURAL)
 @kopf.on.update(c.GROUP, c.VERSION, c.PLURAL)
-async def apply_llmservice(
-    body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger, **_: Any
-) -> None:
+async def apply_llmservice(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Render and converge the children whenever the spec changes (and once when the operator starts)."""
-    outcome = await reconcile(operator_context(memo), body, memory_of(memo), run_loop=False)
-    _publish(outcome, body, patch, logger)
+    context = operator_context(memo)
+    outcome = await reconcile(context, body, memory_of(memo), run_loop=False)
+    await _publish(context, outcome, body, logger)
 
 
 @kopf.timer(
@@ -110,13 +118,13 @@ async def apply_llmservice(
 async def feedback_loop(
     body: kopf.Body,
     memo: kopf.Memo,
-    patch: kopf.Patch,
     logger: logging.Logger,
     stopped: kopf.DaemonStopped,
     **_: Any,
 ) -> None:
     """The SLO loop: restore drifted children, read attainment, decide replicas and partition."""
-    tick = asyncio.ensure_future(reconcile(operator_context(memo), body, memory_of(memo), run_loop=True))
+    context = operator_context(memo)
+    tick = asyncio.ensure_future(reconcile(context, body, memory_of(memo), run_loop=True))
     stop = asyncio.ensure_future(stopped.wait())
     # kopf never cancels a timer on exit: abandon an in-flight tick ourselves so shutdown is prompt.
     await asyncio.wait({tick, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -125,9 +133,12 @@ async def feedback_loop(
         tick.cancel()
         return
     outcome = tick.result()
-    _publish(outcome, body, patch, logger)
+    await _publish(context, outcome, body, logger)
     operator_metrics.observe(
-        body["metadata"]["namespace"], body["metadata"]["name"], outcome.status, outcome.decisions
+        body["metadata"]["namespace"],
+        body["metadata"]["name"],
+        {**outcome.status, "conditions": [vars(cond) for cond in outcome.conditions]},
+        outcome.decisions,
     )
 
 

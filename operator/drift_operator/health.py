@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .attainment import WindowStats
+from .times import iso
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -51,10 +52,13 @@ def assess_metrics(
         return MetricsHealth(
             "False",
             "MetricsStale",
-            f"last successful metrics read was {age:.0f}s ago (> {stale_after_s:.0f}s)",
+            # A time, not an age: a message that stays the same from tick to tick does not rewrite status.
+            f"no successful metrics read for over {stale_after_s:.0f}s (last at {iso(last_success)})",
         )
     if source_error is not None:
-        return MetricsHealth("False", "MetricsStale", f"{source_error}; holding on data {age:.0f}s old")
+        return MetricsHealth(
+            "False", "MetricsStale", f"{source_error}; holding on data from {iso(last_success)}"
+        )
     if scraped_pods * 2 < ready_pods:
         # Deciding on a minority of replicas would extrapolate from a biased sample.
         return MetricsHealth(
@@ -65,5 +69,6 @@ def assess_metrics(
     return MetricsHealth(
         "True",
         "MetricsAvailable",
-        f"{stats.total_requests:.0f} requests from {stats.pods} pod(s) over {stats.duration_s:.0f}s",
+        # No durations or ages here: the message would change every tick and rewrite status.
+        f"{stats.total_requests:.0f} requests from {stats.pods} pod(s) in the window",
     )

@@ -20,12 +20,12 @@ from .attainment import SampleWindow, Scrape, WindowStats, window_stats
 from .health import MetricsHealth, assess_metrics
 from .kube import KubeApiError, KubeClient, object_path
 from .metrics import MetricsParseError, PodSample, parse_agent_metrics
-from .partition import PartitionDecision, decide_partition, desired_share
+from .partition import Steering, SteeringDecision, decide_steering, desired_steering
 from .pods import PodView, pod_view, pods_to_push, runtime_state
-from .prometheus import PrometheusError, read_window
+from .prometheus import PrometheusError, empty_stats, no_series_message, read_window
 from .reconcile import ApplyResult, apply_one, monitoring_available, reconcile_children
 from .render import Owner, deployment_replicas, model_path, render_children
-from .scaling import ScaleDecision, ScaleInputs, decide_scale
+from .scaling import ScaleDecision, ScaleInputs, decide_scale, hold_scale
 from .settings import OperatorConfig
 from .sizing import CapacityEstimator, CapacityQuery
 from .spec import LLMServiceSpec, SpecError, parse_spec, replicas_owner
@@ -36,8 +36,8 @@ from .status import (
     attainment_status,
     iso,
     parse_iso,
-    set_conditions,
     slo_condition,
+    status_patch,
     workload_conditions,
 )
 
@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 # How long our own spec.replicas write may take to come back through the watch before a differing
 # value is taken as someone else's newer write (e.g. `kubectl scale`).
 _WRITE_GRACE_S = 10.0
+# An action that has not taken effect after this long (replicas that never become ready, an agent that never
+# answers) stops holding decisions: the loop decides on what it sees from then on.
+_EFFECT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,16 @@ class Event:
 class ServiceMemory:
     """Per-LLMService state that lives in the operator's memory (kopf's per-object memo).
 
-    Times also go to status, so a restarted operator keeps its cooldowns; the scrape window does not (a
-    restarted operator waits one tick for a second scrape before it acts again).
+    The loop is the only writer of what it steers: `steering` is the authority once set, and a handler that
+    runs on a stale body cannot revert it. Times also go to status, so a restarted operator keeps its cooldowns
+    and its steered values; the scrape window does not (a restarted operator waits for a second scrape).
     """
 
     window: SampleWindow = field(default_factory=SampleWindow)
-    pushed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steering: Steering | None = None
+    pushed: dict[str, dict[str, Any]] = field(default_factory=dict)  # push key -> state the agent accepted
+    rejected: dict[str, dict[str, Any]] = field(default_factory=dict)  # push key -> state it refused (4xx)
+    rejections: dict[str, str] = field(default_factory=dict)  # push key -> the agent's reason
     last_metrics_success: float | None = None
     last_scale_time: float | None = None
     last_partition_time: float | None = None
@@ -72,6 +79,13 @@ class ServiceMemory:
     headroom_tracked: bool = False
     # spec.replicas we wrote, until a body showing it arrives: a tick may still see the old spec.
     replicas_written: tuple[int, float] | None = None
+    # Decisions read only requests that finished after the last action took effect (a scale-out once its
+    # replicas are ready, a steering change once every ready agent accepted it); None: no action yet.
+    effective_since: float | None = None
+    pending_scale: int | None = None
+    pending_steering: bool = False
+    # The decision log; the loop is its only writer (a stale body's copy must not drop a newer entry).
+    decisions: list[dict[str, Any]] | None = None
 
     def effective_replicas(self, observed: int, now: float) -> int:
         if self.replicas_written is None:
@@ -81,6 +95,22 @@ class ServiceMemory:
             self.replicas_written = None
             return observed
         return value
+
+    def steering_for(self, spec: LLMServiceSpec, status_partition: Mapping[str, Any]) -> Steering:
+        """The steering to run now: our own value, or (first sight, e.g. after a restart) the one in status."""
+        if self.steering is None:
+            self.steering = desired_steering(spec, _steered_in_status(status_partition))
+        else:
+            self.steering = desired_steering(spec, _steered_values(self.steering))
+        return self.steering
+
+
+def _steered_values(steering: Steering) -> dict[str, float]:
+    return {"prefill_sm_share": steering.prefill_sm_share, "tpot_margin": steering.tpot_margin}
+
+
+def _steered_in_status(partition: Mapping[str, Any]) -> dict[str, Any]:
+    return {"prefill_sm_share": partition.get("prefillSmShare"), "tpot_margin": partition.get("tpotMargin")}
 
 
 @dataclass
@@ -104,7 +134,8 @@ class Context:
 
 @dataclass
 class Outcome:
-    status: dict[str, Any]
+    status: dict[str, Any]  # status fields this reconciliation owns (None values remove a field)
+    conditions: list[Condition] = field(default_factory=list)  # condition updates, merged by type
     events: list[Event] = field(default_factory=list)
     error: str | None = None  # an API failure worth a retry
     decisions: list[dict[str, Any]] = field(default_factory=list)  # made by this reconciliation
@@ -112,10 +143,6 @@ class Outcome:
 
 def _condition(conditions: Sequence[Mapping[str, Any]], type_: str) -> Mapping[str, Any]:
     return next((cond for cond in conditions if cond.get("type") == type_), {})
-
-
-def _float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _latest(*values: float | None) -> float | None:
@@ -163,57 +190,66 @@ async def reconcile(
         old = _condition(conditions_in, "Ready")
         if old.get("reason") != "InvalidSpec" or old.get("message") != message:
             events.append(Event("Warning", "InvalidSpec", message))
-        status["conditions"] = set_conditions(
-            conditions_in,
+            logger.warning("%s/%s: invalid spec: %s", namespace, name, message)
+        return Outcome(
+            status,
             [
                 Condition("Ready", "False", "InvalidSpec", message),
                 Condition(
                     "Progressing", "False", "InvalidSpec", "nothing is rolled out until the spec is fixed"
                 ),
             ],
-            now,
-            generation,
+            events,
         )
-        return Outcome(status, events)
     except KubeApiError as exc:
-        message = f"applying children failed: {exc}"
-        if _condition(conditions_in, "Ready").get("reason") != "ReconcileFailed":
+        message = f"applying children failed: {_explain(exc, namespace)}"
+        if _condition(conditions_in, "Ready").get("message") != message:
             events.append(Event("Warning", "ReconcileFailed", message))
-        status["conditions"] = set_conditions(
-            conditions_in, [Condition("Ready", "False", "ReconcileFailed", message)], now, generation
+            logger.warning("%s/%s: %s", namespace, name, message)
+        return Outcome(
+            status, [Condition("Ready", "False", "ReconcileFailed", message)], events, error=message
         )
-        return Outcome(status, events, error=message)
 
     events.extend(_child_events(applied, run_loop))
     deployment = DeploymentState.from_live(applied.deployment)
-    status_partition = status_in.get("partition") or {}
-    share = desired_share(spec, _float(status_partition.get("prefillSmShare")))
+    steering = memory.steering_for(spec, status_in.get("partition") or {})
     status.update(
         replicas=deployment.replicas,
         readyReplicas=deployment.ready,
         model=_model_label(spec),
         policy=spec.policy,
-        partition={"mode": spec.partition.mode, "prefillSmShare": share},
+        partition=_partition_status(spec, steering, memory, None),
         scaling={"owner": owner_of, "desiredReplicas": deployment_replicas(spec, owner_of)},
     )
     updates = workload_conditions(deployment_replicas(spec, owner_of), deployment)
+    if not run_loop:
+        # The spec-change path writes only what follows from the spec and the children; the loop's fields
+        # (attainment, evaluations, decisions) are left to the loop, their only writer.
+        del status["partition"], status["scaling"]
+        return Outcome(status, updates, events)
 
     decided: list[dict[str, Any]] = []
-    if run_loop:
-        try:
-            updates = await _feedback(
-                ctx, body, spec, owner, owner_of, applied, deployment, memory, status, events, decided
-            )
-        except KubeApiError as exc:
-            # Listing pods or patching replicas failed: say so, keep the workload conditions, retry next tick.
-            events.append(Event("Warning", "FeedbackLoopFailed", str(exc)))
-            return Outcome(
-                {**status, "conditions": set_conditions(conditions_in, updates, now, generation)},
-                events,
-                str(exc),
-            )
-    status["conditions"] = set_conditions(conditions_in, updates, now, generation)
-    return Outcome(status, events, decisions=decided)
+    try:
+        updates = await _feedback(
+            ctx, body, spec, owner, owner_of, applied, deployment, memory, status, events, decided
+        )
+    except KubeApiError as exc:
+        # Listing pods or patching replicas failed: say so, keep the workload conditions, retry next tick.
+        events.append(Event("Warning", "FeedbackLoopFailed", str(exc)))
+        return Outcome(status, updates, events, str(exc))
+    return Outcome(status, updates, events, decisions=decided)
+
+
+def _explain(exc: KubeApiError, namespace: str) -> str:
+    """An API error as a user can act on it (a 403 names the permission to grant)."""
+    if exc.status == 403:
+        return (
+            f"{exc} (the operator lacks a permission in namespace {namespace}; for Secrets, bind "
+            f"ClusterRole drift-operator-secrets there: kubectl create rolebinding drift-operator-secrets "
+            f"-n {namespace} --clusterrole=drift-operator-secrets "
+            f"--serviceaccount=drift-system:drift-operator)"
+        )
+    return str(exc)
 
 
 def _child_events(applied: ApplyResult, run_loop: bool) -> list[Event]:
@@ -237,8 +273,16 @@ async def _scrape(ctx: Context, pod: PodView) -> PodSample | AgentError | Metric
 
 
 async def _collect(
-    ctx: Context, spec: LLMServiceSpec, namespace: str, name: str, memory: ServiceMemory, now: float
-) -> tuple[list[PodView], dict[str, PodSample], WindowStats | None, MetricsHealth]:
+    ctx: Context,
+    spec: LLMServiceSpec,
+    namespace: str,
+    name: str,
+    memory: ServiceMemory,
+    now: float,
+    since: float | None,
+) -> tuple[list[PodView], dict[str, PodSample], WindowStats | None, WindowStats | None, MetricsHealth]:
+    """Pods, this tick's samples, the window's counts (shown in status), the counts of requests that finished
+    after `since` within the window (what decisions read), and the metrics' health."""
     raw = await ctx.kube.list(object_path("v1", "pods", namespace), c.selector_string(name))
     selector = c.selector_labels(name)
     pods = [view for pod in raw if _labels_match(pod, selector) and (view := pod_view(pod)) is not None]
@@ -251,17 +295,26 @@ async def _collect(
     window_s = spec.slo.window_seconds
     stale_after = float(spec.monitoring.stale_after_seconds)
     prometheus_url = spec.monitoring.prometheus_url or ctx.config.prometheus_url
+    recent_s = window_s if since is None else max(0.0, min(window_s, now - since))
 
     if prometheus_url:
         source_error: str | None = None
-        stats: WindowStats | None = None
+        shown: WindowStats | None = None
+        recent: WindowStats | None = None
         try:
-            stats, age = await read_window(
-                ctx.agents.session(), prometheus_url, namespace, name, window_s, len(ready)
-            )
-            if stats is not None:
-                seen = now - age if age is not None else now
-                memory.last_metrics_success = _latest(memory.last_metrics_success, seen)
+            session = ctx.agents.session()
+            shown, age = await read_window(session, prometheus_url, namespace, name, window_s, len(ready))
+            if age is None:
+                source_error = no_series_message(prometheus_url, namespace, name)
+            else:
+                memory.last_metrics_success = _latest(memory.last_metrics_success, now - age)
+                shown = shown or empty_stats(window_s, len(ready))  # series exist, none in the window
+                recent = shown
+                if recent_s < window_s:
+                    part, _ = await read_window(
+                        session, prometheus_url, namespace, name, recent_s, len(ready)
+                    )
+                    recent = part or empty_stats(recent_s, len(ready))
         except PrometheusError as exc:
             source_error = str(exc)
         health = assess_metrics(
@@ -269,30 +322,52 @@ async def _collect(
             last_success=memory.last_metrics_success,
             ready_pods=len(ready),
             scraped_pods=len(ready),
-            pods_with_counters=1 if stats is not None else 0,
-            stats=stats,
+            pods_with_counters=len(ready) if shown is not None else 0,
+            stats=shown,
             stale_after_s=stale_after,
             source_error=source_error,
         )
-        return pods, samples, stats, health
+        return pods, samples, shown, recent, health
 
     with_counters = sum(1 for s in samples.values() if s.has_slo_counters)
     if samples:
         memory.window.add(Scrape(now, samples), keep_seconds=window_s)
         if with_counters:
             memory.last_metrics_success = now
-    stats = window_stats(list(memory.window.scrapes), now, window_s)
+    scrapes = list(memory.window.scrapes)
+    shown = window_stats(scrapes, now, window_s)
+    recent = window_stats(scrapes, now, window_s, since=since) if since is not None else shown
     health = assess_metrics(
         now=now,
         last_success=memory.last_metrics_success,
         ready_pods=len(ready),
         scraped_pods=len(samples),
         pods_with_counters=with_counters,
-        stats=stats,
+        stats=shown,
         stale_after_s=stale_after,
         source_error="no ready agent answered /metrics" if ready and not samples else None,
     )
-    return pods, samples, stats, health
+    return pods, samples, shown, recent, health
+
+
+def _settle(memory: ServiceMemory, deployment: DeploymentState, now: float) -> bool:
+    """Mark the last action effective once it is (True while one is still taking effect)."""
+    scaled = memory.pending_scale
+    if (
+        scaled is not None
+        and deployment.observed_current
+        and deployment.ready >= scaled == deployment.replicas
+    ):
+        memory.pending_scale = None
+        memory.effective_since = now
+    last_action = _latest(memory.last_scale_time, memory.last_partition_time)
+    pending = memory.pending_scale is not None or memory.pending_steering
+    if pending and last_action is not None and now - last_action > _EFFECT_TIMEOUT_S:
+        logger.warning("the last action did not take effect in %.0fs; deciding again", _EFFECT_TIMEOUT_S)
+        memory.pending_scale, memory.pending_steering = None, False
+        memory.effective_since = now
+        pending = False
+    return pending
 
 
 async def _feedback(
@@ -311,16 +386,39 @@ async def _feedback(
     now = ctx.clock()
     status_in = body.get("status") or {}
     conditions_in = status_in.get("conditions") or []
-    pods, samples, stats, health = await _collect(ctx, spec, owner.namespace, owner.name, memory, now)
+    scaling_in = status_in.get("scaling") or {}
+    partition_in = status_in.get("partition") or {}
+    memory.last_scale_time = _latest(memory.last_scale_time, parse_iso(scaling_in.get("lastScaleTime")))
+    memory.last_partition_time = _latest(
+        memory.last_partition_time, parse_iso(partition_in.get("lastChangeTime"))
+    )
+    if memory.effective_since is None:
+        # After a restart: nothing before the last recorded action counts (its exact effect time is lost).
+        memory.effective_since = _latest(memory.last_scale_time, memory.last_partition_time)
+    settling = _settle(memory, deployment, now)
+    pods, samples, shown, stats, health = await _collect(
+        ctx, spec, owner.namespace, owner.name, memory, now, memory.effective_since
+    )
+    if not settling and health.usable and stats is None:
+        settling = True  # a second scrape since the last action is needed before anything is counted
+    steering = memory.steering_for(spec, partition_in)
 
     # --- replicas ---------------------------------------------------------------------------------------
-    scaling_in = status_in.get("scaling") or {}
-    memory.last_scale_time = _latest(memory.last_scale_time, parse_iso(scaling_in.get("lastScaleTime")))
     headroom_since = (
         memory.headroom_since if memory.headroom_tracked else parse_iso(scaling_in.get("headroomSince"))
     )
     target = spec.slo.attainment_target
-    share = status["partition"]["prefillSmShare"]
+    inputs = ScaleInputs(
+        now=now,
+        replicas=spec.replicas,
+        ready_replicas=deployment.ready,
+        owner=owner_of,  # type: ignore[arg-type]
+        metrics=health,
+        stats=stats,
+        target=target,
+        last_scale_time=memory.last_scale_time,
+        headroom_since=headroom_since,
+    )
     query = CapacityQuery(
         replicas=spec.replicas,
         ready_replicas=deployment.ready,
@@ -329,35 +427,27 @@ async def _feedback(
         attainment=stats.overall if stats else None,
         target=target,
         policy=spec.policy,
-        prefill_sm_share=share,
+        prefill_sm_share=steering.prefill_sm_share,
         ttft_ms=spec.slo.ttft_ms,
         tpot_ms=spec.slo.tpot_ms,
         gpus_per_replica=spec.resources.gpus_per_replica,
         model=model_path(spec),
     )
-    scale = decide_scale(
-        ScaleInputs(
-            now=now,
-            replicas=spec.replicas,
-            ready_replicas=deployment.ready,
-            owner=owner_of,  # type: ignore[arg-type]
-            metrics=health,
-            stats=stats,
-            target=target,
-            last_scale_time=memory.last_scale_time,
-            headroom_since=headroom_since,
-        ),
-        spec.scaling,
-        query,
-        ctx.estimator,
-    )
+    waiting = "the last action has not taken effect yet, or nothing was counted since it did"
+    if settling:
+        scale = hold_scale(inputs, "WaitingForEffect", waiting)
+    else:
+        scale = decide_scale(inputs, spec.scaling, query, ctx.estimator)
     memory.headroom_since, memory.headroom_tracked = scale.headroom_since, True
-    decisions = list(status_in.get("lastDecisions") or [])
+    if memory.decisions is None:  # first sight (or a restart): the log so far is in status
+        memory.decisions = list(status_in.get("lastDecisions") or [])
+    decisions = memory.decisions
     decisions_changed = False
     if scale.changed:
         await _apply_scale(ctx, owner, spec, owner_of, scale)
         memory.last_scale_time = now
         memory.replicas_written = (scale.desired, now)
+        memory.pending_scale = scale.desired
         decisions = append_decision(
             decisions, now=now, kind="Scale", before=str(scale.current), after=str(scale.desired),
             reason=scale.reason, message=scale.message,
@@ -365,33 +455,46 @@ async def _feedback(
         decisions_changed = True
         verb = "ScaledOut" if scale.desired > scale.current else "ScaledIn"
         events.append(Event("Normal", verb, f"replicas {scale.current} -> {scale.desired}: {scale.message}"))
+        logger.info("%s/%s: %s: %s", owner.namespace, owner.name, verb, scale.message)
 
-    # --- partition --------------------------------------------------------------------------------------
-    partition_in = status_in.get("partition") or {}
-    memory.last_partition_time = _latest(
-        memory.last_partition_time, parse_iso(partition_in.get("lastChangeTime"))
-    )
-    part = decide_partition(
-        spec, now=now, current=share, metrics=health, stats=stats, last_change_time=memory.last_partition_time
-    )
+    # --- steering ---------------------------------------------------------------------------------------
+    if settling:
+        part = SteeringDecision("hold", spec.steered_setting, steering, steering, "WaitingForEffect", waiting)
+    else:
+        part = decide_steering(
+            spec,
+            now=now,
+            current=steering,
+            metrics=health,
+            stats=stats,
+            last_change_time=memory.last_partition_time,
+        )
     if part.changed:
+        memory.steering = part.desired
         memory.last_partition_time = now
+        memory.pending_steering = True
+        before, after = part.values()
         decisions = append_decision(
-            decisions, now=now, kind="Partition", before=f"{part.current:.2f}", after=f"{part.desired:.2f}",
+            decisions, now=now, kind="Partition", before=before, after=after,
             reason=part.reason, message=part.message,
         )  # fmt: skip
         decisions_changed = True
         events.append(Event("Normal", "PartitionShifted", part.message))
-    events.extend(await _push_runtime_state(ctx, spec, part.desired, pods, samples, applied.token, memory))
+        logger.info("%s/%s: PartitionShifted: %s", owner.namespace, owner.name, part.message)
+    push_events, agents = await _push_runtime_state(
+        ctx, spec, part.desired, pods, samples, applied.token, memory, now
+    )
+    events.extend(push_events)
 
     # --- status -----------------------------------------------------------------------------------------
-    status["attainment"] = attainment_status(stats, target, spec.slo.window_seconds, now)
-    status["partition"] = _partition_status(spec, part, memory)
-    status["scaling"] = _scaling_status(owner_of, scale, memory, now)
+    status["attainment"] = attainment_status(shown, target, spec.slo.window_seconds)
+    status["partition"] = _partition_status(spec, part.desired, memory, part)
+    status["scaling"] = _scaling_status(owner_of, scale, memory)
     status["replicaStatus"] = _replica_status(pods, samples)
     if decisions_changed:
-        status["lastDecisions"] = decisions
+        memory.decisions = decisions
         decided.extend(decisions[-(int(scale.changed) + int(part.changed)) :])
+    status["lastDecisions"] = memory.decisions or None
 
     old_metrics = _condition(conditions_in, "MetricsAvailable")
     if health.status == "False" and old_metrics.get("reason") != health.reason:
@@ -409,7 +512,8 @@ async def _feedback(
             scale.message,
         )
     updates.append(Condition("MetricsAvailable", health.status, health.reason, health.message))
-    updates.append(slo_condition(health, stats, target))
+    updates.append(slo_condition(health, shown, target))
+    updates.append(agents)
     return updates
 
 
@@ -434,24 +538,26 @@ async def _apply_scale(
 async def _push_runtime_state(
     ctx: Context,
     spec: LLMServiceSpec,
-    share: float,
+    steering: Steering,
     pods: Sequence[PodView],
     samples: Mapping[str, PodSample],
     token: str | None,
     memory: ServiceMemory,
-) -> list[Event]:
-    """PUT /admin/policy to every ready pod that is not known to run the desired runtime state."""
+    now: float,
+) -> tuple[list[Event], Condition]:
+    """PUT /admin/policy to every ready pod not known to run the desired runtime state; the condition says
+    whether every ready agent runs it. A refused body (4xx) is not sent again until the desired state changes
+    or the pod restarts: the condition and one Warning event say why."""
     live_keys = {pod.push_key for pod in pods}
-    for key in [k for k in memory.pushed if k not in live_keys]:
-        del memory.pushed[key]
-    if token is None:
-        return []
-    desired = runtime_state(spec, share)
-    targets = pods_to_push(desired, pods, memory.pushed, samples)
+    for table in (memory.pushed, memory.rejected, memory.rejections):
+        for key in [k for k in table if k not in live_keys]:
+            del table[key]
+    desired = runtime_state(spec, steering)
+    targets = [] if token is None else pods_to_push(desired, pods, memory.pushed, memory.rejected, samples)
 
     async def push(pod: PodView) -> AgentError | None:
         try:
-            await ctx.agents.push_policy(pod, token, desired)
+            await ctx.agents.push_policy(pod, token or "", desired)
             return None
         except AgentError as exc:
             return exc
@@ -460,36 +566,73 @@ async def _push_runtime_state(
     for pod, error in zip(targets, await asyncio.gather(*(push(p) for p in targets)), strict=True):
         if error is None:
             memory.pushed[pod.push_key] = desired
+            memory.rejected.pop(pod.push_key, None)
+            memory.rejections.pop(pod.push_key, None)
         elif 400 <= error.status < 500:
-            # The agent refused this body (bad token, invalid value): retrying the same body cannot help.
-            memory.pushed[pod.push_key] = desired
+            memory.rejected[pod.push_key] = desired
+            memory.rejections[pod.push_key] = str(error)
             events.append(Event("Warning", "AgentRejectedPolicy", str(error)))
+            logger.warning("agent refused the runtime policy, not retrying it: %s", error)
         else:
             logger.info("policy push to %s failed, retrying next tick: %s", pod.name, error)
-    return events
+
+    ready = [pod for pod in pods if pod.ready]
+    refused = [memory.rejections[p.push_key] for p in ready if memory.rejected.get(p.push_key) == desired]
+    running = sum(1 for p in ready if memory.pushed.get(p.push_key) == desired)
+    if memory.pending_steering and running + len(refused) == len(ready):
+        memory.pending_steering = False
+        memory.effective_since = now
+    if not ready:
+        return events, Condition(
+            "AgentsConfigured", "Unknown", "NoReadyAgents", "no ready agent to configure"
+        )
+    if refused:
+        return events, Condition(
+            "AgentsConfigured",
+            "False",
+            "AgentRejectedPolicy",
+            f"{len(refused)}/{len(ready)} ready agents refused the runtime policy: {refused[0]}",
+        )
+    if running < len(ready):
+        return events, Condition(
+            "AgentsConfigured",
+            "False",
+            "AgentsUnreachable",
+            f"{running}/{len(ready)} ready agents run the runtime policy; retrying the rest",
+        )
+    return events, Condition(
+        "AgentsConfigured", "True", "Applied", f"{running}/{len(ready)} ready agents run the runtime policy"
+    )
 
 
-def _partition_status(spec: LLMServiceSpec, part: PartitionDecision, memory: ServiceMemory) -> dict[str, Any]:
-    return {
+def _partition_status(
+    spec: LLMServiceSpec, steering: Steering, memory: ServiceMemory, part: SteeringDecision | None
+) -> dict[str, Any]:
+    """status.partition: only the settings that mean something for the policy and mode (a prefill share
+    under `partition.mode: off`, or a TPOT margin under a fixed split, would mislead)."""
+    fixed_split = spec.policy == "static-split" or spec.partition.mode == "static"
+    out: dict[str, Any] = {
         "mode": spec.partition.mode,
-        "prefillSmShare": part.desired,
+        "steered": spec.steered_setting,
+        "prefillSmShare": steering.prefill_sm_share if spec.runs_partition and fixed_split else None,
+        "tpotMargin": steering.tpot_margin
+        if spec.policy == "drift" and spec.partition.mode == "auto"
+        else None,
         "lastChangeTime": iso(memory.last_partition_time) if memory.last_partition_time else None,
-        "lastEvaluation": {"action": part.action, "reason": part.reason, "message": part.message[:512]},
     }
+    if part is not None:
+        out["lastEvaluation"] = {"action": part.action, "reason": part.reason, "message": part.message[:512]}
+    return out
 
 
-def _scaling_status(owner_of: str, scale: ScaleDecision, memory: ServiceMemory, now: float) -> dict[str, Any]:
+def _scaling_status(owner_of: str, scale: ScaleDecision, memory: ServiceMemory) -> dict[str, Any]:
+    # No evaluation time: it would change every tick and make an idle service's status churn.
     return {
         "owner": owner_of,
         "desiredReplicas": scale.desired,
         "lastScaleTime": iso(memory.last_scale_time) if memory.last_scale_time else None,
         "headroomSince": iso(scale.headroom_since) if scale.headroom_since is not None else None,
-        "lastEvaluation": {
-            "time": iso(now),
-            "action": scale.action,
-            "reason": scale.reason,
-            "message": scale.message[:512],
-        },
+        "lastEvaluation": {"action": scale.action, "reason": scale.reason, "message": scale.message[:512]},
     }
 
 
@@ -510,6 +653,43 @@ def _replica_status(pods: Sequence[PodView], samples: Mapping[str, PodSample]) -
                     entry[key] = round(value, 4) if isinstance(value, float) else value
         out.append(entry)
     return out
+
+
+async def publish_status(ctx: Context, body: Mapping[str, Any], outcome: Outcome) -> None:
+    """Write the outcome's status fields and conditions, only where they differ from the live status, with
+    optimistic concurrency: the patch carries the resourceVersion it was computed against. On a conflict the
+    object is read again; if its spec moved on (another generation), this outcome is stale and is dropped (the
+    reconciliation of the new spec writes instead), else the difference is recomputed and written."""
+    meta = body.get("metadata") or {}
+    name, namespace = meta["name"], meta["namespace"]
+    generation = meta.get("generation")
+    item = object_path(c.API_VERSION, c.PLURAL, namespace, name)
+    live: Mapping[str, Any] | None = body
+    for _ in range(3):
+        assert live is not None
+        patch = status_patch(
+            live.get("status") or {},
+            outcome.status,
+            outcome.conditions,
+            now=ctx.clock(),
+            generation=generation,
+            heartbeat_s=ctx.config.status_heartbeat_s,
+        )
+        if patch is None:
+            return
+        version = (live.get("metadata") or {}).get("resourceVersion")
+        try:
+            await ctx.kube.patch(
+                f"{item}/status", {"metadata": {"resourceVersion": version}, "status": patch}
+            )
+            return
+        except KubeApiError as exc:
+            if exc.status != 409:
+                raise
+        live = await ctx.kube.get(item)
+        if live is None or (live.get("metadata") or {}).get("generation") != generation:
+            return
+    logger.info("%s/%s: status kept conflicting; written on the next reconciliation", namespace, name)
 
 
 def memory_of(memo: Any) -> ServiceMemory:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 SLO_COUNTER = "drift_slo_requests_total"
-PARTITION_GAUGE = "drift_partition_sm_share"
+PARTITION_GAUGE = "drift_partition_sm_share"  # the split the dispatcher chose last (per step)
+CONFIG_GAUGE = "drift_partition_config"  # configured runtime settings, by `setting`
 POLICY_INFO = "drift_policy_info"
 WAITING_GAUGE = "vllm:num_requests_waiting"
 RUNNING_GAUGE = "vllm:num_requests_running"
@@ -33,6 +34,7 @@ class PodSample:
     counts: Mapping[CounterKey, float] = field(default_factory=dict)
     prefill_share: float | None = None
     policy: str | None = None
+    configured: Mapping[str, float] = field(default_factory=dict)  # drift_partition_config by setting
     waiting: float | None = None
     running: float | None = None
     kv_usage: float | None = None
@@ -47,6 +49,7 @@ def parse_agent_metrics(text: str, pod: str, uid: str) -> PodSample:
     gauges: dict[str, float] = {}
     prefill_share: float | None = None
     policy: str | None = None
+    configured: dict[str, float] = {}
     try:
         families = list(text_string_to_metric_families(text))
     except (ValueError, TypeError, IndexError) as exc:
@@ -63,6 +66,8 @@ def parse_agent_metrics(text: str, pod: str, uid: str) -> PodSample:
                 prefill_share = value
             elif name == PARTITION_GAUGE and labels.get("phase") == "decode" and prefill_share is None:
                 prefill_share = 1.0 - value
+            elif name == CONFIG_GAUGE and "setting" in labels:
+                configured[labels["setting"]] = value
             elif name == POLICY_INFO and value >= 1.0 and "policy" in labels:
                 policy = labels["policy"]
             elif name in (WAITING_GAUGE, RUNNING_GAUGE, KV_USAGE_GAUGE):
@@ -73,6 +78,7 @@ def parse_agent_metrics(text: str, pod: str, uid: str) -> PodSample:
         counts=counts,
         prefill_share=prefill_share,
         policy=policy,
+        configured=configured,
         waiting=gauges.get(WAITING_GAUGE),
         running=gauges.get(RUNNING_GAUGE),
         kv_usage=gauges.get(KV_USAGE_GAUGE),

@@ -31,6 +31,9 @@ READY = Gauge("drift_operator_ready_replicas", "Ready agent replicas", _LABELS, 
 SHARE = Gauge(
     "drift_operator_prefill_sm_share", "Prefill SM share the operator steers to", _LABELS, registry=REGISTRY
 )
+MARGIN = Gauge(
+    "drift_operator_tpot_margin", "drift's TPOT margin the operator steers to", _LABELS, registry=REGISTRY
+)
 METRICS_OK = Gauge(
     "drift_operator_metrics_available",
     "1 when metrics are fresh enough to act on",
@@ -64,9 +67,13 @@ def observe(
         DESIRED.labels(**labels).set(scaling["desiredReplicas"])
     if isinstance(status.get("readyReplicas"), int):
         READY.labels(**labels).set(status["readyReplicas"])
-    share = (status.get("partition") or {}).get("prefillSmShare")
-    if isinstance(share, int | float):
-        SHARE.labels(**labels).set(share)
+    partition = status.get("partition") or {}
+    for gauge, key in ((SHARE, "prefillSmShare"), (MARGIN, "tpotMargin")):
+        value = partition.get(key)
+        if isinstance(value, int | float):
+            gauge.labels(**labels).set(value)
+        else:
+            _remove(gauge, namespace, name)
     for cond in status.get("conditions") or []:
         if cond.get("type") == "MetricsAvailable":
             METRICS_OK.labels(**labels).set(1.0 if cond.get("status") == "True" else 0.0)
@@ -81,7 +88,7 @@ def _remove(metric: Gauge, *labelvalues: str) -> None:
 
 def forget(namespace: str, name: str) -> None:
     """Drop a deleted LLMService's series so dashboards do not show it forever."""
-    for gauge in (TARGET, DESIRED, READY, SHARE, METRICS_OK):
+    for gauge in (TARGET, DESIRED, READY, SHARE, MARGIN, METRICS_OK):
         _remove(gauge, namespace, name)
     for phase in ("ttft", "tpot", "both"):
         _remove(ATTAINMENT, namespace, name, phase)

@@ -8,10 +8,12 @@ from typing import Any
 
 from .constants import AGENT_CONTAINER, AGENT_PORT, AGENT_PORT_NAME
 from .metrics import PodSample
+from .partition import Steering
+from .render import runtime_partition
 from .spec import LLMServiceSpec
 
-# A reported split this far from the pushed one means the agent lost our setting (e.g. it restarted).
-_SHARE_MISMATCH = 0.1
+# Configured values the agent reports further than this from what we pushed mean it lost our setting.
+_CONFIG_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,8 @@ class PodView:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.ip}:{self.port}"
+        host = f"[{self.ip}]" if self.ip and ":" in self.ip else self.ip  # IPv6 literals are bracketed
+        return f"http://{host}:{self.port}"
 
     @property
     def push_key(self) -> str:
@@ -63,48 +66,52 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     )
 
 
-def runtime_state(spec: LLMServiceSpec, prefill_share: float) -> dict[str, Any]:
+def runtime_state(spec: LLMServiceSpec, steering: Steering) -> dict[str, Any]:
     """The body of PUT /admin/policy: everything the agent can change without a restart."""
     return {
         "policy": spec.policy,
-        "partition": {
-            "mode": spec.partition.mode,
-            "prefill_sm_share": round(prefill_share, 4),
-            "fold_max_tokens": spec.partition.fold_max_tokens,
-        },
+        "partition": runtime_partition(spec, steering.prefill_sm_share, steering.tpot_margin),
         "slo": {"ttft_ms": spec.slo.ttft_ms, "tpot_ms": spec.slo.tpot_ms},
     }
+
+
+def _reports_other_state(desired: Mapping[str, Any], sample: PodSample) -> bool:
+    """Whether the agent's own metrics show configured settings other than `desired` (it restarted, or
+    someone else changed them). The per-step split the dispatcher picks is not a configured setting."""
+    if sample.policy is not None and sample.policy != desired["policy"]:
+        return True
+    for key, value in desired["partition"].items():
+        reported = sample.configured.get(key)
+        if (
+            isinstance(value, int | float)
+            and reported is not None
+            and abs(reported - value) > _CONFIG_TOLERANCE
+        ):
+            return True
+    return False
 
 
 def pods_to_push(
     desired: Mapping[str, Any],
     pods: Sequence[PodView],
     pushed: Mapping[str, Mapping[str, Any]],
+    rejected: Mapping[str, Mapping[str, Any]],
     samples: Mapping[str, PodSample],
 ) -> list[PodView]:
     """Ready pods whose runtime state is not known to match `desired`.
 
-    `pushed` maps a pod's push key to the state last accepted (or rejected: no retry of the same body);
-    `samples` (by uid) lets a pod's own metrics reveal that it no longer runs what we pushed.
+    `pushed` maps a pod's push key to the state it last accepted, `rejected` to a state it refused (not sent
+    again: the same body cannot succeed; a new desired state or a restarted pod is tried afresh); `samples`
+    (by uid) lets a pod's own metrics reveal that it no longer runs what it accepted.
     """
     out = []
-    share = desired["partition"]["prefill_sm_share"]
     for pod in pods:
-        if not pod.ready:
+        if not pod.ready or rejected.get(pod.push_key) == desired:
             continue
         if pushed.get(pod.push_key) != desired:
             out.append(pod)
             continue
         sample = samples.get(pod.uid)
-        if sample is None:
-            continue
-        wrong_policy = sample.policy is not None and sample.policy != desired["policy"]
-        wrong_share = (
-            desired["partition"]["mode"] != "off"
-            and desired["policy"] in ("drift", "static-split")
-            and sample.prefill_share is not None
-            and abs(sample.prefill_share - share) > _SHARE_MISMATCH
-        )
-        if wrong_policy or wrong_share:
+        if sample is not None and _reports_other_state(desired, sample):
             out.append(pod)
     return out

@@ -54,6 +54,20 @@ def stats_from_vector(result: Sequence[dict[str, Any]], window_s: float, pods: i
     return WindowStats(met=met, missed=missed, duration_s=window_s, pods=pods)
 
 
+def empty_stats(window_s: float, pods: int) -> WindowStats:
+    """No request counted in the window (the series exist, but nothing finished in it)."""
+    return WindowStats(
+        met={p: 0.0 for p in PHASES}, missed={p: 0.0 for p in PHASES}, duration_s=window_s, pods=pods
+    )
+
+
+def no_series_message(base_url: str, namespace: str, name: str) -> str:
+    return (
+        f"Prometheus at {base_url} has no {SLO_COUNTER} series with namespace={namespace!r}, "
+        f"llmservice={name!r}: is it scraping the agents (the PodMonitor, or a scrape config adding both labels)?"
+    )
+
+
 async def instant_query(session: aiohttp.ClientSession, base_url: str, promql: str) -> list[dict[str, Any]]:
     url = base_url.rstrip("/") + "/api/v1/query"
     try:
@@ -76,8 +90,12 @@ async def instant_query(session: aiohttp.ClientSession, base_url: str, promql: s
 async def read_window(
     session: aiohttp.ClientSession, base_url: str, namespace: str, name: str, window_s: float, pods: int
 ) -> tuple[WindowStats | None, float | None]:
-    """(window stats, age in seconds of the newest sample); raises PrometheusError."""
-    vector = await instant_query(session, base_url, slo_query(namespace, name, window_s))
+    """(window stats, age in seconds of the newest sample; None when Prometheus has no series at all);
+    raises PrometheusError."""
+    # A span under a second cannot be queried (the range needs whole seconds): nothing is counted yet.
+    vector = (
+        await instant_query(session, base_url, slo_query(namespace, name, window_s)) if window_s >= 1 else []
+    )
     age_result = await instant_query(session, base_url, freshness_query(namespace, name))
     age: float | None = None
     if age_result:

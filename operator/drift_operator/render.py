@@ -72,10 +72,8 @@ def render_engine_config(spec: LLMServiceSpec) -> dict[str, Any]:
     config.update(
         policy=spec.policy,
         partition={
-            "mode": spec.partition.mode,
-            "prefill_sm_share": spec.partition.prefill_sm_share,
+            **runtime_partition(spec, spec.partition.prefill_sm_share, spec.partition.tpot_margin),
             "backend": spec.partition.backend,
-            "fold_max_tokens": spec.partition.fold_max_tokens,
         },
         slo_ttft_ms=spec.slo.ttft_ms,
         slo_tpot_ms=spec.slo.tpot_ms,
@@ -88,8 +86,22 @@ def render_engine_config(spec: LLMServiceSpec) -> dict[str, Any]:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise SpecError(f"engine settings rejected by the agent: {loc}: {first['msg']}") from exc
+        message = first["msg"].removeprefix("Value error, ")
+        raise SpecError(
+            f"engine settings rejected by the agent: {f'{loc}: ' if loc else ''}{message}"
+        ) from exc
     return config
+
+
+def runtime_partition(spec: LLMServiceSpec, prefill_sm_share: float, tpot_margin: float) -> dict[str, Any]:
+    """The partition settings the agent can change live (`partition` of engine.yaml and of PUT
+    /admin/policy; keys are the agent's `PartitionConfig` fields): the spec's, with the steered values."""
+    return {
+        "mode": spec.partition.mode,
+        "prefill_sm_share": round(prefill_sm_share, 4),
+        "tpot_margin": round(tpot_margin, 4),
+        "fold_max_tokens": spec.partition.fold_max_tokens,
+    }
 
 
 def engine_yaml(config: dict[str, Any]) -> str:

@@ -48,10 +48,13 @@ class ScaleDecision:
         return self.desired != self.current
 
 
-def _hold(
+def hold_scale(
     inputs: ScaleInputs, reason: str, message: str, headroom_since: float | None = None
 ) -> ScaleDecision:
     return ScaleDecision("hold", inputs.replicas, inputs.replicas, reason, message, headroom_since)
+
+
+_hold = hold_scale
 
 
 def decide_scale(

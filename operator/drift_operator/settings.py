@@ -19,12 +19,14 @@ class OperatorConfig:
     discovery_ttl_s: float = 60.0
     # Port for the operator's own /metrics (operator_metrics.py); None: not served.
     metrics_port: int | None = None
+    # status is written only when it changes, and status.attainment.updatedAt at least this often.
+    status_heartbeat_s: float = 600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if env is None else env
 
-        def number(key: str, default: float) -> float:
+        def number(key: str, default: float, zero_ok: bool = False) -> float:
             raw = env.get(key)
             if not raw:
                 return default
@@ -32,8 +34,8 @@ class OperatorConfig:
                 value = float(raw)
             except ValueError as exc:
                 raise ValueError(f"{key}={raw!r} is not a number") from exc
-            if value <= 0:
-                raise ValueError(f"{key} must be positive")
+            if value < 0 or (value == 0 and not zero_ok):
+                raise ValueError(f"{key} must be positive" + (" or 0" if zero_ok else ""))
             return value
 
         return cls(
@@ -41,5 +43,6 @@ class OperatorConfig:
             prometheus_url=env.get("DRIFT_PROMETHEUS_URL") or None,
             agent_timeout_s=number("DRIFT_OPERATOR_AGENT_TIMEOUT", cls.agent_timeout_s),
             discovery_ttl_s=number("DRIFT_OPERATOR_DISCOVERY_TTL", cls.discovery_ttl_s),
-            metrics_port=int(number("DRIFT_OPERATOR_METRICS_PORT", 0)) or None,
+            metrics_port=int(number("DRIFT_OPERATOR_METRICS_PORT", 0, zero_ok=True)) or None,
+            status_heartbeat_s=number("DRIFT_OPERATOR_STATUS_HEARTBEAT", cls.status_heartbeat_s),
         )

@@ -21,6 +21,7 @@ from .constants import ANNOTATION_REPLICAS_OWNER, DEFAULT_IMAGE
 DURATION_PATTERN = r"^[1-9][0-9]*(s|m|h)$"
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 QuantityValue = str | int
+SteeredSetting = Literal["prefill_sm_share", "tpot_margin"]
 
 
 class SpecError(ValueError):
@@ -96,6 +97,12 @@ class PartitionSpec(_CRModel):
     backend: Literal["auto", "green-context", "mps", "shared"] = "auto"
     # drift: most prompt tokens folded into one decode step (dispatcher rule 8); 0 never folds.
     fold_max_tokens: int = Field(2048, ge=0)
+    # drift: the dispatcher's internal TPOT margin (predicted step x (1 + margin) must fit the step budget).
+    # auto: the starting margin, then steered (up when TPOT lags, down when TTFT lags); static: fixed.
+    tpot_margin: float = Field(0.0, ge=-0.5, le=1.0)
+    min_tpot_margin: float = Field(-0.3, ge=-0.5, le=1.0)
+    max_tpot_margin: float = Field(0.5, ge=-0.5, le=1.0)
+    margin_step: float = Field(0.1, gt=0.0, le=0.5)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> PartitionSpec:
@@ -107,6 +114,10 @@ class PartitionSpec(_CRModel):
             raise ValueError(
                 "partition.prefillSmShare must lie within [minPrefillSmShare, maxPrefillSmShare]"
             )
+        if self.min_tpot_margin > self.max_tpot_margin:
+            raise ValueError("partition.minTpotMargin must not exceed partition.maxTpotMargin")
+        if self.mode == "auto" and not (self.min_tpot_margin <= self.tpot_margin <= self.max_tpot_margin):
+            raise ValueError("partition.tpotMargin must lie within [minTpotMargin, maxTpotMargin]")
         return self
 
 
@@ -188,9 +199,26 @@ class LLMServiceSpec(_CRModel):
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
 
     @property
+    def steered_setting(self) -> SteeredSetting | None:
+        """What the SLO loop moves on the agents, by policy, in partition mode auto: the fixed split of
+        `static-split`, or `drift`'s TPOT margin (its dispatcher picks the split per step itself, so the
+        margin on the decode budget is what tilts it toward prefill or decode); None: nothing is steered."""
+        if self.partition.mode != "auto":
+            return None
+        if self.policy == "static-split":
+            return "prefill_sm_share"
+        if self.policy == "drift":
+            return "tpot_margin"
+        return None
+
+    @property
     def partition_steerable(self) -> bool:
-        """Whether the operator moves the SM split: only policies that run a partition, in auto mode."""
-        return self.partition.mode == "auto" and self.policy in ("drift", "static-split")
+        return self.steered_setting is not None
+
+    @property
+    def runs_partition(self) -> bool:
+        """Whether the agents split SMs at all (a prefill share means something)."""
+        return self.policy in ("drift", "static-split") and self.partition.mode != "off"
 
 
 def _format_error(exc: ValidationError) -> str:

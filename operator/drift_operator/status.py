@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,19 +9,7 @@ from typing import Any
 from .attainment import WindowStats
 from .constants import MAX_DECISIONS
 from .health import ConditionStatus, MetricsHealth
-
-
-def iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(value: Any) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+from .times import iso, parse_iso
 
 
 @dataclass(frozen=True)
@@ -156,33 +143,59 @@ def slo_condition(metrics: MetricsHealth, stats: WindowStats | None, target: flo
     return Condition("SLOMet", "False", "AttainmentBelowTarget", detail)
 
 
-def attainment_status(
-    stats: WindowStats | None, target: float, window_s: float, now: float
-) -> dict[str, Any]:
-    """status.attainment; keys with unknown values are None, which a merge patch turns into removals."""
-    if stats is None:
-        return {
-            "ttft": None,
-            "tpot": None,
-            "both": None,
-            "target": target,
-            "windowSeconds": int(window_s),
-            "requests": None,
-            "demandRps": None,
-            "goodputRps": None,
-        }
+def attainment_status(stats: WindowStats | None, target: float, window_s: float) -> dict[str, Any]:
+    """status.attainment without its `updatedAt` stamp (`status_patch` adds it when the values change, or on
+    the heartbeat); keys with unknown values are None, which a merge patch turns into removals."""
 
     def rounded(value: float | None, digits: int = 4) -> float | None:
         return round(value, digits) if value is not None else None
 
+    known = stats is not None
     return {
-        "ttft": rounded(stats.attainment("ttft")),
-        "tpot": rounded(stats.attainment("tpot")),
-        "both": rounded(stats.overall),
+        "ttft": rounded(stats.attainment("ttft")) if known else None,
+        "tpot": rounded(stats.attainment("tpot")) if known else None,
+        "both": rounded(stats.overall) if known else None,
         "target": target,
         "windowSeconds": int(window_s),
-        "requests": int(stats.total_requests),
-        "demandRps": rounded(stats.demand_rps, 3),
-        "goodputRps": rounded(stats.goodput_rps, 3),
-        "updatedAt": iso(now),
+        "requests": int(stats.total_requests) if known else None,
+        "demandRps": rounded(stats.demand_rps, 3) if known else None,
+        "goodputRps": rounded(stats.goodput_rps, 3) if known else None,
     }
+
+
+def _pruned(value: Any) -> Any:
+    """A value as it reads back after a merge patch: None entries removed, recursively."""
+    if isinstance(value, Mapping):
+        return {k: _pruned(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_pruned(v) for v in value]
+    return value
+
+
+def status_patch(
+    live: Mapping[str, Any],
+    fields: Mapping[str, Any],
+    conditions: Sequence[Condition],
+    *,
+    now: float,
+    generation: int | None,
+    heartbeat_s: float,
+) -> dict[str, Any] | None:
+    """The merge patch that brings `live` status to `fields` plus the condition updates, holding only what
+    differs; None when nothing does, so an idle service's status is not rewritten every tick. The only
+    periodic write is `attainment.updatedAt`, refreshed once per `heartbeat_s` to show the loop is alive."""
+    patch: dict[str, Any] = {}
+    for key, value in fields.items():
+        current = live.get(key)
+        if key == "attainment" and isinstance(value, Mapping):
+            stamp = parse_iso((current or {}).get("updatedAt")) if isinstance(current, Mapping) else None
+            bare = {k: v for k, v in (current or {}).items() if k != "updatedAt"} if current else None
+            if _pruned(value) != _pruned(bare) or stamp is None or now - stamp >= heartbeat_s:
+                patch[key] = {**value, "updatedAt": iso(now)}
+        elif _pruned(value) != _pruned(current):
+            patch[key] = value
+    if conditions:
+        merged = set_conditions(live.get("conditions"), conditions, now, generation)
+        if merged != list(live.get("conditions") or []):
+            patch["conditions"] = merged
+    return patch or None

@@ -177,6 +177,9 @@ class FakeAgent:
         self.with_counters = with_counters
         self.totals: dict[tuple[str, str], float] = {}
         self.policy_puts: list[dict[str, Any]] = []
+        self.reject_with: int | None = None  # answer PUT /admin/policy with this status instead
+        # What the agent reports as configured (drift_partition_config), as a real agent does after a PUT.
+        self.configured: dict[str, float] = {"prefill_sm_share": share, "tpot_margin": 0.0}
         self.handler = kmock.RawHandler()
         self.server = kmock.Server(self.handler)
         self.handler["get /metrics"] << self._metrics
@@ -221,21 +224,27 @@ class FakeAgent:
         share = Gauge("drift_partition_sm_share", "SM share", ["phase"], registry=registry)
         share.labels("prefill").set(self.share)
         share.labels("decode").set(1.0 - self.share)
+        config = Gauge("drift_partition_config", "configured settings", ["setting"], registry=registry)
+        for setting, value in self.configured.items():
+            config.labels(setting).set(value)
         info = Gauge("drift_policy_info", "policy", ["policy"], registry=registry)
         info.labels(self.policy).set(1)
         Gauge("vllm:num_requests_waiting", "queue", ["model_name"], registry=registry).labels("m").set(0)
         Gauge("vllm:kv_cache_usage_perc", "kv", ["model_name"], registry=registry).labels("m").set(0.25)
         return generate_latest(registry)
 
-    def _put_policy(self, request: Any) -> dict[str, Any]:
+    def _put_policy(self, request: Any) -> Any:
         body = dict(request.data)
         self.policy_puts.append({"body": body, "authorization": request.headers.get("Authorization")})
+        if self.reject_with:
+            return kmock.Response(status=self.reject_with, payload={"error": {"message": "refused"}})
         partition = body.get("partition") or {}
-        if "prefill_sm_share" in partition:
-            self.share = float(partition["prefill_sm_share"])
+        for setting in ("prefill_sm_share", "tpot_margin", "fold_max_tokens"):
+            if setting in partition:
+                self.configured[setting] = float(partition[setting])
         if "policy" in body:
             self.policy = body["policy"]
-        return {"policy": self.policy, "partition": {"mode": "auto", "prefill_sm_share": self.share}}
+        return {"policy": self.policy, "partition": {"mode": "auto", **self.configured}}
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 8.0, interval: float = 0.05) -> Any:

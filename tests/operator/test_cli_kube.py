@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ def test_run_starts_kopf_with_the_chosen_scope(monkeypatch: pytest.MonkeyPatch) 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(kopf, "run", lambda **kw: calls.append(kw))
     monkeypatch.setattr(kopf, "configure", lambda **kw: None)
+    monkeypatch.setattr("drift_operator.kube.load_credentials", lambda: None)
     assert cli.run(_parse(["operator", "-n", "team-a", "--standalone"])) == 0
     assert calls[-1]["namespaces"] == ["team-a"] and not calls[-1]["clusterwide"] and calls[-1]["standalone"]
     assert cli.run(_parse(["operator"])) == 0
@@ -48,6 +50,7 @@ def test_run_reports_failures_as_an_exit_code(monkeypatch: pytest.MonkeyPatch, c
 
     monkeypatch.setattr(kopf, "run", fail)
     monkeypatch.setattr(kopf, "configure", lambda **kw: None)
+    monkeypatch.setattr("drift_operator.kube.load_credentials", lambda: None)
     assert cli.run(_parse(["operator"])) == 1
     assert "no credentials" in capsys.readouterr().err
     assert cli.run(_parse(["operator", "--interval", "-1"])) == 2
@@ -134,3 +137,36 @@ def test_kopf_run_module_registers_the_handlers() -> None:
         ).stdout.strip()
         == "False"
     )
+
+
+def test_drift_operator_without_credentials_is_one_line_and_logs_once(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "missing"), "KUBERNETES_SERVICE_HOST": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "drift_agent.cli", "operator", "--standalone", "-n", "x"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("drift operator: no usable Kubernetes credentials"), lines
+
+
+async def test_a_busy_metrics_port_stops_the_operator_with_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    import kopf
+
+    from drift_operator import handlers
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(handlers, "CONFIG", OperatorConfig(metrics_port=port))
+        monkeypatch.setattr(handlers, "operator_context", lambda memo: None)
+        with pytest.raises(kopf.PermanentError, match=f"cannot serve operator metrics on port {port}"):
+            await handlers.configure(settings=kopf.OperatorSettings(), memo=kopf.Memo())

@@ -87,7 +87,7 @@ async def test_create_renders_children_status_and_events(cluster: Cluster, opera
     await eventually(lambda: _must(cluster.events("MetricsMissing") or None))
 
 
-async def test_violation_scales_out_and_shifts_partition(
+async def test_violation_scales_out_then_steers_drift_once_the_scale_took_effect(
     cluster: Cluster, operator: Any, agents: Any
 ) -> None:
     cluster.add_llmservice("chat", {"replicas": 1, **FAST})
@@ -102,38 +102,97 @@ async def test_violation_scales_out_and_shifts_partition(
     scale = [d for d in decisions if d["type"] == "Scale"][0]
     assert (scale["from"], scale["to"], scale["reason"]) == ("1", "2", "SLOViolated")
     assert "throughput" in scale["message"]  # sized by observed goodput, not a blind +1
-    partition = await eventually(
-        lambda: [d for d in cluster.get(LLMS, "chat")["status"]["lastDecisions"] if d["type"] == "Partition"][
-            0
-        ]
-    )
-    assert (partition["from"], partition["to"], partition["reason"]) == ("0.50", "0.55", "TTFTViolated")
 
-    # The new split reached the agent through the admin API, authenticated with the generated token.
-    put = await eventually(
-        lambda: [p for p in agent.policy_puts if p["body"]["partition"]["prefill_sm_share"] >= 0.55][0]
+    # Both were decided on the same window: TTFT lags under drift, so the loop also lowered drift's TPOT
+    # margin (prefill gets more of the device).
+    partition = [d for d in decisions if d["type"] == "Partition"][0]
+    assert (partition["from"], partition["to"], partition["reason"]) == ("0.00", "-0.10", "TTFTViolated")
+    # Nothing more is decided until the scale-out took effect (its replicas ready) and the agents run the
+    # margin, and then only on requests that finished after that.
+    await eventually(
+        lambda: _must(
+            cluster.get(LLMS, "chat")["status"]["partition"]["lastEvaluation"]["reason"] == "WaitingForEffect"
+            or None
+        )
     )
-    assert put["authorization"] == f"Bearer {_token(cluster, 'chat')}"
-    assert put["body"]["policy"] == "drift" and put["body"]["slo"] == {"ttft_ms": 1000.0, "tpot_ms": 100.0}
+    await asyncio.sleep(0.6)
+    assert len(cluster.get(LLMS, "chat")["status"]["lastDecisions"]) == 2
+    second = await agents(ttft_met_fraction=0.5, tpot_met_fraction=1.0)
+    cluster.add_agent_pod("chat", second)
+    cluster.mark_deployment_ready("chat", 2)
+    await eventually(
+        lambda: _must(
+            cluster.get(LLMS, "chat")["status"]["partition"]["lastEvaluation"]["reason"] != "WaitingForEffect"
+            or None
+        )
+    )
+
+    # The new margin reached both agents through the admin API, authenticated with the generated token.
+    for each in (agent, second):
+        put = await eventually(
+            lambda a=each: [p for p in a.policy_puts if p["body"]["partition"]["tpot_margin"] < 0][0]
+        )
+        assert put["authorization"] == f"Bearer {_token(cluster, 'chat')}"
+        assert put["body"]["policy"] == "drift" and put["body"]["slo"] == {
+            "ttft_ms": 1000.0,
+            "tpot_ms": 100.0,
+        }
 
     status = cluster.get(LLMS, "chat")["status"]
+    assert (
+        status["partition"]["tpotMargin"] <= -0.1  # and on, once the last change took effect
+        and "prefillSmShare" not in status["partition"]
+    )
     assert status["attainment"]["ttft"] == pytest.approx(0.5)
     assert status["attainment"]["tpot"] == pytest.approx(1.0)
     assert _cond(cluster.get(LLMS, "chat"), "SLOMet")["reason"] == "AttainmentBelowTarget"
+    assert _cond(cluster.get(LLMS, "chat"), "AgentsConfigured")["status"] == "True"
     assert status["replicaStatus"][0]["policy"] == "drift"
     await eventually(lambda: _must(cluster.events("ScaledOut") or None))
     await eventually(lambda: _must(cluster.events("PartitionShifted") or None))
+
+
+async def test_agents_are_pushed_once_per_change_and_4xx_is_not_retried(
+    cluster: Cluster, operator: Any, agents: Any
+) -> None:
+    cluster.add_llmservice("chat", {"replicas": 1, **FAST})
+    await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")))
+    cluster.mark_deployment_ready("chat", 1)
+    agent = await agents(ttft_met_fraction=1.0, tpot_met_fraction=1.0)  # attainment met: nothing to steer
+    cluster.add_agent_pod("chat", agent)
+    await eventually(lambda: _must(agent.policy_puts or None))
+    await asyncio.sleep(1.0)  # five more ticks
+    assert len(agent.policy_puts) == 1, agent.policy_puts
+
+    # A body the agent refuses: one attempt, a condition, one event; no retry on later ticks.
+    agent.reject_with = 422
+    await cluster.patch_llmservice("chat", {"spec": {"slo": {"ttftMs": 900}}})
+    condition = await eventually(
+        lambda: (
+            _must(_cond(cluster.get(LLMS, "chat"), "AgentsConfigured")["status"] == "False" or None)
+            and _cond(cluster.get(LLMS, "chat"), "AgentsConfigured")
+        )
+    )
+    assert condition["reason"] == "AgentRejectedPolicy" and "422" in condition["message"]
+    attempts = len(agent.policy_puts)
+    await asyncio.sleep(1.0)
+    assert len(agent.policy_puts) == attempts == 2
+    assert len(cluster.events("AgentRejectedPolicy")) == 1
 
 
 async def test_external_autoscaler_keeps_replicas_and_steers_partition(
     cluster: Cluster, operator: Any, agents: Any
 ) -> None:
     cluster.add_llmservice(
-        "chat", {"replicas": 1, **FAST}, annotations={"serving.drift.dev/replicas-owner": "external"}
+        "chat",
+        {"replicas": 1, **FAST, "policy": "static-split"},
+        annotations={"serving.drift.dev/replicas-owner": "external"},
     )
     await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")))
     cluster.mark_deployment_ready("chat", 1)
-    agent = await agents(ttft_met_fraction=1.0, tpot_met_fraction=0.5)  # decode is starved
+    agent = await agents(
+        ttft_met_fraction=1.0, tpot_met_fraction=0.5, policy="static-split"
+    )  # decode starved
     cluster.add_agent_pod("chat", agent)
 
     await eventually(

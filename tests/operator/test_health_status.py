@@ -17,6 +17,7 @@ from drift_operator.status import (
     parse_iso,
     set_conditions,
     slo_condition,
+    status_patch,
     workload_conditions,
 )
 
@@ -134,10 +135,15 @@ def test_everything_the_operator_writes_to_status_is_in_the_crd_schema(crd: dict
         "selector": "a=b",
         "model": "embedded",
         "policy": "drift",
-        "attainment": {k: v for k, v in attainment_status(STATS, 0.9, 300, 1000).items() if v is not None},
+        "attainment": {
+            **{k: v for k, v in attainment_status(STATS, 0.9, 300).items() if v is not None},
+            "updatedAt": iso(1000),
+        },
         "partition": {
             "mode": "auto",
+            "steered": "tpot_margin",
             "prefillSmShare": 0.55,
+            "tpotMargin": -0.1,
             "lastChangeTime": iso(1000),
             "lastEvaluation": {"action": "shift", "reason": "TTFTViolated", "message": "m"},
         },
@@ -146,7 +152,7 @@ def test_everything_the_operator_writes_to_status_is_in_the_crd_schema(crd: dict
             "desiredReplicas": 3,
             "lastScaleTime": iso(900),
             "headroomSince": iso(950),
-            "lastEvaluation": {"time": iso(1000), "action": "hold", "reason": "WithinTarget", "message": "m"},
+            "lastEvaluation": {"action": "hold", "reason": "WithinTarget", "message": "m"},
         },
         "replicaStatus": [
             {"pod": "p", "ready": True, "metrics": True, "policy": "drift", "prefillSmShare": 0.5,
@@ -164,3 +170,56 @@ def test_everything_the_operator_writes_to_status_is_in_the_crd_schema(crd: dict
     validate(crd, {**obj, "status": status})
     with pytest.raises(CRValidationError):
         validate(crd, {**obj, "status": {**status, "lastDecisions": [{"type": "Bogus"}]}})
+
+
+def test_status_patch_writes_only_what_changed_and_a_coarse_heartbeat() -> None:
+    fields = {
+        "policy": "drift",
+        "attainment": attainment_status(STATS, 0.9, 300),
+        "partition": {"mode": "auto"},
+    }
+    first = status_patch(
+        {}, fields, [Condition("Ready", "True", "R", "m")], now=1000, generation=2, heartbeat_s=600
+    )
+    assert first is not None and first["attainment"]["updatedAt"] == iso(1000)
+    live = {**first}
+    # Nothing changed: no write, however often the loop ticks, until the heartbeat is due.
+    for now in (1015, 1300, 1599):
+        same = status_patch(
+            live, fields, [Condition("Ready", "True", "R", "m")], now=now, generation=2, heartbeat_s=600
+        )
+        assert same is None
+    beat = status_patch(live, fields, [], now=1600, generation=2, heartbeat_s=600)
+    assert beat == {"attainment": {**fields["attainment"], "updatedAt": iso(1600)}}
+    # A changed field, or a None that removes one, is written alone.
+    moved = status_patch(live, {**fields, "partition": {"mode": "auto", "tpotMargin": 0.1}}, [], now=1100,
+                         generation=2, heartbeat_s=600)  # fmt: skip
+    assert moved == {"partition": {"mode": "auto", "tpotMargin": 0.1}}
+    assert status_patch(live, {"partition": {"mode": None}}, [], now=1100, generation=2, heartbeat_s=600) == {
+        "partition": {"mode": None}
+    }
+    flipped = status_patch(
+        live, {}, [Condition("Ready", "False", "X", "m")], now=1100, generation=2, heartbeat_s=600
+    )
+    assert flipped is not None and flipped["conditions"][0]["status"] == "False"
+
+
+@pytest.mark.parametrize(
+    "raw,keys",
+    [
+        ({"policy": "drift"}, {"tpotMargin"}),
+        ({"policy": "drift", "partition": {"mode": "static"}}, {"prefillSmShare"}),
+        ({"policy": "drift", "partition": {"mode": "off"}}, set()),
+        ({"policy": "static-split"}, {"prefillSmShare"}),
+        ({"policy": "static-split", "partition": {"mode": "off"}}, set()),
+        ({"policy": "chunked"}, set()),
+    ],
+)
+def test_status_shows_only_settings_that_mean_something(raw: dict[str, Any], keys: set[str]) -> None:
+    from drift_operator.loop import ServiceMemory, _partition_status
+    from drift_operator.partition import desired_steering
+    from drift_operator.spec import parse_spec
+
+    spec = parse_spec(raw)
+    shown = _partition_status(spec, desired_steering(spec, None), ServiceMemory(), None)
+    assert {k for k in ("tpotMargin", "prefillSmShare") if shown.get(k) is not None} == keys

@@ -18,6 +18,9 @@ from .crd_validator import CRValidationError, validate
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.30"
 CUSTOM_KINDS = {"LLMService", "PodMonitor", "ServiceMonitor", "PrometheusRule"}
+# crds/ names its kustomization `Kustomization` so that `kubectl apply -f crds/` (which reads only .yaml,
+# .yml and .json files) skips it.
+KUSTOMIZATION_FILES = ("kustomization.yaml", "Kustomization")
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -29,7 +32,7 @@ def _shipped_yaml() -> list[Path]:
 
 
 def _objects() -> list[tuple[Path, dict[str, Any]]]:
-    return [(p, d) for p in _shipped_yaml() if p.name != "kustomization.yaml" for d in _docs(p)]
+    return [(p, d) for p in _shipped_yaml() if p.name not in KUSTOMIZATION_FILES for d in _docs(p)]
 
 
 @pytest.mark.parametrize("path", _shipped_yaml(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -168,7 +171,8 @@ def _kustomize_files(directory: Path, seen: set[Path] | None = None) -> list[Pat
     directory = directory.resolve()
     assert directory not in seen, f"kustomization cycle at {directory}"
     seen.add(directory)
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    path = next(directory / n for n in KUSTOMIZATION_FILES if (directory / n).exists())
+    kustomization = yaml.safe_load(path.read_text())
     files: list[Path] = []
     for entry in kustomization.get("resources", []):
         target = (directory / entry).resolve()
@@ -191,8 +195,12 @@ def _kustomize_files(directory: Path, seen: set[Path] | None = None) -> list[Pat
 def test_kustomizations_resolve_to_existing_parseable_files() -> None:
     files = _kustomize_files(ROOT / "manifests")
     names = {f.name for f in files}
-    assert {"serving.drift.dev_llmservices.yaml", "rbac.yaml", "deployment.yaml", "drift-slo.json"} <= names
+    assert {"serving.drift.dev_llmservices.yaml", "rbac.yaml", "deployment.yaml"} <= names
+    # Monitoring needs the Prometheus Operator's CRDs: it is opt-in, never part of the default install.
+    assert not names & {"servicemonitor.yaml", "prometheusrule.yaml", "drift-slo.json"}
+    assert "drift-slo.json" in {f.name for f in _kustomize_files(ROOT / "manifests" / "monitoring")}
     assert _kustomize_files(ROOT / "manifests" / "samples")
+    assert _kustomize_files(ROOT / "crds")
 
 
 def _kustomize_command() -> list[str] | None:
@@ -213,33 +221,49 @@ def test_kustomize_build_succeeds(crd: dict[str, Any]) -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in objects}
     assert ("CustomResourceDefinition", "llmservices.serving.drift.dev") in kinds
     assert ("Deployment", "drift-operator") in kinds
-    dashboard = next(d for d in objects if d["kind"] == "ConfigMap")
+    assert not {kind for kind, _ in kinds} & CUSTOM_KINDS  # a bare cluster serves every kind installed
+    monitoring = subprocess.run(
+        [*command, str(ROOT / "manifests" / "monitoring")], capture_output=True, text=True, timeout=60
+    )
+    assert monitoring.returncode == 0, monitoring.stderr
+    monitoring_objects = [d for d in yaml.safe_load_all(monitoring.stdout) if d]
+    dashboard = next(d for d in monitoring_objects if d["kind"] == "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     json.loads(dashboard["data"]["drift-slo.json"])
-    for obj in objects:
+    for obj in objects + monitoring_objects:
         if obj["kind"] not in CUSTOM_KINDS:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        if obj["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] == "RoleBinding":
+            assert obj["metadata"]["namespace"] == "default"  # the Secrets grant, in a managed namespace
+        elif obj["kind"] not in (
+            "Namespace",
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ):
             assert obj["metadata"]["namespace"] == "drift-system"
 
 
-def test_operator_rbac_covers_what_the_operator_does_and_no_more() -> None:
-    rbac = _docs(ROOT / "manifests" / "operator" / "rbac.yaml")
-    rules = next(d for d in rbac if d["kind"] == "ClusterRole")["rules"]
-    granted = {
+def _granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
         (g, r, v)
-        for rule in rules
+        for rule in role["rules"]
         for g in rule["apiGroups"]
         for r in rule["resources"]
         for v in rule["verbs"]
     }
+
+
+def test_operator_rbac_covers_what_the_operator_does_and_no_more() -> None:
+    rbac = _docs(ROOT / "manifests" / "operator" / "rbac.yaml")
+    roles = {d["metadata"]["name"]: d for d in rbac if d["kind"] == "ClusterRole"}
+    granted = _granted(roles["drift-operator"])
     needed = {
         ("serving.drift.dev", "llmservices", "watch"),
         ("serving.drift.dev", "llmservices", "patch"),
         ("serving.drift.dev", "llmservices/status", "patch"),
         ("apps", "deployments", "create"),
         ("apps", "deployments", "patch"),
-        ("", "secrets", "create"),
         ("", "pods", "list"),
         ("", "events", "create"),
         ("monitoring.coreos.com", "podmonitors", "create"),
@@ -247,7 +271,19 @@ def test_operator_rbac_covers_what_the_operator_does_and_no_more() -> None:
     assert needed <= granted
     assert not any(v in ("*", "escalate", "bind", "impersonate") for _, _, v in granted)
     assert not any(r == "*" or g == "*" for g, r, _ in granted)
-    assert ("", "secrets", "list") not in granted and ("apps", "deployments", "delete") not in granted
+    assert not any(r == "secrets" for _, r, _ in granted)  # never cluster-wide
+    assert ("apps", "deployments", "delete") not in granted
+    # Secrets: get/create/patch only, granted per managed namespace through a RoleBinding.
+    assert _granted(roles["drift-operator-secrets"]) == {
+        ("", "secrets", v) for v in ("get", "create", "patch")
+    }
+    binding = _docs(ROOT / "manifests" / "base" / "secrets-rolebinding.yaml")[0]
+    assert binding["kind"] == "RoleBinding" and binding["roleRef"]["name"] == "drift-operator-secrets"
+    assert binding["subjects"][0] == {
+        "kind": "ServiceAccount",
+        "name": "drift-operator",
+        "namespace": "drift-system",
+    }
 
 
 def test_monitoring_objects_are_well_formed() -> None:

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from drift_operator.metrics import PodSample
+from drift_operator.metrics import PodSample, parse_agent_metrics
+from drift_operator.partition import Steering
 from drift_operator.pods import PodView, pod_view, pods_to_push, runtime_state
 from drift_operator.prometheus import freshness_query, slo_query, stats_from_vector
 from drift_operator.spec import parse_spec
@@ -29,6 +30,8 @@ def _pod(
 def test_pod_view() -> None:
     view = pod_view(_pod())
     assert view is not None and view.ready and view.base_url == "http://10.0.0.5:8000"
+    ipv6 = pod_view(_pod(ip="fd00::5"))
+    assert ipv6 is not None and ipv6.base_url == "http://[fd00::5]:8000"
     assert not pod_view(_pod(ready="False")).ready  # type: ignore[union-attr]
     assert not pod_view(_pod(ip=None)).ready  # type: ignore[union-attr]
     assert pod_view(_pod(deletionTimestamp="2026-01-01T00:00:00Z")) is None
@@ -40,9 +43,14 @@ def test_push_key_changes_with_container_restarts() -> None:
 
 def test_runtime_state_body() -> None:
     spec = parse_spec({"policy": "drift", "slo": {"ttftMs": 300, "tpotMs": 30}})
-    assert runtime_state(spec, 0.61234) == {
+    assert runtime_state(spec, Steering(0.61234, -0.1)) == {
         "policy": "drift",
-        "partition": {"mode": "auto", "prefill_sm_share": 0.6123, "fold_max_tokens": 2048},
+        "partition": {
+            "mode": "auto",
+            "prefill_sm_share": 0.6123,
+            "tpot_margin": -0.1,
+            "fold_max_tokens": 2048,
+        },
         "slo": {"ttft_ms": 300.0, "tpot_ms": 30.0},
     }
 
@@ -52,25 +60,43 @@ def test_runtime_state_is_what_the_agent_admin_api_accepts() -> None:
     from drift_agent.server.admin import PolicyUpdate
 
     spec = parse_spec({"policy": "drift", "partition": {"mode": "static", "foldMaxTokens": 0}})
-    update = PolicyUpdate.model_validate(runtime_state(spec, 0.4))
+    update = PolicyUpdate.model_validate(runtime_state(spec, Steering(0.4, 0.2)))
     assert update.partition is not None and update.partition.fold_max_tokens == 0
     assert update.partition.prefill_sm_share == 0.4 and update.policy == "drift"
+    assert update.partition.tpot_margin == 0.2
 
 
 def test_pods_to_push() -> None:
     spec = parse_spec({})
-    desired = runtime_state(spec, 0.55)
-    fresh, pushed_ok, drifted, wrong_policy, not_ready = (
-        PodView(n, f"u{n}", "1.2.3.4", 8000, n != "e", 0) for n in "abcde"
+    desired = runtime_state(spec, Steering(0.5, 0.1))
+    config = {"prefill_sm_share": 0.5, "tpot_margin": 0.1, "fold_max_tokens": 2048}
+    fresh, pushed_ok, drifted, wrong_policy, not_ready, refused = (
+        PodView(n, f"u{n}", "1.2.3.4", 8000, n != "e", 0) for n in "abcdef"
     )
     pushed = {p.push_key: desired for p in (pushed_ok, drifted, wrong_policy)}
     samples = {
-        "ub": PodSample("b", "ub", prefill_share=0.56, policy="drift"),
-        "uc": PodSample("c", "uc", prefill_share=0.3, policy="drift"),  # lost our setting
-        "ud": PodSample("d", "ud", prefill_share=0.55, policy="chunked"),
+        # The dispatcher's per-step split differs from the configured one: that is not a reason to push.
+        "ub": PodSample("b", "ub", prefill_share=0.8, policy="drift", configured=config),
+        "uc": PodSample("c", "uc", policy="drift", configured={**config, "tpot_margin": 0.0}),  # lost ours
+        "ud": PodSample("d", "ud", policy="chunked", configured=config),
     }
-    targets = pods_to_push(desired, [fresh, pushed_ok, drifted, wrong_policy, not_ready], pushed, samples)
+    rejected = {refused.push_key: desired}
+    pods = [fresh, pushed_ok, drifted, wrong_policy, not_ready, refused]
+    targets = pods_to_push(desired, pods, pushed, rejected, samples)
     assert [p.name for p in targets] == ["a", "c", "d"]
+
+
+def test_agent_metrics_separate_configured_settings_from_the_per_step_split() -> None:
+    text = """# TYPE drift_partition_sm_share gauge
+drift_partition_sm_share{phase="prefill"} 0.8
+drift_partition_sm_share{phase="decode"} 0.2
+# TYPE drift_partition_config gauge
+drift_partition_config{model_name="m",setting="prefill_sm_share"} 0.5
+drift_partition_config{model_name="m",setting="tpot_margin"} -0.1
+"""
+    sample = parse_agent_metrics(text, "p", "u")
+    assert sample.prefill_share == 0.8
+    assert sample.configured == {"prefill_sm_share": 0.5, "tpot_margin": -0.1}
 
 
 def test_prometheus_queries_select_the_service() -> None:
@@ -92,3 +118,17 @@ def test_stats_from_a_prometheus_vector() -> None:
     assert stats is not None and stats.attainment("both") == pytest.approx(0.9)
     assert stats.requests("ttft") == 0 and stats.duration_s == 300 and stats.pods == 3
     assert stats_from_vector([], 300, 1) is None
+
+
+def test_no_prometheus_series_names_prometheus_not_the_agents() -> None:
+    from drift_operator.health import assess_metrics
+    from drift_operator.prometheus import no_series_message
+
+    message = no_series_message("http://prom:9090", "team-a", "chat")
+    health = assess_metrics(
+        now=100, last_success=None, ready_pods=2, scraped_pods=2, pods_with_counters=0, stats=None,
+        stale_after_s=120, source_error=message,
+    )  # fmt: skip
+    assert health.reason == "MetricsMissing" and health.message == message
+    assert "Prometheus at http://prom:9090 has no drift_slo_requests_total series" in message
+    assert "llmservice='chat'" in message and "agents export no" not in message

@@ -226,3 +226,17 @@ def test_rendered_children_are_valid_kubernetes_objects(raw: dict[str, Any]) -> 
 def test_rendering_is_deterministic() -> None:
     raw = {"resources": {"gpusPerReplica": 1}, "env": [{"name": "A", "value": "1"}]}
     assert _children(raw) == _children(raw)
+
+
+def test_an_engine_rule_the_agent_refuses_reads_cleanly() -> None:
+    """A cross-field rule of the agent's EngineConfig has no field location: the message must not be
+    garbled (": : Value error, ...")."""
+    from drift_operator.render import render_engine_config
+    from drift_operator.spec import SpecError, parse_spec
+
+    spec = parse_spec({"engine": {"maxModelLen": 64, "maxNumBatchedTokens": 16, "blockSize": 32}})
+    with pytest.raises(SpecError) as caught:
+        render_engine_config(spec)
+    assert str(caught.value) == (
+        "engine settings rejected by the agent: max_num_batched_tokens must be at least block_size"
+    )
