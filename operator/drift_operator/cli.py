@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ["DRIFT_OPERATOR_LOOP_INTERVAL"] = str(args.interval)
     if args.prometheus_url:
         os.environ["DRIFT_PROMETHEUS_URL"] = args.prometheus_url
+    if args.namespaces:
+        os.environ["DRIFT_OPERATOR_NAMESPACES"] = ",".join(args.namespaces)
     try:
         # Imported here: kopf and the handlers read the settings above at import time.
         import kopf

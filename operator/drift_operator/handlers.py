@@ -62,6 +62,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     # kopf would turn every handler log line into an Event; decisions are posted explicitly instead.
     settings.posting.level = logging.WARNING
+    if CONFIG.namespaced:  # fixed namespaces: nothing to discover, and no namespace list/watch granted
+        settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     operator_context(memo)

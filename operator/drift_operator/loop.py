@@ -25,7 +25,7 @@ from .pods import PodView, pod_view, pods_to_push, runtime_state
 from .prometheus import PrometheusError, empty_stats, no_series_message, read_window
 from .reconcile import ApplyResult, apply_one, monitoring_available, reconcile_children
 from .render import Owner, deployment_replicas, model_path, render_children
-from .scaling import ScaleDecision, ScaleInputs, decide_scale, hold_scale
+from .scaling import BOUNDS_REASONS, ScaleDecision, ScaleInputs, decide_scale, hold_scale
 from .settings import OperatorConfig
 from .sizing import CapacityEstimator, CapacityQuery
 from .spec import LLMServiceSpec, SpecError, parse_spec, replicas_owner
@@ -434,10 +434,12 @@ async def _feedback(
         model=model_path(spec),
     )
     waiting = "the last action has not taken effect yet, or nothing was counted since it did"
-    if settling:
+    scale = decide_scale(inputs, spec.scaling, query, ctx.estimator)
+    bounds = (
+        scale.reason in BOUNDS_REASONS
+    )  # kept whatever else is pending (e.g. `kubectl scale --replicas=0`)
+    if settling and not bounds:
         scale = hold_scale(inputs, "WaitingForEffect", waiting)
-    else:
-        scale = decide_scale(inputs, spec.scaling, query, ctx.estimator)
     memory.headroom_since, memory.headroom_tracked = scale.headroom_since, True
     if memory.decisions is None:  # first sight (or a restart): the log so far is in status
         memory.decisions = list(status_in.get("lastDecisions") or [])
@@ -447,7 +449,8 @@ async def _feedback(
         await _apply_scale(ctx, owner, spec, owner_of, scale)
         memory.last_scale_time = now
         memory.replicas_written = (scale.desired, now)
-        memory.pending_scale = scale.desired
+        if not bounds:  # a correction into the bounds is not an SLO action whose effect decisions await
+            memory.pending_scale = scale.desired
         decisions = append_decision(
             decisions, now=now, kind="Scale", before=str(scale.current), after=str(scale.desired),
             reason=scale.reason, message=scale.message,

@@ -17,6 +17,8 @@ from .spec import ScalingSpec
 
 ScaleAction = Literal["scale-out", "scale-in", "hold"]
 
+# Decisions that only move spec.replicas back into [minReplicas, maxReplicas].
+BOUNDS_REASONS = ("BelowMinReplicas", "AboveMaxReplicas")
 # A queue this deep per replica means the replicas are busy, whatever the attainment says.
 _MAX_QUEUE_FOR_SCALE_IN = 1.0
 

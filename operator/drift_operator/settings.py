@@ -19,6 +19,9 @@ class OperatorConfig:
     discovery_ttl_s: float = 60.0
     # Port for the operator's own /metrics (operator_metrics.py); None: not served.
     metrics_port: int | None = None
+    # Namespaces given explicitly (`drift operator -n`): kopf needs no namespace scanning, which the shipped
+    # RBAC does not grant (without this kopf retries the 403 for about a minute before serving).
+    namespaced: bool = False
     # status is written only when it changes, and status.attainment.updatedAt at least this often.
     status_heartbeat_s: float = 600.0
 
@@ -44,5 +47,6 @@ class OperatorConfig:
             agent_timeout_s=number("DRIFT_OPERATOR_AGENT_TIMEOUT", cls.agent_timeout_s),
             discovery_ttl_s=number("DRIFT_OPERATOR_DISCOVERY_TTL", cls.discovery_ttl_s),
             metrics_port=int(number("DRIFT_OPERATOR_METRICS_PORT", 0, zero_ok=True)) or None,
+            namespaced=bool(env.get("DRIFT_OPERATOR_NAMESPACES")),
             status_heartbeat_s=number("DRIFT_OPERATOR_STATUS_HEARTBEAT", cls.status_heartbeat_s),
         )
