@@ -48,7 +48,7 @@ class AgentClient:
         headers = {"Authorization": f"Bearer {token}"}
         try:
             async with self.session().put(
-                f"{pod.base_url}/admin/policy", json=body, headers=headers
+                f"{pod.admin_url}/admin/policy", json=body, headers=headers
             ) as response:
                 if response.status != 200:
                     raise AgentError(pod.name, response.status, (await response.text())[:300])

@@ -13,6 +13,12 @@ DEFAULT_IMAGE = "ghcr.io/drift-serving/drift-agent:0.1.0"
 # The agent's HTTP contract: one port serving the OpenAI API, /health, /ready, /metrics and /admin/*.
 AGENT_PORT = 8000
 AGENT_PORT_NAME = "http"
+# The admin API on its own port (`drift serve --admin-port`), not behind the Service: a NetworkPolicy can
+# admit only the operator to it.
+AGENT_ADMIN_PORT = 8001
+AGENT_ADMIN_PORT_NAME = "admin"
+# Beyond the agent's worst-case shutdown (drain deadline, flush, uvicorn), for the engine and process exit.
+SHUTDOWN_MARGIN_S = 10
 AGENT_CONTAINER = "agent"
 ENGINE_CONFIG_DIR = "/etc/drift"
 ENGINE_CONFIG_FILE = "engine.yaml"

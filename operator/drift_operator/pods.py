@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import AGENT_CONTAINER, AGENT_PORT, AGENT_PORT_NAME
+from .constants import AGENT_ADMIN_PORT_NAME, AGENT_CONTAINER, AGENT_PORT, AGENT_PORT_NAME
 from .metrics import PodSample
 from .partition import Steering
 from .render import runtime_partition
@@ -24,11 +24,19 @@ class PodView:
     port: int
     ready: bool
     restarts: int
+    admin_port: int | None = None  # the admin API's own port, when the pod declares one
 
     @property
     def base_url(self) -> str:
+        return self._url(self.port)
+
+    @property
+    def admin_url(self) -> str:
+        return self._url(self.admin_port or self.port)
+
+    def _url(self, port: int) -> str:
         host = f"[{self.ip}]" if self.ip and ":" in self.ip else self.ip  # IPv6 literals are bracketed
-        return f"http://{host}:{self.port}"
+        return f"http://{host}:{port}"
 
     @property
     def push_key(self) -> str:
@@ -46,13 +54,15 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         cond.get("type") == "Ready" and cond.get("status") == "True"
         for cond in status.get("conditions") or []
     )
-    port = AGENT_PORT
+    port, admin_port = AGENT_PORT, None
     restarts = 0
     for container in (pod.get("spec") or {}).get("containers") or []:
         if container.get("name") == AGENT_CONTAINER:
             for p in container.get("ports") or []:
                 if p.get("name") == AGENT_PORT_NAME and p.get("containerPort"):
                     port = int(p["containerPort"])
+                elif p.get("name") == AGENT_ADMIN_PORT_NAME and p.get("containerPort"):
+                    admin_port = int(p["containerPort"])
     for cs in status.get("containerStatuses") or []:
         if cs.get("name") == AGENT_CONTAINER:
             restarts = int(cs.get("restartCount") or 0)
@@ -63,6 +73,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         port=port,
         ready=ready and bool(status.get("podIP")),
         restarts=restarts,
+        admin_port=admin_port,
     )
 
 

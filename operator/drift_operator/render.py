@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from drift_agent.engine.config import EngineConfig
+from drift_agent.server.settings import ServerSettings
 
 from . import constants as c
 from .spec import LLMServiceSpec, SpecError
@@ -185,6 +187,7 @@ def _http_probe(path: str, period: int, failures: int, timeout: int) -> dict[str
 
 def _command(spec: LLMServiceSpec) -> list[str]:
     command = ["drift", "serve", "--host", "0.0.0.0", "--port", str(c.AGENT_PORT)]
+    command += ["--admin-port", str(c.AGENT_ADMIN_PORT)]
     command += ["--config", f"{c.ENGINE_CONFIG_DIR}/{c.ENGINE_CONFIG_FILE}"]
     path = model_path(spec)
     if path is not None:
@@ -248,7 +251,10 @@ def render_deployment(
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": _command(spec),
-        "ports": [{"name": c.AGENT_PORT_NAME, "containerPort": c.AGENT_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": c.AGENT_PORT_NAME, "containerPort": c.AGENT_PORT, "protocol": "TCP"},
+            {"name": c.AGENT_ADMIN_PORT_NAME, "containerPort": c.AGENT_ADMIN_PORT, "protocol": "TCP"},
+        ],
         "env": _env(owner, spec),
         "readinessProbe": _http_probe("/ready", period=5, failures=3, timeout=2),
         "livenessProbe": _http_probe("/health", period=10, failures=3, timeout=5),
@@ -273,7 +279,10 @@ def render_deployment(
         },
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,  # the agent never talks to the API server
-        "terminationGracePeriodSeconds": 30,
+        # SIGTERM drains running requests first: the kubelet must wait for the agent's worst case.
+        "terminationGracePeriodSeconds": math.ceil(
+            ServerSettings().worst_case_shutdown_s + c.SHUTDOWN_MARGIN_S
+        ),
         "containers": [container],
         "volumes": volumes,
     }

@@ -73,7 +73,8 @@ class Agent:
         deployment = get_obj("deployment", name, namespace)
         assert deployment is not None
         container = deployment["spec"]["template"]["spec"]["containers"][0]
-        self.port = int(container["ports"][0]["containerPort"])
+        ports = {p["name"]: int(p["containerPort"]) for p in container["ports"]}
+        self.port, self.admin_port = ports["http"], ports["admin"]  # the operator pushes to the admin port
         configmap = get_obj("configmap", f"{name}-engine", namespace)
         secret = get_obj("secret", f"{name}-admin-token", namespace)
         assert configmap is not None and secret is not None
@@ -100,7 +101,7 @@ class Agent:
             return False
 
     def policy(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/admin/policy", timeout=5).json()
+        return httpx.get(f"http://{self.host}:{self.admin_port}/admin/policy", timeout=5).json()
 
     def admin_puts(self) -> int:
         return self.log_path.read_text().count('"PUT /admin/policy HTTP/1.1" 200')

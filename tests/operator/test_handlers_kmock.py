@@ -61,7 +61,12 @@ async def test_create_renders_children_status_and_events(cluster: Cluster, opera
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
-    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "admin", "containerPort": 8001, "protocol": "TCP"},
+    ]
+    # The kubelet waits for the agent's drain (20 s), flush (5 s), uvicorn (5 s) and a margin.
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 40
     assert pod_spec["securityContext"]["runAsNonRoot"] is True
     service = _must(cluster.get(SERVICES, "chat"))
     assert service["spec"]["ports"][0]["name"] == "http"

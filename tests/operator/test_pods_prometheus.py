@@ -32,6 +32,10 @@ def test_pod_view() -> None:
     assert view is not None and view.ready and view.base_url == "http://10.0.0.5:8000"
     ipv6 = pod_view(_pod(ip="fd00::5"))
     assert ipv6 is not None and ipv6.base_url == "http://[fd00::5]:8000"
+    assert view.admin_url == view.base_url  # no admin port declared: the admin API is on the main port
+    with_admin = _pod()
+    with_admin["spec"]["containers"][0]["ports"].append({"name": "admin", "containerPort": 8001})
+    assert pod_view(with_admin).admin_url == "http://10.0.0.5:8001"  # type: ignore[union-attr]
     assert not pod_view(_pod(ready="False")).ready  # type: ignore[union-attr]
     assert not pod_view(_pod(ip=None)).ready  # type: ignore[union-attr]
     assert pod_view(_pod(deletionTimestamp="2026-01-01T00:00:00Z")) is None

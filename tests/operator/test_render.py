@@ -54,9 +54,13 @@ def test_deployment_golden_fields_embedded_cpu() -> None:
     assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     container = _container(deployment)
     assert container["command"] == [
-        "drift", "serve", "--host", "0.0.0.0", "--port", "8000", "--config", "/etc/drift/engine.yaml",
+        "drift", "serve", "--host", "0.0.0.0", "--port", "8000", "--admin-port", "8001",
+        "--config", "/etc/drift/engine.yaml",
     ]  # fmt: skip
-    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "admin", "containerPort": 8001, "protocol": "TCP"},
+    ]
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http", "scheme": "HTTP"}
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 600
