@@ -23,11 +23,28 @@ OPTIONAL_COMMANDS: list[tuple[str, str]] = [
 ]
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that reports arguments it does not know itself.
+
+    argparse hands a subparser's leftovers back to the top-level parser, whose error then shows
+    `usage: drift [-h] ... COMMAND`; refusing them here shows `usage: drift serve ...` instead. Nested
+    subparsers (`drift bench serve`) inherit the class, so the innermost command reports.
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drift", description="Drift: SLO-oriented LLM serving")
     parser.add_argument("--version", action="version", version=f"drift {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SubcommandParser)
     for module, fn in COMMANDS:
         getattr(importlib.import_module(module), fn)(sub)
     for module, fn in OPTIONAL_COMMANDS:

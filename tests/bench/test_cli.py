@@ -160,3 +160,46 @@ def test_plot_overlays_result_files(tmp_path: Path, capsys) -> None:
     only_inf.write_text('{"runs": [{"request_rate": "inf", "summary": {}}]}')
     assert main(["plot", str(only_inf), "-o", str(png)]) == 2
     assert "nothing to plot" in capsys.readouterr().err
+
+
+def test_infinite_burstiness_and_mean_turns_write_valid_json(
+    mock: MockServer, tmp_path: Path, capsys
+) -> None:
+    mock.state.ttft_s, mock.state.itl_s = 0.0, 0.0
+    out, png = tmp_path / "inf.json", tmp_path / "inf.png"
+    argv = serve(mock.url, "--workload", "multi-turn", "--mean-turns", "inf", "--think-time", "0",
+                 "--burstiness", "inf", "--request-rate", "50", "--save-result", str(out))  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    text = out.read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))  # strict JSON, no Infinity
+    raw = json.loads(text)["config"]
+    assert raw["burstiness"] == "inf" and raw["mean_turns"] == "inf"
+    doc = load_result(out)
+    assert doc["config"]["burstiness"] == float("inf") and doc["config"]["mean_turns"] == float("inf")
+    assert doc["config"]["num_sessions"] == 1  # an endless session: all 4 requests are its turns
+    assert main(["plot", str(out), "-o", str(png)]) == 0
+    assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_probe_sends_a_prompt_of_its_own(mock: MockServer, tmp_path: Path) -> None:
+    mock.state.ttft_s, mock.state.itl_s = 0.0, 0.0
+    assert main(serve(mock.url)) == 0
+    probe, *measured = [r["body"]["prompt"] for r in mock.state.requests]
+    assert len(measured) == 4
+    # A measured prompt sent early would sit in the server's prefix cache when its turn came.
+    assert all(not m.startswith(probe[:20]) and not probe.startswith(m[:20]) for m in measured)
+
+
+def test_a_busy_machine_is_reported(mock: MockServer, tmp_path: Path, monkeypatch, capsys) -> None:
+    from drift_agent.bench import machine
+
+    monkeypatch.setattr(machine, "load_average", lambda: 1000.0)
+    out = tmp_path / "busy.json"
+    assert main(serve(mock.url, "--save-result", str(out))) == 0
+    err = capsys.readouterr().err
+    assert "drift bench serve: warning: the machine was busy during the run (1-minute load average" in err
+    assert json.loads(out.read_text())["machine"]["busy"] is True
+    monkeypatch.setattr(machine, "load_average", lambda: 0.0)
+    monkeypatch.setattr(machine, "read_cpu_times", lambda: None)
+    assert main(serve(mock.url)) == 0
+    assert "busy" not in capsys.readouterr().err

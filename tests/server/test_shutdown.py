@@ -84,7 +84,11 @@ def test_drain_deadline_aborts_the_rest(async_engine, tiny_engine) -> None:
     )
     blocking.start()
     assert reader.first.wait(10)
-    time.sleep(0.05)
+    # Both requests must be in the engine before SIGTERM (a fixed sleep let a loaded machine drain first).
+    deadline = time.monotonic() + 10
+    while len(tiny_engine.requests) < 2:
+        assert time.monotonic() < deadline, "the blocking request never reached the engine"
+        time.sleep(0.01)
     live.server.should_exit = True
     reader.join(30)
     blocking.join(30)

@@ -176,6 +176,81 @@ def test_serve_refuses_bad_config(argv: list[str], env: dict[str, str], monkeypa
     assert err.startswith("drift serve: invalid configuration:") and len(err.strip().splitlines()) == 1
 
 
+@pytest.fixture
+def no_model_load(monkeypatch) -> None:
+    """Loading the engine is a test failure: these errors must come before it."""
+    from drift_agent.engine.llm_engine import LLMEngine
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the configuration was checked")
+
+    monkeypatch.setattr(LLMEngine, "__init__", refuse)
+
+
+def _serve_error(argv: list[str], capsys) -> str:
+    from drift_agent.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("drift serve: error: ") and "\n" not in err, err
+    return err
+
+
+def test_serve_refuses_a_port_in_use_before_loading(no_model_load, capsys) -> None:
+    import socket
+
+    from tests.tiny_models import tiny_model_dir
+
+    model = str(tiny_model_dir("llama"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = _serve_error(["--host", "127.0.0.1", "--port", str(port), "--model", model], capsys)
+    assert f"127.0.0.1:{port}" in err and "already in use" in err
+
+
+def test_serve_refuses_cuda_without_a_gpu(no_model_load, capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert "no CUDA GPU" in _serve_error(["--port", "0", "--device", "cuda"], capsys)
+
+
+def test_serve_refuses_a_missing_model_directory(no_model_load, tmp_path, capsys) -> None:
+    err = _serve_error(["--port", "0", "--model", str(tmp_path / "nope")], capsys)
+    assert "does not exist" in err
+    assert "no config.json" in _serve_error(["--port", "0", "--model", str(tmp_path)], capsys)
+
+
+def test_serve_refuses_max_model_len_above_the_models(no_model_load, capsys) -> None:
+    from tests.tiny_models import tiny_model_dir
+
+    model = str(tiny_model_dir("llama"))  # max_position_embeddings 512
+    err = _serve_error(["--port", "0", "--model", model, "--max-model-len", "4096"], capsys)
+    assert "max_model_len 4096 exceeds the model's maximum context length 512" in err
+
+
+def test_max_model_len_limit_follows_rope_scaling() -> None:
+    from drift_agent.models.loader import MaxModelLenError, model_max_len, resolve_max_model_len
+
+    assert model_max_len({}) == 4096  # what the engine assumes without max_position_embeddings
+    plain = {"max_position_embeddings": 2048}
+    assert resolve_max_model_len(plain, None) == 2048 and resolve_max_model_len(plain, 1024) == 1024
+    with pytest.raises(MaxModelLenError, match="exceeds"):
+        resolve_max_model_len(plain, 2049)
+    linear = {"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 4.0}}
+    assert model_max_len(linear) == 16384
+    yarn = {
+        "max_position_embeddings": 40960,
+        "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    }
+    assert model_max_len(yarn) == 131072
+    llama3 = {"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    assert model_max_len(llama3) == 131072  # already the stretched length
+
+
 class FakeNvml:
     """Just enough of pynvml for two GPUs, the second without power sensing."""
 

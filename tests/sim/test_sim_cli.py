@@ -159,3 +159,30 @@ def test_a_negative_fold_budget_is_refused_by_the_parser(capsys):
         main(["sim", "run", *SMALL, "--fold-max-tokens", "-5"])
     assert exc.value.code == 2
     assert "argument --fold-max-tokens: must be >= 0, got -5" in capsys.readouterr().err
+
+
+def test_plan_and_run_name_the_rate_alike(tmp_path, capsys):
+    from drift_agent.cli import build_parser
+
+    sim = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "sim" in a.choices)
+    sim = sim.choices["sim"]
+    subs = next(a for a in sim._actions if getattr(a, "choices", None) and "plan" in a.choices).choices
+    flags = {name: {s for a in p._actions for s in a.option_strings} for name, p in subs.items()}
+    assert "--request-rate" in flags["run"] and "--request-rate" in flags["plan"]
+    out = tmp_path / "plan.json"
+    argv = ["sim", "plan", *SMALL, "--request-rate", "3.33333", "--policy", "chunked", "--slo", "ttft:500",
+            "tpot:30", "--max-replicas", "2", "--save-result", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "Plan for 3.33 req/s" in capsys.readouterr().out  # rounded
+    assert json.loads(out.read_text())["request_rate"] == pytest.approx(3.33333)
+
+
+def test_piped_tables_keep_each_row_on_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert main(["sim", "run", *SMALL, "--policy", "chunked,drift", "--request-rate", "2.123456"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Simulated: llama-3-8b on NVIDIA H100") and "roofline" in lines[0]
+    header = next(line for line in lines if "policy" in line)
+    assert "attainment %" in header and "throughput req/s" in header
+    rows = [line for line in lines if line.startswith("│ chunked") or line.startswith("│ drift")]
+    assert len(rows) == 2 and all(" 2.12 " in row for row in rows)

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from ..argtypes import non_negative_float, non_negative_int, percentiles, positive_int, rate, rates, slo_item
 from . import BenchError, ServerUnreachableError
+from .console import format_rate, make_console
 from .workloads import WORKLOADS
 
 DEFAULT_PERCENTILES = "50,90,99"
@@ -86,7 +87,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     w.add_argument(
         "--prefix-len", type=non_negative_int, default=0, help="tokens of a prefix shared by all prompts"
     )
-    w.add_argument("--mean-turns", type=rate, default=4.0, help="multi-turn: mean turns per session")
+    w.add_argument(
+        "--mean-turns",
+        type=rate,
+        default=4.0,
+        help="multi-turn: mean turns per session; inf: every session runs to 16 turns or the token cap",
+    )
     w.add_argument(
         "--think-time", type=non_negative_float, default=2.0, help="multi-turn: mean think time (s)"
     )
@@ -104,7 +110,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--burstiness",
         type=rate,
         default=1.0,
-        help="Gamma shape of inter-arrival gaps: 1 Poisson, <1 burstier, >1 smoother",
+        help="Gamma shape of inter-arrival gaps: 1 Poisson, <1 burstier, >1 smoother, inf evenly spaced",
     )
     t.add_argument("--max-concurrency", type=positive_int, default=None, help="cap on requests in flight")
     t.add_argument("--num-warmups", type=non_negative_int, default=0, help="warm-up requests, excluded")
@@ -190,8 +196,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BenchError(f"--base-url must be an http(s) URL, got {args.base_url!r}")
 
 
-def _workload(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
-    """(measured specs, warm-up specs); warm-ups are fresh random prompts of typical length, never measured ones."""
+def _workload(args: argparse.Namespace) -> tuple[list[Any], list[Any], Any]:
+    """(measured specs, warm-up specs, probe spec). Warm-ups are fresh random prompts of typical length, and
+    the start-up probe a short one of its own: sending a measured prompt early would leave its KV blocks in
+    the server's prefix cache, so that request would later run warm."""
     import numpy as np
 
     from .jsonl import load_jsonl
@@ -227,7 +235,10 @@ def _workload(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
             output_len=max(1, int(np.median([s.output_len for s in specs]))),
         )
         warmups = generate("random", args.num_warmups, args.seed + 1_000_003, typical, builder, id_prefix="w")
-    return specs, warmups
+    probe = generate(
+        "random", 1, args.seed + 2_000_003, WorkloadParams(input_len=16, output_len=4), builder, "probe"
+    )[0]
+    return specs, warmups, probe
 
 
 def _print_summary(console: Any, title: str, s: dict[str, Any], percentiles: list[float]) -> None:
@@ -273,7 +284,7 @@ def _print_summary(console: Any, title: str, s: dict[str, Any], percentiles: lis
 
 
 async def _serve_async(
-    args: argparse.Namespace, specs: list[Any], warmups: list[Any], console: Any, out: Any
+    args: argparse.Namespace, specs: list[Any], warmups: list[Any], probe_spec: Any, console: Any, out: Any
 ) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -303,7 +314,7 @@ async def _serve_async(
             if not models:
                 raise ServerUnreachableError(f"{args.base_url}/v1/models lists no model; pass --model")
             client.config = config = dataclasses.replace(config, model=models[0])
-        await probe(client, warmups[0] if warmups else specs[0])
+        await probe(client, probe_spec)
         load = LoadConfig(args.burstiness, args.seed, args.max_concurrency, slo, args.percentiles)
         progress = Progress(
             TextColumn("{task.description}"),
@@ -317,7 +328,7 @@ async def _serve_async(
         task: list[Any] = []
 
         def on_run_start(rate: float, n: int) -> None:
-            task[:] = [progress.add_task(f"rate {rate:g} req/s", total=n)]
+            task[:] = [progress.add_task(f"rate {format_rate(rate)} req/s", total=n)]
 
         def on_done(_: Any) -> None:
             progress.advance(task[0])
@@ -342,21 +353,22 @@ async def _serve_async(
                 )
 
     for run in sorted(runs, key=lambda r: r.request_rate):
-        _print_summary(out, f"Serving benchmark @ {run.request_rate:g} req/s", run.summary, args.percentiles)
+        title = f"Serving benchmark @ {format_rate(run.request_rate)} req/s"
+        _print_summary(out, title, run.summary, args.percentiles)
     errors = Counter(r.error for run in runs for r in run.records if not r.success)
     for error, count in errors.most_common(3):
         console.print(f"[yellow]{count} failed request(s):[/] {error}", markup=True, highlight=False)
     if sweep is not None:
         if sweep.max_rate is None:
             out.print(
-                f"No rate in [{args.sweep_min:g}, {args.sweep_max:g}] reached "
+                f"No rate in [{format_rate(args.sweep_min)}, {format_rate(args.sweep_max)}] reached "
                 f"{100 * args.target_attainment:g}% SLO attainment."
             )
         else:
             bound = "" if sweep.saturated else " (the upper bound itself met it; raise --sweep-max)"
             out.print(
                 f"Max rate at {100 * args.target_attainment:g}% SLO attainment: "
-                f"{sweep.max_rate:.3g} req/s{bound}"
+                f"{format_rate(sweep.max_rate)} req/s{bound}"
             )
     run_config = {
         "base_url": args.base_url,
@@ -389,25 +401,32 @@ async def _serve_async(
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from .machine import MachineMonitor
     from .results import save_result
 
-    console, out = Console(stderr=True), Console()
+    console, out = make_console(stderr=True), make_console()
     try:
         _check_args(args)
-        specs, warmups = _workload(args)
+        specs, warmups, probe_spec = _workload(args)
     except BenchError as e:
         _err(str(e))
         return 2
+    monitor = MachineMonitor()
     try:
-        result = asyncio.run(_serve_async(args, specs, warmups, console, out))
+        with monitor:
+            result = asyncio.run(_serve_async(args, specs, warmups, probe_spec, console, out))
     except ServerUnreachableError as e:
         _err(str(e))
         return 1
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    if monitor.result is not None:
+        result["machine"] = monitor.result.to_dict()
+        # The client shares the machine with whatever else runs on it, the server too when it is local.
+        warning = monitor.result.warning("the latencies and throughputs")
+        if warning:
+            print(f"drift bench serve: warning: {warning}", file=sys.stderr)
     try:
         if args.save_result:
             save_result(result, args.save_result)

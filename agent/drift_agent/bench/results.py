@@ -2,8 +2,10 @@
 
 {"schema": "drift.bench.serve/v1", "label": "...", "created": ISO-8601, "config": {...},
  "runs": [{"request_rate": 2.0 | "inf", "summary": {...metrics.summarize...}, "requests": [...]?}, ...],
- "sweep": {...SweepResult.to_dict...} | null}
-Runs are sorted by rate; an infinite rate is written as the string "inf" because JSON has no infinity.
+ "sweep": {...SweepResult.to_dict...} | null, "machine": {...machine.MachineLoad.to_dict...}?}
+Runs are sorted by rate. JSON has no infinity: an infinite number anywhere (a rate, `--burstiness inf`,
+`--mean-turns inf`) is written as the string "inf" (NaN as null), and `load_result` turns the config's and
+the runs' "inf" strings back into floats.
 """
 
 from __future__ import annotations
@@ -49,8 +51,27 @@ def make_result(
     }
 
 
+_INFINITIES = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by a JSON-valid stand-in: "inf", "-inf", null for NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _decode_infinities(mapping: dict[str, Any]) -> dict[str, Any]:
+    return {k: _INFINITIES.get(v, v) if isinstance(v, str) else v for k, v in mapping.items()}
+
+
 def save_result(result: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    text = json.dumps(json_safe(result), indent=2, allow_nan=False)
+    Path(path).write_text(text + "\n", encoding="utf-8")
 
 
 def load_result(path: str | Path) -> dict[str, Any]:
@@ -71,5 +92,8 @@ def load_result(path: str | Path) -> dict[str, Any]:
             decode_rate(run["request_rate"])
         except (TypeError, ValueError):
             raise BenchError(f"{p}: run {i} has a bad request_rate {run['request_rate']!r}") from None
+        run["summary"] = _decode_infinities(run["summary"])
+    if isinstance(doc.get("config"), dict):
+        doc["config"] = _decode_infinities(doc["config"])
     doc.setdefault("label", p.stem)
     return doc

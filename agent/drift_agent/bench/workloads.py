@@ -18,6 +18,7 @@ Workloads (length sources are documented in `lengths.py`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,8 +115,12 @@ def _multi_turn(
     specs: list[RequestSpec] = []
     session = 0
     while len(specs) < num_requests:
-        # Geometric turn count with the requested mean: each answer is followed by another turn w.p. 1-1/mean.
-        turns = min(int(rng.geometric(1.0 / params.mean_turns)), params.max_turns, num_requests - len(specs))
+        # Geometric turn count with the requested mean: each answer is followed by another turn w.p. 1-1/mean;
+        # an infinite mean never stops by chance (numpy refuses p=0), only at max_turns or the token cap.
+        drawn = (
+            params.max_turns if math.isinf(params.mean_turns) else int(rng.geometric(1.0 / params.mean_turns))
+        )
+        turns = min(drawn, params.max_turns, num_requests - len(specs))
         user_lens = LMSYS_PROMPT.sample(turns, rng)
         answer_lens = LMSYS_RESPONSE.sample(turns, rng)
         if params.output_len is not None:

@@ -5,30 +5,134 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from ..engine.config import POLICIES, EngineConfig
+from ..engine.errors import DriftError
+
+
+class PreflightError(DriftError):
+    """A configuration that is valid on paper but cannot run here (no GPU, port in use...)."""
+
+
+def engine_default(name: str) -> Any:
+    """The built-in default of an EngineConfig field, for help texts (flags default to None so that YAML and
+    DRIFT_* values keep their precedence; the help shows what applies when nothing sets the option)."""
+    return EngineConfig.model_fields[name].get_default(call_default_factory=True)
+
+
+def _with_default(text: str, name: str) -> str:
+    value = engine_default(name)
+    shown = value if not isinstance(value, bool) else ("on" if value else "off")
+    return f"{text} (default: {shown})".replace("%", "%%")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument(
-        "--model", help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)"
+    g = p.add_argument_group(
+        "engine", "Precedence: flags > DRIFT_* environment variables > --config YAML > the defaults shown."
     )
-    g.add_argument("--config", dest="config_file", help="YAML file of engine options")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--max-model-len", type=int)
-    g.add_argument("--block-size", type=int)
-    g.add_argument("--num-kv-blocks", type=int)
-    g.add_argument("--kv-cache-memory-gb", type=float)
-    g.add_argument("--gpu-memory-utilization", type=float)
-    g.add_argument("--max-num-seqs", type=int)
-    g.add_argument("--max-num-batched-tokens", type=int)
-    g.add_argument("--policy", choices=list(POLICIES))
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    g.add_argument("--attention-backend", choices=["auto", "sdpa", "flash-attn", "flashinfer", "flex"])
-    g.add_argument("--num-threads", type=int)
-    g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--model",
+        metavar="DIR",
+        help="local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    g.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="YAML",
+        help="YAML file of engine options, any EngineConfig key (sample: docs/engine.yaml) (default: none)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help=_with_default("weights and KV cache dtype; auto: float32 on CPU, bfloat16 on GPU", "dtype"),
+    )
+    g.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help=_with_default("where to run; auto: cuda when a GPU is visible, else cpu", "device"),
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        metavar="TOKENS",
+        help="context window (prompt + output tokens); above the model's limit is an error "
+        "(default: the model's max_position_embeddings)",
+    )
+    g.add_argument(
+        "--block-size",
+        type=int,
+        metavar="TOKENS",
+        help=_with_default("tokens per KV cache block", "block_size"),
+    )
+    g.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        metavar="N",
+        help="fixed KV pool size in blocks, overriding the memory budget (default: sized from the budget)",
+    )
+    g.add_argument(
+        "--kv-cache-memory-gb",
+        type=float,
+        metavar="GIB",
+        help="KV cache budget in GiB (default: 2 on CPU; on GPU what --gpu-memory-utilization leaves)",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        metavar="FRACTION",
+        help=_with_default(
+            "fraction of GPU memory for weights, activations and KV cache", "gpu_memory_utilization"
+        ),
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        metavar="N",
+        help=_with_default("most sequences running in one step", "max_num_seqs"),
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        metavar="TOKENS",
+        help=_with_default("token budget of one step (the prefill chunk size)", "max_num_batched_tokens"),
+    )
+    g.add_argument(
+        "--policy",
+        choices=list(POLICIES),
+        help=_with_default(
+            "scheduling policy: prefill-first, chunked (chunked prefill), static-split (fixed SM split), "
+            "drift (SLO-aware PD multiplexing)",
+            "policy",
+        ),
+    )
+    g.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not reuse the KV blocks of shared prompt prefixes (default: prefix caching on)",
+    )
+    g.add_argument(
+        "--attention-backend",
+        choices=["auto", "sdpa", "flash-attn", "flashinfer", "flex"],
+        help=_with_default(
+            "attention kernels; auto: flash-attn, then flashinfer on CUDA in 16 bits, else sdpa",
+            "attention_backend",
+        ),
+    )
+    g.add_argument(
+        "--num-threads",
+        type=int,
+        metavar="N",
+        help="torch intra-op threads on CPU (default: torch's, one per core)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        help=_with_default(
+            "accepted for vLLM compatibility; unused (a request's own seed makes it reproducible)", "seed"
+        ),
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -66,10 +170,43 @@ def config_error_message(exc: Exception) -> str:
     return str(exc)
 
 
+def check_before_loading(config: EngineConfig) -> None:
+    """Refuse what would otherwise fail only after the model loads, or deep in a traceback: `--device cuda`
+    without a GPU, a missing or unsupported model directory, a context window above the model's limit.
+    Raises a `DriftError` whose message is one line."""
+    if config.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
+            raise PreflightError(
+                f"device 'cuda' requested but no CUDA GPU is visible{build}; use --device cpu"
+            )
+    from ..models.loader import read_config, resolve_max_model_len
+
+    if config.model is not None:
+        model_dir = Path(config.model).expanduser()
+    else:
+        from ..models.embedded import embedded_model_dir, gguf_path
+
+        gguf_path()  # the package is installed; converting it can wait unless its limit is needed now
+        if config.max_model_len is None:
+            return
+        model_dir = embedded_model_dir()
+    resolve_max_model_len(read_config(model_dir), config.max_model_len)
+
+
 def config_or_exit_code(args: argparse.Namespace, command: str) -> EngineConfig | int:
-    """The engine config, or exit code 2 after a one-line reason on stderr."""
+    """The engine config, checked against this machine and the model directory, or exit code 2 after a
+    one-line reason on stderr."""
     try:
-        return engine_config_from_args(args)
+        config = engine_config_from_args(args)
     except (ValueError, OSError) as exc:
         print(f"drift {command}: invalid configuration: {config_error_message(exc)}", file=sys.stderr)
         return 2
+    try:
+        check_before_loading(config)
+    except DriftError as exc:
+        print(f"drift {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return config

@@ -8,14 +8,46 @@ from .engine_args import add_engine_args, config_or_exit_code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate a completion for a prompt")
+    p = sub.add_parser(
+        "generate",
+        help="generate a completion for a prompt",
+        description="Load the engine in this process, generate, print each completion on its own line.",
+    )
     p.add_argument("prompt", nargs="+", help="prompt text (several: generated as one batch)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
-    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="most tokens to generate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 is greedy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling probability mass (default: %(default)s)"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="sample among the k likeliest tokens; 0: all (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sample-seed",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="per-request sampling seed, for reproducible sampling (default: unseeded)",
+    )
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompt as is, without the chat template (default: templated when the model has one)",
+    )
     add_engine_args(p)
     p.set_defaults(func=run)
 

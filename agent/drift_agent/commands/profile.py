@@ -1,5 +1,5 @@
 """`drift profile`: measure prefill/decode latency grids per SM split, fit the performance model, save it as
-JSON (keyed by model, device and dtype) and plot measured vs predicted."""
+JSON (keyed by the model's identity, device and dtype) and plot measured vs predicted."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from .engine_args import add_engine_args, config_or_exit_code
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="profile the model on this device and fit the performance model")
     p.add_argument(
-        "--output", default="drift-profile.json", help="profile JSON (merged by model/device/dtype)"
+        "--output",
+        default="drift-profile.json",
+        help="profile JSON, merged by model identity (architecture and shape), device and dtype; "
+        "the engine finds it whatever name the model is served under (default: %(default)s)",
     )
     p.add_argument("--plot", default=None, help="PNG of measured vs predicted latency")
     p.add_argument("--quick", action="store_true", help="a small grid (CPU, smoke tests)")
@@ -32,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..engine.llm_engine import LLMEngine
+    from ..multiplex.analytic import ModelShape
     from ..multiplex.measure import EngineMeasurer
+    from ..multiplex.model_select import model_identity
     from ..multiplex.profile import ProfileGrid, format_fit_report, run_profile
     from ..partition import make_partitioner
 
@@ -58,11 +63,15 @@ def run(args: argparse.Namespace) -> int:
     m = EngineMeasurer(engine, partitioner)
     dtype = str(engine.dtype).removeprefix("torch.")
     device = "cpu" if on_cpu else __import__("torch").cuda.get_device_name(engine.device)
+    # Keyed by what the model is, not by its name or path: a renamed or moved model keeps its profile.
+    architecture = (getattr(engine.hf_config, "architectures", None) or [None])[0]
+    identity = model_identity(ModelShape.from_hf_config(engine.hf_config, dtype), architecture)
     result = run_profile(
         m.prefill,
         m.decode,
         splits=splits,
-        model=engine.model_name,
+        model=identity,
+        label=engine.model_name,
         device=device,
         dtype=dtype,
         total_sms=partitioner.total_sms,

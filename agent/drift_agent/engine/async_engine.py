@@ -4,6 +4,7 @@ through an asyncio queue. Cancelling the consumer (a client disconnect) aborts t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -11,7 +12,7 @@ import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, is_fatal_error
 from .llm_engine import LLMEngine
 from .outputs import EngineStats, RequestOutput
 from .sampling_params import SamplingParams
@@ -20,13 +21,21 @@ from .sequence import SLO, Sequence
 log = logging.getLogger(__name__)
 
 
+Item = RequestOutput | BaseException
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
+    queue: asyncio.Queue[Item]
 
-    def put(self, item: RequestOutput | BaseException) -> None:
+    def put(self, item: Item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Item], Item]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 class RequestStream:
@@ -76,6 +85,9 @@ class AsyncLLMEngine:
         self._pending_adds = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Outputs of the current step (and commands), handed to each event loop in ONE thread-safe call at
+        # the end: per output, the wake-ups and the GIL hand-overs with the engine thread cost the most.
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Item], Item]]] = {}
         self.error: BaseException | None = None
         self._stats = engine.stats()
         # Hooks called on the engine thread after each step (metrics, policy changes); must be quick.
@@ -83,7 +95,20 @@ class AsyncLLMEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and self.error is None
+            and self.engine.dead is None
+        )
+
+    @property
+    def is_dead(self) -> bool:
+        """The engine is unusable, or its loop was started and has ended other than by `shutdown`: nothing
+        will be served any more (liveness). Not dead before `start`."""
+        if self.error is not None or self.engine.dead is not None:
+            return True
+        return self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
 
     def start(self) -> None:
         if self._thread is None:
@@ -122,6 +147,10 @@ class AsyncLLMEngine:
         seq = self.engine.make_sequence(request_id, prompt, params, slo, arrival_time)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
+            # Checked again under the lock: a loop that died meanwhile failed every stream registered
+            # before it took this lock, and one registered after would wait forever.
+            if self.error is not None:
+                raise EngineDeadError(f"engine is not running: {self.error!r}")
             if self._stats.num_waiting + self._pending_adds >= self.max_waiting:
                 raise EngineOverloadedError(f"waiting queue is full ({self.max_waiting} requests)")
             if request_id in self._streams:
@@ -139,16 +168,26 @@ class AsyncLLMEngine:
         try:
             while not self._stop.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.dead is not None:  # e.g. a policy switch that failed beyond recovery
+                    raise EngineDeadError(f"engine is unusable: {self.engine.dead!r}")
                 if self.engine.has_unfinished_requests():
+                    # Raises only when the engine is unusable: it fails single requests and batches itself.
                     outputs = self.engine.step()
                     self._stats = self.engine.stats()
                     for out in outputs:
                         self._deliver(out)
+                    self._flush()
                     for hook in self.step_hooks:
-                        hook(self.engine, outputs)
+                        try:
+                            hook(self.engine, outputs)
+                        except Exception as exc:  # an observer's bug must not stop serving; a dead GPU does
+                            if is_fatal_error(exc):
+                                raise
+                            log.exception("step hook %r failed", hook)
         except BaseException as exc:  # the loop must never die silently: fail every open request
             log.exception("engine loop died")
             self.error = exc
+            self._flush()  # what the dead step already produced goes out first
             with self._lock:
                 streams = list(self._streams.values())
                 self._streams.clear()
@@ -161,11 +200,17 @@ class AsyncLLMEngine:
         except queue.Empty:
             return
         while True:
-            self._handle(cmd, arg)
+            try:
+                self._handle(cmd, arg)
+            except Exception as exc:
+                if is_fatal_error(exc):
+                    raise
+                log.exception("engine command %r failed", cmd)
             try:
                 cmd, arg = self._commands.get_nowait()
             except queue.Empty:
                 break
+        self._flush()
         self._stats = self.engine.stats()
 
     def _handle(self, cmd: str, arg: object) -> None:
@@ -182,7 +227,7 @@ class AsyncLLMEngine:
             except Exception as exc:
                 with self._lock:
                     self._streams.pop(seq.request_id, None)
-                stream.put(exc)
+                self._post(stream, exc)
         elif cmd == "abort":
             # The stream stays registered until the final 'abort' output reaches it (now, or when the
             # request's running batch returns), so nobody waiting on it hangs.
@@ -198,4 +243,14 @@ class AsyncLLMEngine:
             if out.finished:
                 self._streams.pop(out.request_id, None)
         if stream is not None:
-            stream.put(out)
+            # A failed request raises its error to the consumer (the server maps it to an error response).
+            self._post(stream, out if out.error is None else out.error)
+
+    def _post(self, stream: _Stream, item: Item) -> None:
+        self._outbox.setdefault(stream.loop, []).append((stream.queue, item))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is left to read these
+                loop.call_soon_threadsafe(_put_all, items)

@@ -178,10 +178,18 @@ class BlockManager:
         self.hash_to_block = {h: b for h, b in self.hash_to_block.items() if self.blocks[b].ref_count > 0}
 
     def check_invariants(self) -> None:
-        """Consistency of refcounts, the free list and the hash index (used by tests and debug runs)."""
+        """Consistency of refcounts, the free list and the hash index. Raises AssertionError explicitly (not
+        with `assert`), so the engine's check after a failed step holds under `python -O` too."""
+        free, index = self.free, self.hash_to_block
         for block in self.blocks:
-            assert block.ref_count >= 0, block
-            assert (block.ref_count == 0) == (block.block_id in self.free), block
-            assert block.hash is None or self.hash_to_block.get(block.hash) == block.block_id, block
-        for h, bid in self.hash_to_block.items():
-            assert self.blocks[bid].hash == h
+            if block.ref_count < 0:
+                raise AssertionError(f"negative refcount: {block}")
+            if (block.ref_count == 0) != (block.block_id in free):
+                raise AssertionError(f"free list disagrees with the refcount: {block}")
+            if block.hash is not None and index.get(block.hash) != block.block_id:
+                raise AssertionError(f"hash not indexed: {block}")
+        if len(free) > self.num_blocks or any(not 0 <= bid < self.num_blocks for bid in free):
+            raise AssertionError("free list holds unknown block ids")
+        for h, bid in index.items():
+            if self.blocks[bid].hash != h:
+                raise AssertionError(f"hash index points at block {bid}, which holds another hash")

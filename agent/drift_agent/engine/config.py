@@ -17,18 +17,32 @@ class PartitionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["auto", "static", "off"] = "auto"
+    mode: Literal["auto", "static", "off"] = Field(
+        "auto",
+        description="drift: auto picks the split per step, static keeps prefill_sm_share, off never splits",
+    )
     # For mode=static (and the static-split policy): the prefill share of SMs, decode gets the rest.
-    prefill_sm_share: float = Field(0.5, ge=0.0, le=1.0)
+    prefill_sm_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="prefill's share of SMs in static mode and static-split"
+    )
     # Which partitioner realises the split: green contexts, MPS, or a shared (no-op) partitioner.
-    backend: Literal["auto", "green-context", "mps", "shared"] = "auto"
+    backend: Literal["auto", "green-context", "mps", "shared"] = Field(
+        "auto", description="how the split is realised: CUDA green contexts, MPS, or shared (no split)"
+    )
     # drift (mode=auto): most prompt tokens the dispatcher may fold into one decode step, chunked-prefill
     # style, when that step still meets the decode budget (dispatcher rule 8); 0 never folds.
-    fold_max_tokens: int = Field(2048, ge=0)
+    fold_max_tokens: int = Field(
+        2048, ge=0, description="drift: most prompt tokens folded into a decode step that meets TPOT; 0 never"
+    )
     # drift (mode=auto): the dispatcher plans decode against step budget / (1 + tpot_margin). The operator's
     # SLO loop steers it: > 0 defends TPOT when the performance model is optimistic (decode keeps more SMs,
     # fewer prompts fold), < 0 hands prefill more SMs and folds more (favours TTFT).
-    tpot_margin: float = Field(0.0, ge=-0.5, le=1.0)
+    tpot_margin: float = Field(
+        0.0,
+        ge=-0.5,
+        le=1.0,
+        description="drift: plan decode against TPOT step budget / (1 + margin); > 0 favours TPOT, < 0 TTFT",
+    )
 
 
 class EngineConfig(BaseModel):
@@ -37,28 +51,56 @@ class EngineConfig(BaseModel):
     model: str | None = Field(
         None, description="Hugging Face model directory; None serves the embedded default"
     )
-    served_model_name: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_model_len: int | None = Field(None, ge=16, description="context window; default: the model's")
-    block_size: int = Field(16, ge=1, le=1024)
+    served_model_name: str | None = Field(
+        None, description="model id clients send and metrics carry; None: the model path (or embedded name)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and KV cache dtype; auto: float32 on CPU, bfloat16 on GPU"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible")
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="context window in tokens (prompt + output); None: the model's max_position_embeddings; "
+        "larger is an error",
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     num_kv_blocks: int | None = Field(
         None, ge=1, description="fixed KV pool size; overrides the memory budget"
     )
-    kv_cache_memory_gb: float | None = Field(None, gt=0, description="KV budget in GiB (CPU default: 2)")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    max_num_seqs: int = Field(256, ge=1)
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="KV budget in GiB; None: 2 on CPU, what gpu_memory_utilization leaves on GPU"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="fraction of GPU memory the engine may use (weights + KV cache)"
+    )
+    max_num_seqs: int = Field(256, ge=1, description="most sequences running in one step")
     max_num_batched_tokens: int = Field(2048, ge=16, description="token budget of one step (chunk size)")
     max_waiting_requests: int = Field(1024, ge=1, description="bounded queue; past it requests get 429")
-    policy: PolicyName = "chunked"
-    partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    enable_prefix_caching: bool = True
-    attention_backend: Literal["auto", "sdpa", "flash-attn", "flashinfer", "flex"] = "auto"
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
-    seed: int = 0
+    policy: PolicyName = Field(
+        "chunked", description="scheduling policy: prefill-first, chunked, static-split or drift"
+    )
+    partition: PartitionConfig = Field(
+        default_factory=PartitionConfig, description="SM split between prefill and decode"
+    )
+    enable_prefix_caching: bool = Field(True, description="reuse KV blocks of shared prompt prefixes")
+    attention_backend: Literal["auto", "sdpa", "flash-attn", "flashinfer", "flex"] = Field(
+        "auto",
+        description="attention kernels; auto: flash-attn, then flashinfer on CUDA in 16 bits, else sdpa",
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads on CPU; None: torch's default (one per core)"
+    )
+    seed: int = Field(
+        0, description="accepted for vLLM compatibility; unused: a request's own seed makes it reproducible"
+    )
     slo_ttft_ms: float = Field(1000.0, gt=0, description="default TTFT target for requests without one")
     slo_tpot_ms: float = Field(100.0, gt=0, description="default TPOT target for requests without one")
-    profile_path: str | None = Field(None, description="performance-model JSON from `drift profile`")
+    profile_path: str | None = Field(
+        None,
+        description="performance-model JSON from `drift profile`; the profile used is the one of this "
+        "model's architecture and shape, device and dtype, whatever the served name",
+    )
     trace_path: str | None = Field(None, description="write every scheduling decision as JSON lines here")
 
     @model_validator(mode="after")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class DriftError(Exception):
     """Base of every error Drift raises on purpose."""
@@ -23,5 +25,37 @@ class EngineDeadError(DriftError):
     """The engine loop has died; no request can be served."""
 
 
+class RequestFailedError(DriftError):
+    """One request failed inside the engine (its own work, or the step that ran it) while the engine went on
+    serving the others. The original exception is the `__cause__`."""
+
+
 class ModelLoadError(DriftError):
     """The model directory is missing, unreadable or of an unsupported architecture."""
+
+
+def is_fatal_error(exc: BaseException) -> bool:
+    """Whether `exc` leaves the engine unusable, so it must stop instead of failing one batch and going on.
+
+    A CUDA error (not an out-of-memory error, which fails one allocation) poisons the device context: every
+    later kernel fails too. `EngineDeadError` is the engine declaring itself dead or inconsistent. Causes are
+    followed, since a lane's worker thread or a wrapper may re-raise the device's error.
+    """
+    torch = sys.modules.get("torch")  # not imported: no torch error can exist (the pure simulator)
+    device_errors: tuple[type[BaseException], ...] = ()
+    if torch is not None:
+        device_errors = tuple(
+            t
+            for t in (getattr(torch, "AcceleratorError", None), getattr(torch.cuda, "CudaError", None))
+            if isinstance(t, type)
+        )
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (EngineDeadError, *device_errors)):
+            return True
+        if isinstance(err, RuntimeError) and "CUDA error" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import time
@@ -16,7 +17,13 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import InvalidRequestError, ModelLoadError
+from .errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    ModelLoadError,
+    RequestFailedError,
+    is_fatal_error,
+)
 from .model_runner import (
     CPU_DEFAULT_KV_GB,
     DTYPES,
@@ -29,11 +36,15 @@ from .outputs import EngineStats, RequestOutput
 from .policies import SEQUENTIAL_POLICIES
 from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
-from .scheduler import Policy, Scheduler, SchedulerConfig
+from .scheduler import Batch, Policy, Scheduler, SchedulerConfig
 from .sequence import SLO, FinishReason, RequestTimes, Sequence
 from .trace import DecisionTrace
 
 log = logging.getLogger(__name__)
+
+# Steps in a row that may fail (each failing only its batch) before the engine counts as unusable: a fault
+# that hits every step would otherwise fail every request while the process looks alive.
+MAX_CONSECUTIVE_FAILED_STEPS = 8
 
 
 def make_policy(name: str, config: EngineConfig, mux_context: Callable[[], Any] | None = None) -> Policy:
@@ -53,11 +64,22 @@ class _Request:
     num_reported_tokens: int = 0
     num_reported_logprobs: int = 0
     text: str = ""
+    error: Exception | None = None  # set when the request failed; its final output carries it
+
+
+def request_error(exc: Exception, what: str) -> Exception:
+    """The error a failed request reports: the client's own mistake as is (a 4xx), anything else as a
+    `RequestFailedError` caused by `exc`."""
+    if isinstance(exc, InvalidRequestError):
+        return exc
+    err = RequestFailedError(f"{what}: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **overrides: object) -> None:
-        from ..models.loader import load_model, load_tokenizer
+        from ..models.loader import load_model, load_tokenizer, resolve_max_model_len
 
         config = config or EngineConfig()
         if overrides:
@@ -81,8 +103,7 @@ class LLMEngine:
         self.hf_config = hf_config
         self.eos_token_ids = self._eos_ids(hf_config)
 
-        model_max = int(getattr(hf_config, "max_position_embeddings", 4096))
-        max_model_len = min(config.max_model_len or model_max, model_max)
+        max_model_len = resolve_max_model_len(hf_config, config.max_model_len)
         num_blocks = self._num_kv_blocks(model, max_model_len)
         pool_tokens = num_blocks * config.block_size
         if pool_tokens < max_model_len:
@@ -113,6 +134,9 @@ class LLMEngine:
         self._lanes: Any = None  # multiplex.mux_loop.MuxLanes, built on the first multiplexed step
         self._predicted: dict[str, float] = {}  # predicted latency of the work in flight on each lane
         self._pending_outputs: list[RequestOutput] = []  # posted while draining the lanes for a switch
+        self._in_flight: list[Batch] = []  # the sequential step's batches not yet posted
+        self._failed_steps = 0  # consecutive steps that failed
+        self.dead: BaseException | None = None  # why the engine became unusable; then every step raises
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         log.info(
@@ -202,6 +226,7 @@ class LLMEngine:
                 dtype=dtype_name,
                 shape=shape,
                 device=spec,
+                architecture=(getattr(self.hf_config, "architectures", None) or [None])[0],
             )
             log.info("performance model: %s", why)
             ctx = MuxContext(
@@ -267,6 +292,7 @@ class LLMEngine:
     ) -> Sequence:
         """Validate a request and build its sequence without touching engine state (safe off-thread)."""
         params = params or SamplingParams()
+        params.validate()  # again: the fields of a dataclass may have changed since it was built
         if params.n != 1:
             raise InvalidRequestError("the engine runs one sequence per request; fan out n>1 as n requests")
         seq = Sequence(
@@ -282,10 +308,13 @@ class LLMEngine:
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"engine is unusable: {self.dead!r}")
         if seq.request_id in self.requests:
             raise InvalidRequestError(f"duplicate request id {seq.request_id!r}")
-        self.scheduler.add(seq)
+        # Everything that can fail comes before the scheduler sees it, so a failed add leaves nothing behind.
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params)
+        self.scheduler.add(seq)
         self.requests[seq.request_id] = _Request(seq, detok)
 
     def add_request(
@@ -316,21 +345,45 @@ class LLMEngine:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        now = time.monotonic()
+        """Run one step; the outputs of the requests it advanced or ended.
+
+        Failures stay as small as they can. A request whose own work fails (sampling setup and seeding,
+        detokenizing, stop strings) ends alone with an error output (finish_reason "error", `error` set). Any
+        other exception fails the requests of the work in flight, frees their KV blocks, checks the
+        scheduler's and the pool's invariants and leaves the engine serving the rest. Only a fatal error (a
+        CUDA error, a state that fails the checks, MAX_CONSECUTIVE_FAILED_STEPS failed steps in a row) marks
+        the engine dead: then this raises `EngineDeadError`, now and on every later call.
+        """
+        if self.dead is not None:
+            raise EngineDeadError(f"engine is unusable: {self.dead!r}")
         if self._pending_outputs:
             outputs, self._pending_outputs = self._pending_outputs, []
             return outputs
-        if self.is_multiplexing:
-            return self._step_multiplexed(now)
+        # Appended to in place, so outputs made before a failure (a request that finished) still go out.
+        outputs: list[RequestOutput] = []
+        try:
+            if self.is_multiplexing:
+                self._step_multiplexed(time.monotonic(), outputs)
+            else:
+                self._step_sequential(time.monotonic(), outputs)
+        except Exception as exc:
+            self._recover(exc, outputs)
+        else:
+            self._failed_steps = 0
+        return outputs
+
+    def _step_sequential(self, now: float, outputs: list[RequestOutput]) -> None:
         sched_out = self.scheduler.schedule(now)
         if sched_out.is_empty:
             if self.scheduler.has_unfinished:
-                raise RuntimeError("scheduler made no progress with unfinished requests (a bug)")
-            return []
-        outputs: list[RequestOutput] = []
+                raise EngineDeadError("scheduler made no progress with unfinished requests (a bug)")
+            return
+        self._in_flight = list(sched_out.batches)
         for batch in sched_out.batches:
             self.prompt_tokens_total += sum(i.num_new_tokens for i in batch.items if i.seq.is_prefilling)
             result = self.runner.execute(batch)
+            if self.runner.failed:
+                self._fail_sampling()
             done_at = time.monotonic()
             if self.trace.enabled:
                 self.trace.record(
@@ -343,12 +396,13 @@ class LLMEngine:
                     actual_s=done_at - now,
                 )
             advanced = self.scheduler.on_batch_done(batch, result.tokens)
-            outputs += self._outputs(advanced, result.logprobs, done_at)
-        return outputs
+            self._in_flight.remove(batch)
+            self._outputs(advanced, result.logprobs, done_at, outputs)
 
-    def _outputs(self, seqs: list[Sequence], logprobs: dict[int, Any], now: float) -> list[RequestOutput]:
-        """Outputs of the sequences a finished batch advanced."""
-        outputs = []
+    def _outputs(
+        self, seqs: list[Sequence], logprobs: dict[int, Any], now: float, outputs: list[RequestOutput]
+    ) -> None:
+        """Append the outputs of the sequences a finished batch advanced."""
         for seq in seqs:
             req = self.requests.get(seq.request_id)
             if req is None:
@@ -359,9 +413,8 @@ class LLMEngine:
             out = self._advance(req, now)
             if out is not None:
                 outputs.append(out)
-        return outputs
 
-    def _step_multiplexed(self, now: float) -> list[RequestOutput]:
+    def _step_multiplexed(self, now: float, outputs: list[RequestOutput]) -> None:
         """Launch on the free lanes, wait for the first lane to finish, post it (`multiplex.mux_loop`). The
         other lane may still be running when this returns; the next step picks it up."""
         from ..multiplex.mux_loop import MuxLanes, decode_step_time, prefill_block_time
@@ -404,16 +457,19 @@ class LLMEngine:
                 )
         if not lanes.busy:
             if self.scheduler.has_unfinished and not self.scheduler.running:
-                raise RuntimeError(f"multiplexed scheduler made no progress: {decision and decision.reason}")
-            return []
-        return self._post_lanes(executor.wait())
+                raise EngineDeadError(
+                    f"multiplexed scheduler made no progress: {decision and decision.reason}"
+                )
+            return
+        self._post_lanes(executor.wait(), outputs)
 
-    def _post_lanes(self, finished: list[str]) -> list[RequestOutput]:
-        """Post the finished lanes' results to the scheduler; the requests' outputs."""
+    def _post_lanes(self, finished: list[str], outputs: list[RequestOutput]) -> None:
+        """Post the finished lanes' results to the scheduler; append the requests' outputs."""
         executor, lanes = self._mux[1], self._lanes
-        outputs: list[RequestOutput] = []
         for lane in finished:
             result = executor.collect(lane)  # type: ignore[arg-type]
+            if self.runner.failed:
+                self._fail_sampling()
             done_at = time.monotonic()
             if lane == "decode":
                 _, seqs = lanes.decode_done(result.tokens)
@@ -432,16 +488,155 @@ class LLMEngine:
                     predicted_s=predicted,
                     actual_s=result.elapsed_s,
                 )
-            outputs += self._outputs(seqs, result.logprobs, done_at)
-        return outputs
+            self._outputs(seqs, result.logprobs, done_at, outputs)
 
     def _drain_lanes(self) -> None:
         """Wait for both lanes and post them (before a policy switch); their outputs go out with the next
         step."""
         while self._lanes is not None and self._lanes.busy:
-            self._pending_outputs += self._post_lanes(self._mux[1].wait())
+            self._post_lanes(self._mux[1].wait(), self._pending_outputs)
 
+    # ---- failures -------------------------------------------------------------------------------------
+    def _fail_sampling(self) -> None:
+        """End the sequences whose own sampling setup failed (they got no token) when their batch is
+        posted; the batch's other sequences go on."""
+        for seq, exc in self.runner.take_failed():
+            req = self.requests.get(seq.request_id)
+            if req is not None and req.error is None:
+                log.warning("request %s failed while setting up its sampling: %r", seq.request_id, exc)
+                req.error = request_error(exc, "sampling setup failed")
+            self.scheduler.finish(seq, FinishReason.ERROR)  # in flight: retired when the batch is posted
+
+    def _fail_request(self, req: _Request, exc: Exception, what: str) -> None:
+        if is_fatal_error(exc):
+            raise exc
+        log.warning("request %s failed: %s: %r", req.seq.request_id, what, exc)
+        req.error = request_error(exc, what)
+        self.scheduler.finish(req.seq, FinishReason.ERROR)
+
+    def _recover(self, exc: Exception, outputs: list[RequestOutput]) -> None:
+        """After a step raised `exc`: fail the requests that were in flight and check that what remains is
+        consistent; or, when that is not possible, mark the engine dead and raise `EngineDeadError`."""
+        if is_fatal_error(exc):
+            self._die(exc)
+        self._failed_steps += 1
+        log.error("engine step failed; failing the requests in flight", exc_info=exc)
+        try:
+            self._fail_in_flight(exc, outputs)
+            self.check_invariants()
+        except Exception as inner:  # the failure left a state we cannot trust (`exc` is its __context__)
+            self._die(inner)
+        if self._failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+            self._die(RuntimeError(f"{self._failed_steps} steps in a row failed, the last with {exc!r}"))
+
+    def _die(self, exc: BaseException) -> None:
+        self.dead = exc
+        log.critical("engine is unusable: %r", exc)
+        if isinstance(exc, EngineDeadError):
+            raise exc
+        raise EngineDeadError(f"engine is unusable: {exc!r}") from exc
+
+    def _fail_in_flight(self, exc: Exception, outputs: list[RequestOutput]) -> None:
+        """Fail every sequence of the work in flight (its KV may be half written) and free its blocks.
+        Sequences merely waiting or between steps are untouched."""
+        batches = self._in_flight
+        self._in_flight = []
+        batches += self._quiesce_lanes()
+        self.runner.take_failed()
+        victims: dict[int, Sequence] = {}
+        for batch in batches:
+            for item in batch.items:
+                victims[item.seq.seq_id] = item.seq
+        for seq in self.scheduler.running:  # scheduled before the step failed, with no batch to show
+            if seq.in_flight:
+                victims[seq.seq_id] = seq
+        now = time.monotonic()
+        for seq in victims.values():
+            seq.in_flight = False
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            req = self.requests.get(seq.request_id)
+            if req is None:  # already ended and reported
+                continue
+            if req.error is None:
+                req.error = request_error(exc, "the engine step running this request failed")
+            out = self._error_output(req, now)
+            if out is not None:
+                outputs.append(out)
+
+    def _quiesce_lanes(self) -> list[Batch]:
+        """Multiplexing: wait until neither lane still runs on the device (nothing may write the KV of a
+        sequence whose blocks are about to be reused), drop every prefill job and the lanes; the batches
+        that were in flight."""
+        batches: list[Batch] = []
+        if self._mux is not None:
+            executor = self._mux[1]
+            for flight in executor.lanes.values():
+                batches.append(flight.batch)
+                if flight.future is not None:
+                    concurrent.futures.wait([flight.future])
+                elif flight.event is not None:
+                    flight.event.synchronize()
+            executor.lanes.clear()
+            executor.jobs.clear()
+        lanes, policy = self._lanes, self.scheduler.policy
+        if lanes is not None:
+            batches += [b for b in (lanes.decode, lanes.prefill and lanes.prefill.batch) if b is not None]
+        for attr in ("active", "paused"):
+            job = getattr(policy, attr, None)
+            if job is not None:
+                batches.append(job.batch)
+                setattr(policy, attr, None)
+        self._lanes = None
+        self._predicted.clear()
+        return batches
+
+    def check_invariants(self) -> None:
+        """The scheduler's and the block pool's invariants, and every open request is queued exactly where
+        its state says (tests, and after a failed step). Raises AssertionError."""
+        sched = self.scheduler
+        sched.check_invariants()
+        queued = {id(seq) for seq in sched.waiting} | {id(seq) for seq in sched.running}
+        for rid, req in self.requests.items():
+            seq = req.seq
+            if seq.is_finished or id(seq) not in queued:
+                raise AssertionError(f"request {rid!r} is open but {seq} is not queued")
+        if not self.is_multiplexing and any(seq.in_flight for seq in sched.running):
+            raise AssertionError("a sequence is in flight between steps")
+
+    # ---- outputs ---------------------------------------------------------------------------------------
     def _advance(self, req: _Request, now: float) -> RequestOutput | None:
+        """The output of `req` after its sequence advanced or ended; its error output once it failed."""
+        if req.error is None:
+            try:
+                return self._advance_text(req, now)
+            except Exception as exc:  # detokenizing or stop strings of this request: it fails alone
+                self._fail_request(req, exc, "processing its output failed")
+        return self._error_output(req, now)
+
+    def _error_output(self, req: _Request, now: float) -> RequestOutput | None:
+        """The final output of a failed request; None while its batch still runs (it ends when posted)."""
+        seq = req.seq
+        if not seq.is_finished:
+            return None
+        seq.times.finished = now
+        self._forget(req)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=req.text,
+            token_ids=seq.output_token_ids,
+            delta_text="",
+            delta_token_ids=[],
+            finished=True,
+            finish_reason=FinishReason.ERROR.value,
+            num_cached_tokens=max(seq.num_cached_tokens, 0),
+            logprobs=list(req.logprobs) if seq.params.logprobs is not None else None,
+            times=seq.times,
+            slo=seq.slo,
+            error=req.error,
+        )
+
+    def _advance_text(self, req: _Request, now: float) -> RequestOutput | None:
         seq = req.seq
         new_ids = seq.output_token_ids[req.num_reported_tokens :]
         if new_ids:
@@ -510,7 +705,10 @@ class LLMEngine:
             make_policy(new.policy, new, self._mux_context) if new.policy != self.config.policy else None
         )
         if new_policy is not None and self.is_multiplexing:
-            self._drain_lanes()
+            try:
+                self._drain_lanes()
+            except Exception as exc:  # as in a step: the work in flight fails, its outputs go out next step
+                self._recover(exc, self._pending_outputs)
             self._requeue_prefill_jobs()
             self._lanes = None
         self.config = new
@@ -548,6 +746,8 @@ class LLMEngine:
         params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
+        """The final output of every prompt, in order. Invalid input raises before anything runs; a request
+        that fails in the engine comes back alone with finish_reason "error" and its `error` set."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -556,8 +756,8 @@ class LLMEngine:
             raise InvalidRequestError("need one SamplingParams per prompt, or a single one for all")
         base = f"gen-{time.monotonic_ns()}-"
         ids = [f"{base}{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
-            self.add_request(rid, prompt, p)
+        # All validated before any is added: a bad one raises and leaves nothing running.
+        seqs = [self.make_sequence(rid, pr, p) for rid, pr, p in zip(ids, prompts, plist, strict=True)]
         final: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -565,6 +765,8 @@ class LLMEngine:
 
             bar = tqdm(total=len(prompts), desc="generate", unit="req")
         try:
+            for seq in seqs:
+                self.add_sequence(seq)
             while len(final) < len(ids):
                 for out in self.step():
                     if out.finished:

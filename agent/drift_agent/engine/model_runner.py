@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from ..models.attention_metadata import AttentionMetadata
+from .errors import is_fatal_error
 from .sampler import Sampler, SampleRequest, TokenLogprobs
 from .scheduler import Batch
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
+        # Sequences whose own sampling setup (seeding, ...) failed in `sample`: they got no token, and the
+        # engine fails them alone. A side list rather than a `StepResult` field, because the multiplexed
+        # executor samples through `sample` too and hands back only the tokens.
+        self.failed: list[tuple[Sequence, Exception]] = []
         shape = (2, model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_pool = torch.zeros(shape, dtype=dtype, device=device)
         model.bind_kv_cache([(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(model.num_layers)])
@@ -131,7 +137,22 @@ class ModelRunner:
         sampling = [i.seq for i in batch.items if i.samples]
         if not sampling:
             return StepResult({}, {})
-        requests = [self._sample_request(seq) for seq in sampling]
+        requests: list[SampleRequest] = []
+        failed_rows: list[int] = []
+        for row, seq in enumerate(sampling):
+            try:
+                requests.append(self._sample_request(seq))
+            except Exception as exc:  # this request's own setup: it fails alone, the batch samples on
+                if is_fatal_error(exc):
+                    raise
+                self.failed.append((seq, exc))
+                failed_rows.append(row)
+        if failed_rows:
+            keep = [row for row in range(len(sampling)) if row not in failed_rows]
+            sampling = [sampling[row] for row in keep]
+            if not sampling:
+                return StepResult({}, {})
+            logits = logits[keep]
         result = self.sampler(logits.float(), requests)
         tokens = {seq.seq_id: tok for seq, tok in zip(sampling, result.token_ids, strict=True)}
         logprobs = {
@@ -139,7 +160,12 @@ class ModelRunner:
         }
         return StepResult(tokens, logprobs)
 
-    def _sample_request(self, seq) -> SampleRequest:
+    def take_failed(self) -> list[tuple[Sequence, Exception]]:
+        """The sequences whose sampling setup failed since the last call (see `failed`)."""
+        failed, self.failed = self.failed, []
+        return failed
+
+    def _sample_request(self, seq: Sequence) -> SampleRequest:
         params = seq.params
         gen = None
         if params.seed is not None and not params.greedy:

@@ -24,6 +24,9 @@ class RequestOutput:
     delta_logprobs: list[TokenLogprobs] = field(default_factory=list)
     times: RequestTimes = field(default_factory=RequestTimes)
     slo: SLO = field(default_factory=SLO)
+    # Set on the final output of a request that failed (finish_reason "error"): why. `AsyncLLMEngine` raises it
+    # to the request's consumer instead of handing over this output.
+    error: Exception | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -8,6 +8,9 @@ from .errors import InvalidRequestError
 
 # Bounds beyond which a value is certainly a client mistake rather than a choice.
 MAX_LOGPROBS = 20
+# What torch.Generator.manual_seed accepts (an int64 or a uint64); anything else fails when the request is
+# sampled, long after it was accepted.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 @dataclass
@@ -59,8 +62,16 @@ class SamplingParams:
             raise bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None:
+            if not isinstance(self.seed, int):
+                raise bad(f"seed must be an integer, got {self.seed!r}")
+            # n > 1 fans out as n requests seeded seed, seed + 1, ..., which must all be valid seeds.
+            if not MIN_SEED <= self.seed <= MAX_SEED - (self.n - 1):
+                raise bad(
+                    f"seed must be in [{MIN_SEED}, {MAX_SEED}]"
+                    + (f" with seed + n - 1 in range too (n = {self.n})" if self.n > 1 else "")
+                    + f", got {self.seed}"
+                )
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad(f"max_tokens must be at least 1, got {self.max_tokens!r}")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:

@@ -123,7 +123,7 @@ class Scheduler:
         """End a sequence now (stop string, abort). An in-flight one is finished when its batch returns."""
         if seq.is_finished:
             return
-        if seq.finish_reason is None or reason is FinishReason.ABORT:
+        if seq.finish_reason is None or reason in (FinishReason.ABORT, FinishReason.ERROR):
             seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq.in_flight:
             seq.abort_pending = True
@@ -166,6 +166,36 @@ class Scheduler:
             for item in batch.items:
                 if item.seq.times.first_scheduled is None:
                     item.seq.times.first_scheduled = now
+
+    def check_invariants(self) -> None:
+        """The queues agree with the sequences' states and the block refcounts with the block tables (tests,
+        and the engine after a failed step). Raises AssertionError."""
+        self.bm.check_invariants()
+        queued: set[int] = set()
+        refs: dict[int, int] = {}
+        bs = self.bm.block_size
+        for seq in self.waiting:
+            if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.in_flight:
+                raise AssertionError(f"waiting {seq} is {seq.status.value}, holds blocks or is in flight")
+            if id(seq) in queued:
+                raise AssertionError(f"{seq} is queued twice")
+            queued.add(id(seq))
+        for seq in self.running:
+            if seq.status is not SequenceStatus.RUNNING:
+                raise AssertionError(f"running {seq} is {seq.status.value}")
+            if id(seq) in queued:
+                raise AssertionError(f"{seq} is queued twice")
+            queued.add(id(seq))
+            if not seq.num_computed_tokens <= min(seq.num_tokens, len(seq.block_table) * bs):
+                raise AssertionError(f"{seq} has KV beyond its tokens or its blocks")
+            for bid in seq.block_table:
+                refs[bid] = refs.get(bid, 0) + 1
+        for block in self.bm.blocks:
+            if block.ref_count != refs.get(block.block_id, 0):
+                raise AssertionError(
+                    f"block {block.block_id} has refcount {block.ref_count} but "
+                    f"{refs.get(block.block_id, 0)} running sequences hold it"
+                )
 
     # ---- mechanics shared by policies ----------------------------------------------------------------
     @property

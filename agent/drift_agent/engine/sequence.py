@@ -20,6 +20,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"
     STOP = "stop"
     ABORT = "abort"
+    ERROR = "error"  # the request's own work, or the step that ran it, failed (the engine went on)
 
 
 @dataclass

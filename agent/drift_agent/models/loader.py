@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from drift_agent.engine.errors import ModelLoadError
+from drift_agent.engine.errors import DriftError, ModelLoadError
 from drift_agent.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM, build_model
 
 # Checkpoint entries that are derived buffers, not weights (old Llama exports carry rotary inv_freq).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-__all__ = ["build_model", "load_config", "load_model", "load_tokenizer", "load_weights"]
+__all__ = [
+    "MaxModelLenError",
+    "build_model",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "load_weights",
+    "model_max_len",
+    "read_config",
+    "resolve_max_model_len",
+]
+
+# What the engine assumes when a config states no max_position_embeddings.
+DEFAULT_MAX_POSITION_EMBEDDINGS = 4096
+# RoPE scalings that stretch the trained window by `factor` (vLLM derives the limit the same way); llama3
+# configs already state the stretched length in max_position_embeddings.
+_STRETCHING_ROPE_TYPES = ("linear", "yarn")
+
+
+class MaxModelLenError(DriftError, ValueError):
+    """The requested context window exceeds what the model supports (refused, as vLLM does, not clamped)."""
 
 
 def _check_dir(model_dir: str | Path) -> Path:
@@ -26,19 +47,70 @@ def _check_dir(model_dir: str | Path) -> Path:
     return path
 
 
-def load_config(model_dir: str | Path) -> Any:
-    """Read config.json via AutoConfig and check the architecture is one this engine implements."""
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json as a dict, after checking the directory and that the architecture is one this engine
+    implements; cheap (no transformers import), so commands check a model before loading it."""
     path = _check_dir(model_dir)
     try:
         raw = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{path / 'config.json'}: unreadable ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path / 'config.json'}: not a JSON object")
     archs = raw.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ModelLoadError(
             f"{path}: unsupported architecture {archs or raw.get('model_type')!r}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    return raw
+
+
+def _rope(config: Mapping[str, Any] | Any) -> dict[str, Any]:
+    get = config.get if isinstance(config, Mapping) else lambda k: getattr(config, k, None)
+    rope = get("rope_parameters") or get("rope_scaling")  # transformers 5 / 4 spelling
+    return dict(rope) if isinstance(rope, Mapping) else {}
+
+
+def _max_len_and_source(config: Mapping[str, Any] | Any) -> tuple[int, str]:
+    get = config.get if isinstance(config, Mapping) else lambda k: getattr(config, k, None)
+    base = int(get("max_position_embeddings") or DEFAULT_MAX_POSITION_EMBEDDINGS)
+    source = f"max_position_embeddings {base}"
+    rope = _rope(config)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    factor = rope.get("factor")
+    if rope_type in _STRETCHING_ROPE_TYPES and isinstance(factor, (int, float)) and factor > 1:
+        if rope_type == "yarn" and rope.get("original_max_position_embeddings"):
+            base = int(rope["original_max_position_embeddings"])
+            source = f"original_max_position_embeddings {base}"
+        return int(base * factor), f"{source} x {rope_type} RoPE factor {factor:g}"
+    return base, source
+
+
+def model_max_len(config: Mapping[str, Any] | Any) -> int:
+    """The longest context (tokens) the model supports, from its config (a dict or a `PretrainedConfig`):
+    max_position_embeddings, stretched by a linear or YaRN RoPE scaling factor."""
+    return _max_len_and_source(config)[0]
+
+
+def resolve_max_model_len(config: Mapping[str, Any] | Any, requested: int | None) -> int:
+    """The context window to run with: `requested`, or the model's limit when None. A request above the
+    limit raises `MaxModelLenError`: positions past it were never trained, so clamping would hide a typo."""
+    limit, source = _max_len_and_source(config)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise MaxModelLenError(
+            f"max_model_len {requested} exceeds the model's maximum context length {limit} ({source} in "
+            f"config.json); pass at most {limit}, or leave it unset to use {limit}"
+        )
+    return requested
+
+
+def load_config(model_dir: str | Path) -> Any:
+    """Read config.json via AutoConfig and check the architecture is one this engine implements."""
+    path = _check_dir(model_dir)
+    read_config(path)
     from transformers import AutoConfig
 
     try:

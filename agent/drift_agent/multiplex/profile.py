@@ -161,8 +161,13 @@ def run_profile(
     prefill_bounds: Sequence[int] = DEFAULT_PREFILL_BOUNDS,
     decode_bounds: Sequence[int] = DEFAULT_DECODE_BOUNDS,
     decode_quadratic_kv: bool = False,
+    label: str | None = None,
 ) -> ProfileResult:
-    """Sweep, fit, optionally measure contention, save the JSON (merged by key) and the plot."""
+    """Sweep, fit, optionally measure contention, save the JSON (merged by key) and the plot.
+
+    `model` is the profile's key: the model's identity (`model_select.model_identity`), which the engine looks
+    up, so the profile applies whatever name the model is later served under; `label` (e.g. the model
+    directory) goes into the profile's notes for people reading the file."""
     grid = grid or ProfileGrid()
     pre, dec = sweep(measure_prefill, measure_decode, splits, grid, progress)
     contention: Contention | None = None
@@ -182,7 +187,15 @@ def run_profile(
         contention=contention,
         layer_fractions=layer_fractions,
         created_at=created_at,
-        notes=None if contention else "contention factors are assumed defaults, not measured",
+        notes="; ".join(
+            n
+            for n in (
+                f"measured on {label}" if label else None,
+                None if contention else "contention factors are assumed defaults, not measured",
+            )
+            if n
+        )
+        or None,
     )
     json_path = Path(out_path) if out_path is not None else None
     if json_path is not None:

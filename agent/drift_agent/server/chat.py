@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -17,6 +18,7 @@ from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessageIn,
     ChatMessageOut,
     ChatStreamChoice,
     UsageInfo,
@@ -26,39 +28,72 @@ from .serving import (
     SSE_DONE,
     Job,
     cached,
+    check_text,
     collect_tracked,
+    encode,
     final_of,
+    off_loop,
     prepare,
     sse,
     state_of,
     stream_response,
     usage_flags,
 )
+from .state import ServerState
+
+
+def chat_prompt(
+    state: ServerState,
+    messages: list[ChatMessageIn],
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    template: str | None,
+    template_kwargs: dict[str, Any] | None,
+    max_model_len: int | None,
+) -> list[int]:
+    """The token ids of the rendered conversation; on the tokenizer thread (see serving.off_loop)."""
+    tokenizer = state.engine.tokenizer
+    text = chat_template.render(
+        tokenizer,
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        template_kwargs=template_kwargs,
+        chat_template=template or state.settings.chat_template,
+    )
+    check_text(tokenizer, text, param="messages", add_special_tokens=False, max_model_len=max_model_len)
+    # The template already wrote BOS and the other special tokens.
+    return encode(tokenizer, text, add_special_tokens=False)
 
 
 async def create_chat_completion(req: ChatCompletionRequest, request: Request) -> Response:
     state = state_of(request)
     rid, slo, arrival = prepare(state, request, req, "chatcmpl")
-    tokenizer = state.engine.tokenizer
-    text = chat_template.render(
-        tokenizer,
+    template = chat_template.request_template(
+        req.chat_template, req.chat_template_kwargs, trusted=state.settings.trust_request_chat_template
+    )
+    params0 = sampling_params(req, 0)
+    ids = await off_loop(
+        chat_prompt,
+        state,
         req.messages,
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
+        template=template,
         template_kwargs=req.chat_template_kwargs,
+        max_model_len=state.engine.max_model_len,
     )
-    ids = chat_template.tokenize_rendered(tokenizer, text)
-    params0 = sampling_params(req, 0)
     try:
         if not ids:
             raise APIError(400, "the rendered chat prompt is empty", param="messages")
         check_context(len(ids), params0.max_tokens, state.engine.max_model_len, "messages")
     except Exception as exc:
-        raise from_engine_error(exc) from None
+        raise from_engine_error(exc, prompt_param="messages") from None
     echo = ""
     if req.echo and req.messages[-1].role == "assistant":
         echo = chat_template.message_text(req.messages[-1], len(req.messages) - 1)
-    job = Job(state, req, rid, [ids], slo, arrival, [echo])
+    job = Job(state, req, rid, [ids], slo, arrival, [echo], prompt_param="messages")
     group = await job.start()
     if req.stream:
         return stream_response(job, group, _chat_stream(job, group))

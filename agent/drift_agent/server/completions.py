@@ -17,8 +17,10 @@ from .serving import (
     SSE_DONE,
     Job,
     cached,
+    check_text,
     collect_tracked,
     final_of,
+    off_loop,
     prepare,
     sse,
     state_of,
@@ -41,27 +43,41 @@ def prompt_list(prompt: Any) -> list[str | list[int]]:
     return prompts
 
 
-def _tokenize(state: ServerState, prompts: list[str | list[int]]) -> list[list[int]]:
+def _tokenize(
+    state: ServerState, prompts: list[str | list[int]], echo: bool
+) -> tuple[list[list[int]], list[str]]:
+    """Every prompt's token ids, in order, and the texts to echo; on the tokenizer thread."""
+    engine = state.engine
     try:
-        return [state.engine.tokenize(p) for p in prompts]
+        ids: list[list[int]] = []
+        for p in prompts:
+            if isinstance(p, str):
+                check_text(
+                    engine.tokenizer,
+                    p,
+                    param="prompt",
+                    add_special_tokens=True,
+                    max_model_len=engine.max_model_len,
+                )
+            ids.append(engine.tokenize(p))  # the engine's own rules: empty prompts, ids in the vocabulary
     except Exception as exc:
-        raise from_engine_error(exc) from None
+        raise from_engine_error(exc, param="prompt") from None
+    # The prompt as the client sent it; token-id prompts decoded.
+    texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if echo else []
+    return ids, texts
 
 
 async def create_completion(req: CompletionRequest, request: Request) -> Response:
     state = state_of(request)
     rid, slo, arrival = prepare(state, request, req, "cmpl")
     originals = prompt_list(req.prompt)
-    prompts = _tokenize(state, originals)
     params0 = sampling_params(req, 0)  # validates the sampling values before any context-length message
+    prompts, echo = await off_loop(_tokenize, state, originals, req.echo)
     for ids in prompts:
         try:
             check_context(len(ids), params0.max_tokens, state.engine.max_model_len, "prompt")
         except Exception as exc:
             raise from_engine_error(exc) from None
-    echo = []
-    if req.echo:  # the prompt as the client sent it; token-id prompts decoded
-        echo = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in originals]
     job = Job(state, req, rid, prompts, slo, arrival, echo)
     group = await job.start()
     if req.stream:

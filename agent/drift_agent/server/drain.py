@@ -8,6 +8,7 @@ import contextlib
 import logging
 
 from .generation import GenerationGroup
+from .settings import DRAIN_FLUSH_S
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class InFlight:
             group.abort(reason)
         return len(groups)
 
-    async def drain(self, timeout_s: float, flush_s: float = 5.0) -> bool:
+    async def drain(self, timeout_s: float, flush_s: float = DRAIN_FLUSH_S) -> bool:
         """Stop accepting, wait up to `timeout_s` for in-flight responses, then abort what is left and give
         those responses up to `flush_s` to send their last chunk. True when everything finished on its own."""
         self.draining = True

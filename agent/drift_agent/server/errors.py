@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.errors import (
@@ -55,12 +56,55 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def _printable(text: str | None) -> str | None:
+    """A message may quote client input; a lone surrogate in it would make the error response itself fail."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return {
-        "error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}
+        "error": {
+            "message": _printable(message),
+            "type": _TYPES.get(status, "api_error"),
+            "param": _printable(param),
+            "code": code,
+        }
     }
+
+
+# ---- OpenAPI ---------------------------------------------------------------------------------------------
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, the body of every 4xx and 5xx."""
+
+    error: ErrorInfo
+
+
+_DESCRIPTIONS: dict[int, str] = {
+    400: "Invalid request: malformed JSON, wrong types or values (`param` names the field), prompt too long "
+    "(`code: context_length_exceeded`)",
+    401: "Missing bearer token",
+    403: "Wrong admin token, or run-time changes disabled (no admin token configured)",
+    404: "Unknown model (`code: model_not_found`)",
+    413: "Request body larger than --max-request-body-bytes",
+    422: "Invalid values; nothing changed",
+    429: "Waiting queue full (`code: overloaded`); retry after `Retry-After` seconds",
+    500: "The engine failed this request",
+    503: "Draining for shutdown (`code: draining`) or engine loop dead (`code: engine_dead`)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` documenting the error statuses a route really returns, with the error schema."""
+    return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in statuses}
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -69,14 +113,17 @@ def error_response(err: APIError) -> JSONResponse:
     )
 
 
-def from_engine_error(exc: Exception, retry_after_s: int = 1) -> APIError:
-    """Map an engine exception to the status a client should see."""
+def from_engine_error(
+    exc: BaseException, retry_after_s: int = 1, *, prompt_param: str = "prompt", param: str | None = None
+) -> APIError:
+    """Map an engine exception to the status a client should see. `prompt_param` names the field that held
+    the prompt (`messages` in chat); `param`, the field an invalid request was refused for, where known."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, PromptTooLongError):
-        return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+        return APIError(400, str(exc), param=prompt_param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), param=param)
     if isinstance(exc, EngineOverloadedError):
         return APIError(
             429, f"server overloaded: {exc}", code="overloaded", headers={"Retry-After": str(retry_after_s)}
@@ -100,6 +147,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -112,8 +162,15 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(APIError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route whose path matched; a path served by
+            # several routes (GET and PUT /admin/policy) allows all of theirs, as the OpenAPI document says.
+            operations = request.app.openapi()["paths"].get(request.url.path, {})
+            methods = sorted(m.upper() for m in operations if m in _HTTP_METHODS)
+            if methods:
+                headers["Allow"] = ", ".join(methods)
         return error_response(APIError(exc.status_code, str(exc.detail), headers=headers))
 
     @app.exception_handler(Exception)

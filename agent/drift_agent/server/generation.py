@@ -9,6 +9,7 @@ response still in progress can be closed properly instead of being cut off.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,8 @@ from ..engine.async_engine import AsyncLLMEngine
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import SLO, RequestTimes
+
+log = logging.getLogger(__name__)
 
 
 class Aborted:
@@ -81,15 +84,24 @@ class GenerationGroup:
                 self._queue.put_nowait((choice.index, out))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # engine death: hand it to the consumer, which reports it
+        except Exception as exc:  # the request failed in the engine, or the engine died: the consumer says so
             self._end(choice, None, aborted=True)
             self._queue.put_nowait((choice.index, exc))
+            return
+        if not choice.done:  # a stream that ends without a final output must not leave the consumer waiting
+            self._end(choice, None, aborted=True)
+            self._queue.put_nowait(
+                (choice.index, RuntimeError(f"request {choice.request_id} ended without a final output"))
+            )
 
     def _end(self, choice: Choice, final: RequestOutput | None, aborted: bool) -> None:
         if choice.done:
             return
         choice.done = True
-        self.on_end(choice, final, aborted, time.monotonic())
+        try:
+            self.on_end(choice, final, aborted, time.monotonic())
+        except Exception:  # accounting (metrics) must never keep a response from its client
+            log.exception("end-of-request callback failed for %s", choice.request_id)
 
     @property
     def finished(self) -> bool:

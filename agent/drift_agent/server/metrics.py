@@ -2,7 +2,10 @@
 and policy gauges. One `CollectorRegistry` per app, never the global one, so one process can run several apps.
 
 Latency histograms are observed on the engine thread right after each step (a step hook), where the engine's
-timestamps are exact; gauges are read from the engine's stats snapshot at scrape time.
+timestamps are exact; gauges are read from the engine's stats snapshot at scrape time. `drift_engine_up` is 0
+once the engine loop has died; the snapshot then stops changing, so the gauges read from it are not left
+frozen: running and waiting requests read 0 (the dead loop failed every open request) and the gauges of the
+live KV pool and steps are omitted. Counters keep their last values, as counters must.
 """
 
 from __future__ import annotations
@@ -188,7 +191,7 @@ class ServerMetrics:
 
     def _observe_finished(self, out: RequestOutput) -> None:
         t = out.times
-        if out.finish_reason == "abort" or t.finished is None:
+        if out.finish_reason not in ("stop", "length") or t.finished is None:  # aborted or failed
             return
         self.e2e.observe(t.finished - t.arrival)
         self.req_prompt_tokens.observe(out.num_prompt_tokens)
@@ -236,6 +239,7 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Any]:
         m, name = self.m, self.m.model_name
         stats = m.async_engine.stats()
+        dead = m.async_engine.is_dead
 
         def gauge(metric: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(metric, doc, labels=["model_name"])
@@ -247,16 +251,28 @@ class _StateCollector(Collector):
             c.add_metric([name], value)
             return c
 
-        yield gauge("vllm:num_requests_running", "Requests in the running batch", stats.num_running)
-        yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", stats.num_waiting)
         yield gauge(
-            "vllm:kv_cache_usage_perc", "KV cache usage (fraction of blocks held, 0..1)", stats.kv_usage
+            "drift_engine_up",
+            "1 while the engine loop runs; 0 before it starts and once it has died (then /health is 503)",
+            float(m.async_engine.is_running),
         )
         yield gauge(
-            "vllm:gpu_cache_usage_perc",
-            "KV cache usage (0..1); the pre-V1 name of kv_cache_usage_perc",
-            stats.kv_usage,
+            "vllm:num_requests_running", "Requests in the running batch", 0 if dead else stats.num_running
         )
+        yield gauge(
+            "vllm:num_requests_waiting",
+            "Requests waiting to be scheduled",
+            0 if dead else stats.num_waiting,
+        )
+        if not dead:
+            yield gauge(
+                "vllm:kv_cache_usage_perc", "KV cache usage (fraction of blocks held, 0..1)", stats.kv_usage
+            )
+            yield gauge(
+                "vllm:gpu_cache_usage_perc",
+                "KV cache usage (0..1); the pre-V1 name of kv_cache_usage_perc",
+                stats.kv_usage,
+            )
         yield counter(
             "vllm:prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache",
@@ -269,11 +285,12 @@ class _StateCollector(Collector):
             "vllm:num_preemptions", "Preemptions of running requests (KV pool full)", stats.num_preemptions
         )
         yield gauge("drift_kv_cache_blocks_total", "Blocks in the KV pool", stats.num_kv_blocks)
-        yield gauge(
-            "drift_kv_cache_blocks_free",
-            "Free blocks in the KV pool (cached prefixes count as free)",
-            stats.num_free_kv_blocks,
-        )
+        if not dead:
+            yield gauge(
+                "drift_kv_cache_blocks_free",
+                "Free blocks in the KV pool (cached prefixes count as free)",
+                stats.num_free_kv_blocks,
+            )
         yield counter(
             "drift_prompt_tokens_computed",
             "Prompt tokens run through the model (cache hits excluded)",
@@ -336,7 +353,7 @@ class _StateCollector(Collector):
             ("drift_step_predicted_seconds", stats.predicted_step_s, "Predicted latency of the latest step"),
             ("drift_step_actual_seconds", stats.actual_step_s, "Measured latency of the latest step"),
         ):
-            if value is not None:
+            if value is not None and not dead:
                 g = GaugeMetricFamily(name, doc)
                 g.add_metric([], value)
                 yield g

@@ -1,15 +1,35 @@
 """OpenAI request/response bodies (plus vLLM's extra sampling parameters) as pydantic models.
 
 Requests tolerate fields this server does not know (`user`, `metadata`, ...) the way OpenAI clients expect;
-fields it knows but cannot honour are refused with a 400 by the routes rather than silently ignored.
+fields it knows but cannot honour are refused with a 400 by the routes rather than silently ignored. Booleans
+are strict (`"stream": "yes"` is an error, as for OpenAI), and the types carry the ranges the server enforces,
+so the OpenAPI document states them.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag
+
+# torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; choice i of a seeded request samples with seed + i.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+
+
+def _encodable(value: str) -> str:
+    """Lone surrogates (JSON "\\ud800") make it through JSON parsing but not into a tokenizer or a response."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text ({exc.reason} at position {exc.start})") from None
+    return value
+
+
+# Short strings checked at parse time; prompts and message contents, which can be megabytes, are checked on
+# the tokenizer thread instead (see serving.encode).
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Request(BaseModel):
@@ -17,21 +37,21 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: StrictBool = False
     # vLLM extra: a usage object in every chunk, not only the last.
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: StrictBool = False
 
 
 class SamplingRequest(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="with n > 1, seed + n - 1 too")
+    stop: Text | list[Text] | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -41,23 +61,46 @@ class SamplingRequest(_Request):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
     priority: int | None = None
-    request_id: str | None = None
+    # Part of the response id and the x-request-id response header: visible ASCII only.
+    request_id: str | None = Field(None, pattern=r"^[!-~]{1,256}$")
+
+
+def _prompt_kind(value: Any) -> str:
+    """Which of the four prompt forms `value` is, from its first element: validating against one form instead
+    of trying all four keeps a prompt of a million token ids cheap to parse (and its errors short)."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and value:
+        if isinstance(value[0], str):
+            return "texts"
+        if isinstance(value[0], list):
+            return "token_lists"
+    return "tokens"
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[list[str], Tag("texts")]
+    | Annotated[list[int], Tag("tokens")]
+    | Annotated[list[list[int]], Tag("token_lists")],
+    Discriminator(_prompt_kind),
+]
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: bool = False
+    echo: StrictBool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, description="at least n; greater than n is not supported")
 
 
 class TextContentPart(_Request):
@@ -65,38 +108,46 @@ class TextContentPart(_Request):
     text: str
 
 
+# The roles OpenAI and vLLM accept.
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+
+
 class ChatMessageIn(_Request):
-    role: str
+    role: Role
     content: str | list[TextContentPart | dict[str, Any]] | None = None
-    name: str | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    # vLLM extras for the chat template.
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    # vLLM extras for the chat template; a template in the request needs --trust-request-chat-template.
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template: Text | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    echo: bool = False
+    echo: StrictBool = False
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template: Text | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from ..engine.config import EngineConfig
@@ -9,7 +10,7 @@ from ..engine.errors import InvalidRequestError, PromptTooLongError
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import SLO
 from .errors import APIError
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from .protocol import SEED_MAX, ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 TTFT_HEADER = "x-slo-ttft-ms"
 TPOT_HEADER = "x-slo-tpot-ms"
@@ -36,9 +37,14 @@ def _positive_ms(headers: Mapping[str, str], name: str, default_ms: float) -> fl
 
 
 def slo_from_headers(
-    headers: Mapping[str, str], config: EngineConfig, body_priority: int | None = None
+    headers: Mapping[str, str],
+    config: EngineConfig,
+    body_priority: int | None = None,
+    allow_client_priority: bool = False,
 ) -> SLO:
-    """The request's targets: its headers, else the server's current defaults (which /admin/policy may change)."""
+    """The request's targets: its headers, else the server's current defaults (which /admin/policy may change).
+    A priority ahead of the default (< 0) is honoured only where the server allows it (403 otherwise), so an
+    anonymous client cannot jump the queue; yielding (> 0) is always allowed."""
     ttft_ms = _positive_ms(headers, TTFT_HEADER, config.slo_ttft_ms)
     tpot_ms = _positive_ms(headers, TPOT_HEADER, config.slo_tpot_ms)
     priority = body_priority or 0
@@ -50,6 +56,13 @@ def slo_from_headers(
             raise APIError(
                 400, f"header {PRIORITY_HEADER} must be an integer, got {raw!r}", param=PRIORITY_HEADER
             ) from None
+    if priority < 0 and not allow_client_priority:
+        raise APIError(
+            403,
+            f"priority {priority} would go ahead of other requests: this server does not allow client "
+            "priorities (start it with --allow-client-priority)",
+            param="priority",
+        )
     return SLO(ttft=ttft_ms / 1e3, tpot=tpot_ms / 1e3, priority=priority)
 
 
@@ -57,14 +70,24 @@ def refuse_unsupported(req: SamplingRequest) -> None:
     """Fields we understand but cannot honour get a clear 400 instead of being silently ignored."""
     if not isinstance(req.n, int) or not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be an integer in [1, {MAX_N}], got {req.n!r}", param="n")
+    if req.seed is not None and req.seed + req.n - 1 > SEED_MAX:
+        raise APIError(
+            400,
+            f"seed must be at most {SEED_MAX} - (n - 1): choice i samples with seed + i",
+            param="seed",
+        )
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
-        if req.best_of is not None and req.best_of != req.n:
+        if req.best_of is not None and req.best_of < req.n:
+            raise APIError(400, f"best_of ({req.best_of}) must be at least n ({req.n})", param="best_of")
+        if req.best_of is not None and req.best_of > req.n:
             raise APIError(
-                400, "best_of must be unset or equal to n (no server-side candidate ranking)", param="best_of"
+                400,
+                "best_of greater than n is not supported (no server-side candidate ranking)",
+                param="best_of",
             )
         if req.echo and req.logprobs is not None:
             raise APIError(
@@ -113,6 +136,23 @@ def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len:
         )
 
 
+_ENGINE_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def param_of(exc: BaseException, req: SamplingRequest) -> str | None:
+    """The request field an engine validation error is about. The engine's messages start with the name of
+    its parameter (`top_p must be in (0, 1]`); chat names two of them differently."""
+    name = str(exc).split(" ", 1)[0]
+    if name not in _ENGINE_FIELDS:
+        return None
+    if isinstance(req, ChatCompletionRequest):
+        if name == "max_tokens" and req.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        if name == "logprobs":
+            return "top_logprobs"
+    return name
+
+
 def sampling_params(req: SamplingRequest, choice: int) -> SamplingParams:
     """The engine's parameters for choice `choice` of `req` (seeded choices use seed + choice)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -137,4 +177,4 @@ def sampling_params(req: SamplingRequest, choice: int) -> SamplingParams:
             skip_special_tokens=req.skip_special_tokens,
         )
     except InvalidRequestError as exc:
-        raise APIError(400, str(exc)) from None
+        raise APIError(400, str(exc), param=param_of(exc, req)) from None

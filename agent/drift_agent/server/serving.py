@@ -4,18 +4,23 @@ from the group back to an HTTP response (JSON once everything finished, or an SS
 Either way a client that disconnects aborts its engine requests, which frees their KV blocks: a streaming
 response notices through Starlette cancelling its body, a non-streaming one through a task that watches the
 connection while the choices run.
+
+Tokenization and chat-template rendering run on one worker thread, never on the event loop: a prompt of
+megabytes takes seconds to tokenize, and /health, /metrics and every other request must not wait for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -24,15 +29,63 @@ from starlette.types import Receive, Scope, Send
 
 from ..engine.outputs import RequestOutput
 from ..engine.sequence import SLO
-from .errors import from_engine_error
+from .errors import APIError, error_body, from_engine_error
 from .generation import Aborted, GenerationGroup, Item
 from .protocol import PromptTokensDetails, SamplingRequest, UsageInfo, now_s
-from .sampling import refuse_unsupported, sampling_params, slo_from_headers
+from .sampling import check_context, param_of, refuse_unsupported, sampling_params, slo_from_headers
 from .state import ServerState
+
+T = TypeVar("T")
+
+# One thread, as vLLM does: HF fast tokenizers encode concurrently, but a call may first reconfigure the
+# tokenizer (padding, truncation, special-token splitting), which is not thread-safe; one thread also
+# keeps requests in arrival order.
+_TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-tokenizer")
+# Texts longer than this are counted before they are tokenized for good: materialising the ids of a prompt
+# of millions of tokens holds the GIL (and so the event loop) for a tenth of a second and more.
+_LONG_TEXT_CHARS = 1 << 17
 
 
 def state_of(request: Request) -> ServerState:
     return request.app.state.drift
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` on the tokenizer thread: for tokenization and chat-template rendering."""
+    return await asyncio.get_running_loop().run_in_executor(
+        _TOKENIZER_THREAD, functools.partial(fn, *args, **kwargs)
+    )
+
+
+def check_text(
+    tokenizer: Any,
+    text: str,
+    *,
+    param: str,
+    add_special_tokens: bool,
+    max_model_len: int | None = None,
+) -> None:
+    """Refuse what cannot be tokenized (400 naming `param`) and, given `max_model_len`, a long text that
+    cannot fit the context window, counted without materialising its ids. On the tokenizer thread."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(
+            400, f"{param}: not valid Unicode text ({exc.reason} at position {exc.start})", param=param
+        ) from None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if max_model_len is None or len(text) <= _LONG_TEXT_CHARS or backend is None:
+        return
+    # encode_batch releases the GIL while it works (encode does not); len() builds no list.
+    count = len(backend.encode_batch([text], add_special_tokens=add_special_tokens)[0])
+    try:
+        check_context(count, None, max_model_len, param)
+    except Exception as exc:
+        raise from_engine_error(exc, prompt_param=param) from None
+
+
+def encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
 
 class SSEResponse(StreamingResponse):
@@ -78,6 +131,7 @@ class Job:
     arrival: float
     echo_texts: list[str] = field(default_factory=list)  # per prompt, prepended to each choice's text
     created: int = field(default_factory=now_s)
+    prompt_param: str = "prompt"  # the field that held the prompt, for context-length errors
 
     @property
     def n(self) -> int:
@@ -112,7 +166,12 @@ class Job:
         except Exception as exc:
             for choice in group.choices:  # never started: nothing to classify, just free them
                 self.state.async_engine.abort(choice.request_id)
-            raise from_engine_error(exc, self.state.settings.retry_after_s) from None
+            raise from_engine_error(
+                exc,
+                self.state.settings.retry_after_s,
+                prompt_param=self.prompt_param,
+                param=param_of(exc, self.req),
+            ) from None
         group.start()
         return group
 
@@ -125,7 +184,9 @@ def prepare(
     state.check_accepting()
     state.check_model(req.model)
     refuse_unsupported(req)
-    slo = slo_from_headers(request.headers, state.engine.config, req.priority)
+    slo = slo_from_headers(
+        request.headers, state.engine.config, req.priority, state.settings.allow_client_priority
+    )
     rid = request.headers.get("x-request-id") or req.request_id or uuid.uuid4().hex
     return f"{prefix}-{rid}", slo, arrival
 
@@ -159,6 +220,22 @@ def final_of(item: Item) -> tuple[RequestOutput | None, str | None, int | str | 
     return item, item.finish_reason, item.stop_reason
 
 
+async def _ended_properly(body: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`body`, but a failure while producing it still ends the stream the documented way (an error event,
+    then [DONE]) instead of cutting the connection and leaving the client to guess."""
+    try:
+        async for chunk in body:
+            yield chunk
+    except Exception as exc:
+        err = from_engine_error(exc)
+        yield sse(error_body(err.status, err.message, err.param, err.code))
+        yield SSE_DONE
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 def stream_response(job: Job, group: GenerationGroup, body: AsyncIterator[str]) -> SSEResponse:
     job.state.inflight.add(group)
 
@@ -166,7 +243,7 @@ def stream_response(job: Job, group: GenerationGroup, body: AsyncIterator[str]) 
         group.abort("disconnect")
         job.state.inflight.remove(group)
 
-    return SSEResponse(body, on_close, headers={"x-request-id": job.id})
+    return SSEResponse(_ended_properly(body), on_close, headers={"x-request-id": job.id})
 
 
 def usage_flags(req: SamplingRequest) -> tuple[bool, bool]:

@@ -12,7 +12,18 @@ ENV_VARS: dict[str, str] = {
     "admin_token": "DRIFT_ADMIN_TOKEN",
     "slo_window_s": "DRIFT_SLO_WINDOW_S",
     "shutdown_timeout_s": "DRIFT_SHUTDOWN_TIMEOUT_S",
+    "max_request_body_bytes": "DRIFT_MAX_REQUEST_BODY_BYTES",
+    "admin_port": "DRIFT_ADMIN_PORT",
+    "allow_client_priority": "DRIFT_ALLOW_CLIENT_PRIORITY",
 }
+
+# What SIGTERM may take beyond the drain deadline: the aborted responses' last chunks (`InFlight.drain`'s
+# flush) and uvicorn's own graceful shutdown. A pod's terminationGracePeriodSeconds must cover the sum.
+DRAIN_FLUSH_S = 5.0
+UVICORN_GRACEFUL_S = 5.0
+
+# Bodies past this are refused with 413 before they are read: a few prompts of the largest context windows fit.
+DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024
 
 
 class ServerSettings(BaseModel):
@@ -28,6 +39,17 @@ class ServerSettings(BaseModel):
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of 429 (overloaded) and 503 (draining)")
     admin_timeout_s: float = Field(10.0, gt=0, description="how long PUT /admin/policy waits for the engine")
+    max_request_body_bytes: int = Field(
+        DEFAULT_MAX_REQUEST_BODY_BYTES, ge=1, description="larger request bodies get 413 without being read"
+    )
+    # The server's chat template (the text, not a path); None: the tokenizer's own.
+    chat_template: str | None = None
+    # A template in a request is code run by the server; only honoured when the operator opted in (vLLM's flag).
+    trust_request_chat_template: bool = False
+    # The admin routes on their own port (so a NetworkPolicy can keep clients off them); None: the API's port.
+    admin_port: int | None = Field(None, ge=1, le=65535)
+    # Priorities ahead of the default (< 0, lower goes first) jump the queue: only where the server allows it.
+    allow_client_priority: bool = False
 
     @classmethod
     def from_sources(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
@@ -39,6 +61,12 @@ class ServerSettings(BaseModel):
                 data[field] = value
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)
+
+    @property
+    def worst_case_shutdown_s(self) -> float:
+        """From SIGTERM to exit at the latest: the drain deadline, the flush of aborted responses, uvicorn's
+        graceful shutdown."""
+        return self.shutdown_timeout_s + DRAIN_FLUSH_S + UVICORN_GRACEFUL_S
 
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token is not None else None

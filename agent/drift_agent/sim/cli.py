@@ -69,7 +69,10 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
         "--profile", default=None, metavar="F.json", help="measured profile (`drift profile`) to use"
     )
     h.add_argument(
-        "--profile-model", default=None, help="model key in the profile file (default: its only one)"
+        "--profile-model",
+        default=None,
+        help="model key in the profile file: the identity `drift profile` wrote, e.g. "
+        "LlamaForCausalLM:L32-H4096-A32-KV8-D128-I14336-V128256 (default: its only one)",
     )
     h.add_argument(
         "--model-error",
@@ -203,7 +206,16 @@ def add_parser(subparsers: Any) -> None:
     pl = subs.add_parser("plan", help="fewest replicas/GPUs and the policy meeting the SLO at a rate")
     _common(pl, many_policies=True)
     g = pl.add_argument_group("planning")
-    g.add_argument("--rate", type=positive_float, required=True, help="request rate to serve (req/s)")
+    # The same flag as `drift sim run` and `drift bench serve` (one finite rate here); --rate is the old name.
+    g.add_argument(
+        "--request-rate",
+        "--rate",
+        dest="rate",
+        type=positive_float,
+        required=True,
+        metavar="RATE",
+        help="request rate to serve (req/s)",
+    )
     g.add_argument("--max-replicas", type=positive_int, default=16)
     g.add_argument("--disagg", action="store_true", help="also search disaggregated P:D layouts")
     g.add_argument("--save-result", default=None, metavar="F.json", help="write the plan as JSON")
@@ -337,16 +349,16 @@ def _fmt(v: Any, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def run_main(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from ..bench import BenchError
+    from ..bench.console import format_rate, make_console
     from ..bench.results import save_result
     from ..bench.sweep import Bisection
     from .cluster import SimulationError
     from .runner import result_document, simulate_rate, simulate_sweep
 
-    out, err = Console(), Console(stderr=True)
+    out, err = make_console(), make_console(stderr=True)
     try:
         _check(args)
         if args.sweep and not args.slo:
@@ -362,9 +374,9 @@ def run_main(args: argparse.Namespace) -> int:
         return 2
     load = _load(args)
     docs = []
-    table = Table(
-        title=f"Simulated: {base.hardware_label}, perf model: {base.perf_source}", title_justify="left"
-    )
+    # The title goes on its own line: as the table's title it would wrap to the table's width.
+    title = f"Simulated: {base.hardware_label}, perf model: {base.perf_source}"
+    table = Table()
     for col in (
         "policy",
         "rate",
@@ -397,7 +409,8 @@ def run_main(args: argparse.Namespace) -> int:
             for p in points:
                 att = p.summary.get("slo_attainment")
                 err.print(
-                    f"  {policy} @ {p.rate:g} req/s: {len(p.run.records)} requests simulated in {p.run.wall_s:.2f} s"
+                    f"  {policy} @ {format_rate(p.rate)} req/s: {len(p.run.records)} requests simulated in "
+                    f"{p.run.wall_s:.2f} s"
                     + (f", SLO attainment {100 * att:.1f}%" if att is not None else "")
                 )
             for p in sorted(points, key=lambda p: p.rate):
@@ -406,7 +419,7 @@ def run_main(args: argparse.Namespace) -> int:
                 total_wall += p.run.wall_s
                 table.add_row(
                     policy,
-                    f"{p.rate:g}",
+                    format_rate(p.rate),
                     _fmt(s.get("slo_attainment"), 100, 1),
                     _fmt(s.get("request_goodput")),
                     _fmt(s.get("p90_ttft_ms"), digits=1),
@@ -425,18 +438,19 @@ def run_main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    out.print(title, highlight=False)
     out.print(table)
     for policy, sweep in sweeps.items():
         if sweep.max_rate is None:
             out.print(
-                f"{policy}: no rate in [{args.sweep_min:g}, {args.sweep_max:g}] reached "
-                f"{100 * args.target_attainment:g}% SLO attainment"
+                f"{policy}: no rate in [{format_rate(args.sweep_min)}, {format_rate(args.sweep_max)}] "
+                f"reached {100 * args.target_attainment:g}% SLO attainment"
             )
         else:
             bound = "" if sweep.saturated else " (the upper bound itself met it; raise --sweep-max)"
             out.print(
                 f"{policy}: max rate at {100 * args.target_attainment:g}% SLO attainment "
-                f"{sweep.max_rate:.3g} req/s{bound}"
+                f"{format_rate(sweep.max_rate)} req/s{bound}"
             )
     rpm = 60.0 * total_requests / total_wall if total_wall > 0 else math.inf
     err.print(
@@ -470,14 +484,14 @@ def run_main(args: argparse.Namespace) -> int:
 def plan_main(args: argparse.Namespace) -> int:
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     from ..bench import BenchError
+    from ..bench.console import format_rate, make_console
     from .cluster import SimulationError
     from .plan import PlanPoint, plan
 
-    out, err = Console(), Console(stderr=True)
+    out, err = make_console(), make_console(stderr=True)
     try:
         _check(args)
         if not args.slo:
@@ -516,11 +530,11 @@ def plan_main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
-    table = Table(
-        title=f"Plan for {args.rate:g} req/s, SLO {' '.join(args.slo)}, "
-        f"{100 * args.target_attainment:g}% attainment ({base.hardware_label})",
-        title_justify="left",
+    title = (
+        f"Plan for {format_rate(args.rate)} req/s, SLO {' '.join(args.slo)}, "
+        f"{100 * args.target_attainment:g}% attainment ({base.hardware_label})"
     )
+    table = Table()
     for col in (
         "policy",
         "layout",
@@ -548,6 +562,7 @@ def plan_main(args: argparse.Namespace) -> int:
         for kind in dict.fromkeys(p.layout.split()[0] for p in result.points if p.policy == policy):
             if (policy, kind) not in shown:
                 table.add_row(policy, kind, "-", "-", "not met", "-", "-", "-")
+    out.print(title, highlight=False)
     out.print(table)
     best = result.best
     if best is None:
