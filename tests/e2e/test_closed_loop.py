@@ -54,8 +54,9 @@ _ADDRESSES = itertools.count(61)
 
 
 def next_address() -> str:
-    """A loopback address of the agent's own (the port is the pod's, so each agent needs its own address)."""
-    return f"127.0.0.{next(_ADDRESSES)}"
+    """A loopback address of the agent's own (the port is the pod's, so each agent needs its own address; the
+    second octet keeps two test sessions on one machine apart)."""
+    return f"127.{100 + os.getpid() % 100}.0.{next(_ADDRESSES)}"
 
 
 def _free_port(host: str) -> int:
@@ -255,7 +256,8 @@ def _run_loop(namespace: str, name: str, agent: Agent, process: Any) -> dict[str
     assert not load.errors, load.errors[:3]
     margin = _status(namespace, name)["partition"]["tpotMargin"]
     assert margin == settled_policy["partition"]["tpot_margin"] <= -0.1
-    # Every operator log line is printed once (kopf's handler only).
+    # Decisions are logged (not only posted as Events), and every operator log line is printed once.
+    assert "PartitionShifted" in process.log_text()
     lines = [line for line in process.log_text().splitlines() if line.strip()]
     assert all(a != b for a, b in itertools.pairwise(lines)), "a log line was printed twice"
     timeline = {
