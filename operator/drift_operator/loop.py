@@ -212,20 +212,16 @@ async def reconcile(
 
     events.extend(_child_events(applied, run_loop))
     deployment = DeploymentState.from_live(applied.deployment)
-    steering = memory.steering_for(spec, status_in.get("partition") or {})
     status.update(
         replicas=deployment.replicas,
         readyReplicas=deployment.ready,
         model=_model_label(spec),
         policy=spec.policy,
-        partition=_partition_status(spec, steering, memory, None),
-        scaling={"owner": owner_of, "desiredReplicas": deployment_replicas(spec, owner_of)},
     )
     updates = workload_conditions(deployment_replicas(spec, owner_of), deployment)
     if not run_loop:
         # The spec-change path writes only what follows from the spec and the children; the loop's fields
-        # (attainment, evaluations, decisions) are left to the loop, their only writer.
-        del status["partition"], status["scaling"]
+        # (partition, scaling, attainment, decisions) are left to the loop, their only writer.
         return Outcome(status, updates, events)
 
     decided: list[dict[str, Any]] = []
