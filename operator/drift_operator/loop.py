@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import constants as c
@@ -101,12 +101,8 @@ class ServiceMemory:
         if self.steering is None:
             self.steering = desired_steering(spec, _steered_in_status(status_partition))
         else:
-            self.steering = desired_steering(spec, _steered_values(self.steering))
+            self.steering = desired_steering(spec, asdict(self.steering))
         return self.steering
-
-
-def _steered_values(steering: Steering) -> dict[str, float]:
-    return {"prefill_sm_share": steering.prefill_sm_share, "tpot_margin": steering.tpot_margin}
 
 
 def _steered_in_status(partition: Mapping[str, Any]) -> dict[str, Any]:

@@ -56,9 +56,6 @@ def hold_scale(
     return ScaleDecision("hold", inputs.replicas, inputs.replicas, reason, message, headroom_since)
 
 
-_hold = hold_scale
-
-
 def decide_scale(
     inputs: ScaleInputs,
     scaling: ScalingSpec,
@@ -67,7 +64,7 @@ def decide_scale(
 ) -> ScaleDecision:
     n = inputs.replicas
     if inputs.owner == "external":
-        return _hold(
+        return hold_scale(
             inputs, "ExternalAutoscaler", "an HPA/KEDA owns spec.replicas; only the partition is steered"
         )
     if n < scaling.min_replicas:
@@ -87,16 +84,16 @@ def decide_scale(
             f"{n} > maxReplicas {scaling.max_replicas}",
         )
     if not inputs.metrics.usable or inputs.stats is None:
-        return _hold(inputs, inputs.metrics.reason, f"holding at {n}: {inputs.metrics.message}")
+        return hold_scale(inputs, inputs.metrics.reason, f"holding at {n}: {inputs.metrics.message}")
     if inputs.ready_replicas < n:
-        return _hold(inputs, "RolloutInProgress", f"{inputs.ready_replicas}/{n} replicas ready; waiting")
+        return hold_scale(inputs, "RolloutInProgress", f"{inputs.ready_replicas}/{n} replicas ready; waiting")
 
     stats = inputs.stats
     since_scale = inputs.now - inputs.last_scale_time if inputs.last_scale_time is not None else float("inf")
     idle = stats.total_requests == 0
     attainment = stats.overall
     if not idle and stats.total_requests < scaling.min_requests:
-        return _hold(
+        return hold_scale(
             inputs,
             "InsufficientTraffic",
             f"{stats.total_requests:.0f} requests in the window (< minRequests {scaling.min_requests})",
@@ -104,11 +101,11 @@ def decide_scale(
 
     if not idle and attainment is not None and attainment < inputs.target:
         if n >= scaling.max_replicas:
-            return _hold(
+            return hold_scale(
                 inputs, "AtMaxReplicas", f"attainment {attainment:.3f} < {inputs.target}, at maxReplicas"
             )
         if since_scale < scaling.scale_up_cooldown_seconds:
-            return _hold(inputs, "ScaleUpCooldown", f"last scaling {since_scale:.0f}s ago")
+            return hold_scale(inputs, "ScaleUpCooldown", f"last scaling {since_scale:.0f}s ago")
         sizing = size_scale_out(
             query, max_step=scaling.max_step, max_replicas=scaling.max_replicas, estimator=estimator
         )
@@ -124,13 +121,13 @@ def decide_scale(
         since = inputs.headroom_since if inputs.headroom_since is not None else inputs.now
         what = "no traffic" if idle else f"attainment {attainment:.3f} >= target+headroom"
         if n <= scaling.min_replicas:
-            return _hold(inputs, "AtMinReplicas", f"{what}, at minReplicas", since)
+            return hold_scale(inputs, "AtMinReplicas", f"{what}, at minReplicas", since)
         if inputs.now - since < scaling.scale_down_stabilization_seconds:
-            return _hold(inputs, "HeadroomNotSustained", f"{what} for {inputs.now - since:.0f}s", since)
+            return hold_scale(inputs, "HeadroomNotSustained", f"{what} for {inputs.now - since:.0f}s", since)
         if since_scale < scaling.scale_down_cooldown_seconds:
-            return _hold(inputs, "ScaleDownCooldown", f"last scaling {since_scale:.0f}s ago", since)
+            return hold_scale(inputs, "ScaleDownCooldown", f"last scaling {since_scale:.0f}s ago", since)
         if stats.queue_waiting is not None and stats.queue_waiting > _MAX_QUEUE_FOR_SCALE_IN:
-            return _hold(
+            return hold_scale(
                 inputs, "QueueNotEmpty", f"{stats.queue_waiting:.1f} requests waiting per replica", since
             )
         sizing = size_scale_in(
@@ -140,7 +137,7 @@ def decide_scale(
             estimator=estimator,
         )
         if sizing.desired >= n:
-            return _hold(inputs, "CapacityNeeded", f"{what}, but {sizing.describe()} needs {n}", since)
+            return hold_scale(inputs, "CapacityNeeded", f"{what}, but {sizing.describe()} needs {n}", since)
         # The clock restarts: the smaller service must show headroom anew before the next step down.
         return ScaleDecision(
             "scale-in",
@@ -150,4 +147,4 @@ def decide_scale(
             f"{what}; {sizing.describe()}",
         )
 
-    return _hold(inputs, "WithinTarget", f"attainment {attainment:.3f} within [target, target+headroom)")
+    return hold_scale(inputs, "WithinTarget", f"attainment {attainment:.3f} within [target, target+headroom)")

@@ -29,9 +29,6 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Item]
 
-    def put(self, item: Item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
 
 def _put_all(items: list[tuple[asyncio.Queue[Item], Item]]) -> None:
     for q, item in items:
@@ -187,12 +184,12 @@ class AsyncLLMEngine:
         except BaseException as exc:  # the loop must never die silently: fail every open request
             log.exception("engine loop died")
             self.error = exc
-            self._flush()  # what the dead step already produced goes out first
             with self._lock:
                 streams = list(self._streams.values())
                 self._streams.clear()
-            for stream in streams:
-                stream.put(EngineDeadError(f"engine loop died: {exc!r}"))
+            for stream in streams:  # after what the dead step already produced
+                self._post(stream, EngineDeadError(f"engine loop died: {exc!r}"))
+            self._flush()
 
     def _drain_commands(self, block: bool) -> None:
         try:

@@ -66,17 +66,12 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _rope(config: Mapping[str, Any] | Any) -> dict[str, Any]:
-    get = config.get if isinstance(config, Mapping) else lambda k: getattr(config, k, None)
-    rope = get("rope_parameters") or get("rope_scaling")  # transformers 5 / 4 spelling
-    return dict(rope) if isinstance(rope, Mapping) else {}
-
-
 def _max_len_and_source(config: Mapping[str, Any] | Any) -> tuple[int, str]:
     get = config.get if isinstance(config, Mapping) else lambda k: getattr(config, k, None)
     base = int(get("max_position_embeddings") or DEFAULT_MAX_POSITION_EMBEDDINGS)
     source = f"max_position_embeddings {base}"
-    rope = _rope(config)
+    rope = get("rope_parameters") or get("rope_scaling")  # transformers 5 / 4 spelling
+    rope = dict(rope) if isinstance(rope, Mapping) else {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     factor = rope.get("factor")
     if rope_type in _STRETCHING_ROPE_TYPES and isinstance(factor, (int, float)) and factor > 1:
