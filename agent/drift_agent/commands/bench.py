@@ -141,6 +141,13 @@ def run_offline(args: argparse.Namespace) -> int:
                 )
                 result = compare_served(drift, served)
                 print(f"ratio (served / engine, output tok/s): {result['ratio_served_to_engine']:.2f}")
+                if torch.get_num_threads() >= (os.cpu_count() or 1):
+                    print(
+                        "drift bench offline: note: the torch threads fill every core, so the engine alone "
+                        "profits from OpenMP spin-waiting on cores the served run shares with its event loop "
+                        "and client; measure the HTTP layer with --num-threads below the core count",
+                        file=sys.stderr,
+                    )
             elif not args.skip_transformers:
                 from transformers import AutoModelForCausalLM
 
