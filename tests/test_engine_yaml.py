@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from drift_agent.engine.config import EngineConfig, PartitionConfig
+from drift_agent.core.config import EngineConfig, PartitionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "docs" / "engine.yaml"

@@ -47,14 +47,3 @@ def percentiles(text: str) -> list[float]:
     if not values or not all(0 < p < 100 for p in values):
         raise argparse.ArgumentTypeError(f"percentiles must be in (0, 100), got {text!r}")
     return values
-
-
-def slo_item(text: str) -> str:
-    """One `NAME:MS` item of `--slo` (validated by the benchmark's SLO parser)."""
-    from .bench.metrics import SLO
-
-    try:
-        SLO.parse([text])
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .engine.errors import DriftError
+    from .core.errors import DriftError
 
     try:
         return int(args.func(args) or 0)

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from drift_agent.engine.config import EngineConfig
+from drift_agent.core.config import EngineConfig
 from drift_agent.server.settings import ServerSettings
 
 from . import constants as c

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from drift_agent.engine.config import PolicyName
+from drift_agent.core.config import PolicyName
 
 from .constants import ANNOTATION_REPLICAS_OWNER, DEFAULT_IMAGE
 

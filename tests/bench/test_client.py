@@ -10,7 +10,7 @@ import pytest
 from drift_agent.bench import ServerUnreachableError
 from drift_agent.bench.arrivals import arrival_times
 from drift_agent.bench.client import ClientConfig, OpenAIClient, SSEDecoder
-from drift_agent.bench.metrics import SLO, RequestRecord
+from drift_agent.bench.metrics import GoodputTargets, RequestRecord
 from drift_agent.bench.runner import LoadConfig, probe, run_load, run_sweep, warm_up
 from drift_agent.bench.sweep import Bisection
 from drift_agent.bench.workloads import RequestSpec, WorkloadParams, generate
@@ -39,7 +39,7 @@ def test_sse_decoder() -> None:
 
 async def test_completions_timing_and_request_shape(mock: MockServer) -> None:
     mock.state.ttft_s, mock.state.itl_s = 0.1, 0.02
-    slo = SLO(ttft_ms=500, tpot_ms=50)
+    slo = GoodputTargets(ttft_ms=500, tpot_ms=50)
     async with OpenAIClient(config(mock.url, slo=slo)) as client:
         rec = await client.send(RequestRecord("r0"), "hello there", 6)
     assert rec.success, rec.error
@@ -105,7 +105,7 @@ async def test_probe_rejects_a_wrong_model(mock: MockServer) -> None:
 async def test_run_follows_the_arrival_schedule(mock: MockServer) -> None:
     mock.state.ttft_s, mock.state.itl_s = 0.02, 0.005
     specs = [spec(i, out=3) for i in range(8)]
-    load = LoadConfig(burstiness=1.0, seed=3, slo=SLO(ttft_ms=2000))
+    load = LoadConfig(burstiness=1.0, seed=3, slo=GoodputTargets(ttft_ms=2000))
     done: list[str] = []
     async with OpenAIClient(config(mock.url)) as client:
         result = await run_load(client, specs, 20.0, load, on_done=lambda r: done.append(r.request_id))
@@ -157,7 +157,9 @@ async def test_multi_turn_resends_the_conversation(mock: MockServer, endpoint: s
 async def test_failed_turn_aborts_the_rest_of_its_session(mock: MockServer) -> None:
     turns = [spec(0, "FAIL now", session_id="s", turn=0), spec(1, "later", session_id="s", turn=1)]
     async with OpenAIClient(config(mock.url)) as client:
-        result = await run_load(client, [*turns, spec(2)], math.inf, LoadConfig(slo=SLO(ttft_ms=1000)))
+        result = await run_load(
+            client, [*turns, spec(2)], math.inf, LoadConfig(slo=GoodputTargets(ttft_ms=1000))
+        )
     errors = [r.error for r in result.records]
     assert errors[0].startswith("HTTP 500") and errors[1].startswith("not sent") and errors[2] == ""
     assert result.summary["failed"] == 2 and result.summary["slo_attainment"] == pytest.approx(1 / 3)
@@ -178,7 +180,7 @@ async def test_live_sweep_brackets_the_overload_point(mock: MockServer) -> None:
     # overlap: at 5 req/s they are 200 ms apart and last ~10 ms; at 300 req/s all six overlap.
     mock.state.ttft_s, mock.state.itl_s, mock.state.ttft_per_stream_s = 0.01, 0.0, 0.1
     specs = [spec(i, out=2) for i in range(6)]
-    load = LoadConfig(burstiness=float("inf"), slo=SLO(ttft_ms=80))  # evenly spaced arrivals
+    load = LoadConfig(burstiness=float("inf"), slo=GoodputTargets(ttft_ms=80))  # evenly spaced arrivals
     async with OpenAIClient(config(mock.url)) as client:
         runs, result = await run_sweep(client, specs, Bisection(5, 300, 0.9, max_iters=2), load)
     assert [r.request_rate for r in runs] == [rate for rate, _ in result.history]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from drift_agent.bench.metrics import SLO, RequestRecord, peak_output_and_concurrency, summarize
+from drift_agent.bench.metrics import GoodputTargets, RequestRecord, peak_output_and_concurrency, summarize
 
 
 def timeline() -> list[RequestRecord]:
@@ -43,7 +43,7 @@ def timeline() -> list[RequestRecord]:
 
 
 def test_summary_matches_hand_computed_values() -> None:
-    s = summarize(timeline(), duration_s=2.0, slo=SLO(ttft_ms=200, tpot_ms=50))
+    s = summarize(timeline(), duration_s=2.0, slo=GoodputTargets(ttft_ms=200, tpot_ms=50))
     assert (s["completed"], s["failed"], s["num_requests"]) == (3, 1, 4)
     assert s["total_input_tokens"] == 60  # the failed request's prompt is not counted
     assert s["total_output_tokens"] == 7
@@ -73,12 +73,12 @@ def test_summary_matches_hand_computed_values() -> None:
 def test_tpot_definition_and_slo_boundary() -> None:
     r = RequestRecord("x", success=True, ttft=0.2, latency=0.5, output_tokens=4)
     assert r.tpot == pytest.approx(0.1)
-    assert SLO(ttft_ms=200, tpot_ms=100).meets(r)  # equal to the target meets it
-    assert not SLO(ttft_ms=199.9).meets(r)
-    assert not SLO(e2el_ms=499).meets(r)
+    assert GoodputTargets(ttft_ms=200, tpot_ms=100).meets(r)  # equal to the target meets it
+    assert not GoodputTargets(ttft_ms=199.9).meets(r)
+    assert not GoodputTargets(e2el_ms=499).meets(r)
     assert RequestRecord("y", success=True, ttft=0.1, latency=0.1, output_tokens=1).tpot is None
     assert RequestRecord("z", success=False, output_tokens=5, latency=1.0).tpot is None
-    assert not SLO(ttft_ms=1e9).meets(RequestRecord("f", success=False))
+    assert not GoodputTargets(ttft_ms=1e9).meets(RequestRecord("f", success=False))
 
 
 def test_peak_tokens_per_second_and_concurrency() -> None:
@@ -97,7 +97,7 @@ def test_peak_tokens_per_second_and_concurrency() -> None:
 
 
 def test_empty_sets_give_none_not_zero() -> None:
-    s = summarize([RequestRecord("c", error="boom")], duration_s=1.0, slo=SLO(ttft_ms=100))
+    s = summarize([RequestRecord("c", error="boom")], duration_s=1.0, slo=GoodputTargets(ttft_ms=100))
     assert s["completed"] == 0 and s["failed"] == 1
     assert s["mean_ttft_ms"] is None and s["p99_itl_ms"] is None
     assert s["slo_attainment"] == 0.0 and s["max_concurrent_requests"] == 0
@@ -112,11 +112,14 @@ def test_custom_percentiles_keys() -> None:
 
 
 def test_slo_parse() -> None:
-    assert SLO.parse(["ttft:200 tpot:50"]) == SLO(ttft_ms=200, tpot_ms=50)
-    assert SLO.parse(["ttft:200", "e2el:1500.5"]) == SLO(ttft_ms=200, e2el_ms=1500.5)
-    assert SLO.parse(["tpot:40"]).headers() == {"x-slo-tpot-ms": "40"}
-    assert SLO.parse(["ttft:250", "tpot:40"]).headers() == {"x-slo-ttft-ms": "250", "x-slo-tpot-ms": "40"}
-    assert not SLO.parse([])
+    assert GoodputTargets.parse(["ttft:200 tpot:50"]) == GoodputTargets(ttft_ms=200, tpot_ms=50)
+    assert GoodputTargets.parse(["ttft:200", "e2el:1500.5"]) == GoodputTargets(ttft_ms=200, e2el_ms=1500.5)
+    assert GoodputTargets.parse(["tpot:40"]).headers() == {"x-slo-tpot-ms": "40"}
+    assert GoodputTargets.parse(["ttft:250", "tpot:40"]).headers() == {
+        "x-slo-ttft-ms": "250",
+        "x-slo-tpot-ms": "40",
+    }
+    assert not GoodputTargets.parse([])
     for bad in ("ttft=200", "latency:3", "ttft:-1", "ttft:abc", "tpot:inf"):
         with pytest.raises(ValueError, match="bad SLO"):
-            SLO.parse([bad])
+            GoodputTargets.parse([bad])

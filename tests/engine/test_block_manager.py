@@ -9,11 +9,11 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_agent.engine.block_manager import BlockManager
-from drift_agent.engine.policies import ChunkedPolicy, PrefillFirstPolicy
-from drift_agent.engine.sampling_params import SamplingParams
-from drift_agent.engine.scheduler import Scheduler, SchedulerConfig
-from drift_agent.engine.sequence import FinishReason, Sequence
+from drift_agent.core.block_manager import BlockManager
+from drift_agent.core.policies import ChunkedPolicy, PrefillFirstPolicy
+from drift_agent.core.sampling_params import SamplingParams
+from drift_agent.core.scheduler import Scheduler, SchedulerConfig
+from drift_agent.core.sequence import FinishReason, Sequence
 
 
 def seq(tokens: list[int], rid: str = "r", max_tokens: int = 8) -> Sequence:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drift_agent.core.sampling_params import SamplingParams
 from drift_agent.engine.detokenizer import IncrementalDetokenizer
-from drift_agent.engine.sampling_params import SamplingParams
 from tests.tiny_models import CORPUS, make_tokenizer
 
 TEXTS = [

@@ -7,11 +7,11 @@ import asyncio
 
 import pytest
 
+from drift_agent.core.config import EngineConfig
+from drift_agent.core.errors import EngineOverloadedError, InvalidRequestError, PromptTooLongError
+from drift_agent.core.sampling_params import SamplingParams
 from drift_agent.engine.async_engine import AsyncLLMEngine
-from drift_agent.engine.config import EngineConfig
-from drift_agent.engine.errors import EngineOverloadedError, InvalidRequestError, PromptTooLongError
 from drift_agent.engine.llm_engine import LLMEngine
-from drift_agent.engine.sampling_params import SamplingParams
 from tests.tiny_models import tiny_model_dir
 
 

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from drift_agent.engine.config import EngineConfig
+from drift_agent.core.config import EngineConfig
+from drift_agent.core.sampling_params import SamplingParams
 from drift_agent.engine.llm_engine import LLMEngine
-from drift_agent.engine.sampling_params import SamplingParams
 from tests.tiny_models import ARCHS, tiny_model_dir
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

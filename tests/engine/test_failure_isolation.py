@@ -12,18 +12,18 @@ from typing import Any
 import pytest
 import torch
 
-from drift_agent.engine.async_engine import AsyncLLMEngine
-from drift_agent.engine.config import EngineConfig
-from drift_agent.engine.detokenizer import IncrementalDetokenizer
-from drift_agent.engine.errors import (
+from drift_agent.core.config import EngineConfig
+from drift_agent.core.errors import (
     EngineDeadError,
     InvalidRequestError,
     RequestFailedError,
     is_fatal_error,
 )
+from drift_agent.core.sampling_params import MAX_SEED, SamplingParams
+from drift_agent.engine.async_engine import AsyncLLMEngine
+from drift_agent.engine.detokenizer import IncrementalDetokenizer
 from drift_agent.engine.llm_engine import MAX_CONSECUTIVE_FAILED_STEPS, LLMEngine
 from drift_agent.engine.outputs import RequestOutput
-from drift_agent.engine.sampling_params import MAX_SEED, SamplingParams
 from tests.tiny_models import tiny_model_dir
 
 PROMPTS = {

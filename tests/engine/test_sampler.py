@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from drift_agent.core.sampling_params import SamplingParams
 from drift_agent.engine.sampler import (
     Sampler,
     SampleRequest,
@@ -18,7 +19,6 @@ from drift_agent.engine.sampler import (
     apply_suppression,
     apply_top_k_top_p,
 )
-from drift_agent.engine.sampling_params import SamplingParams
 
 V = 64
 

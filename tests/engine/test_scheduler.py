@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from drift_agent.engine.block_manager import BlockManager
-from drift_agent.engine.errors import PromptTooLongError
-from drift_agent.engine.policies import ChunkedPolicy, PrefillFirstPolicy
-from drift_agent.engine.sampling_params import SamplingParams
-from drift_agent.engine.scheduler import Scheduler, SchedulerConfig
-from drift_agent.engine.sequence import FinishReason, Sequence, SequenceStatus
+from drift_agent.core.block_manager import BlockManager
+from drift_agent.core.errors import PromptTooLongError
+from drift_agent.core.policies import ChunkedPolicy, PrefillFirstPolicy
+from drift_agent.core.sampling_params import SamplingParams
+from drift_agent.core.scheduler import Scheduler, SchedulerConfig
+from drift_agent.core.sequence import FinishReason, Sequence, SequenceStatus
 
 
 def make(policy, num_blocks=64, block_size=4, budget=16, max_seqs=8, max_len=256):
@@ -210,7 +210,7 @@ def test_admission_leaves_the_watermark_free_while_sequences_run():
 
 
 def test_waiting_queue_orders_by_priority_then_arrival():
-    from drift_agent.engine.sequence import SLO
+    from drift_agent.core.sequence import SLO
 
     sched = make(PrefillFirstPolicy, budget=8, max_seqs=1)
     order = [("a", 0), ("b", 1), ("c", -1), ("d", 0), ("e", -1), ("f", 1)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from drift_agent.engine.errors import ModelLoadError
+from drift_agent.core.errors import ModelLoadError
 from drift_agent.models import embedded
 from drift_agent.models.loader import load_model, load_tokenizer
 from tests.models.paged import greedy_generate

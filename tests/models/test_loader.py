@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from drift_agent.engine.errors import ModelLoadError
+from drift_agent.core.errors import ModelLoadError
 from drift_agent.models.llama import build_model
 from drift_agent.models.loader import load_config, load_model, load_tokenizer
 from tests.tiny_models import EOS_TOKEN, tiny_model_dir

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_agent.engine.config import PartitionConfig
+from drift_agent.core.config import PartitionConfig
 from drift_agent.multiplex.dispatcher import (
     DecodeLoad,
     DecodeRequest,

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from drift_agent.engine.block_manager import BlockManager
-from drift_agent.engine.sampling_params import SamplingParams
-from drift_agent.engine.scheduler import Scheduler, SchedulerConfig
-from drift_agent.engine.sequence import RequestTimes, Sequence
+from drift_agent.core.block_manager import BlockManager
+from drift_agent.core.sampling_params import SamplingParams
+from drift_agent.core.scheduler import Scheduler, SchedulerConfig
+from drift_agent.core.sequence import RequestTimes, Sequence
 from drift_agent.multiplex.dispatcher import DecodeLoad, DecodeRequest, DispatcherConfig
 from drift_agent.multiplex.mux_loop import MuxLanes
 from drift_agent.multiplex.policies import MultiplexPolicy, MuxContext
@@ -219,7 +219,7 @@ def test_a_folded_prompt_runs_inside_the_decode_step_and_then_decodes() -> None:
 
 
 def test_fold_setting_follows_the_partition_config_at_run_time() -> None:
-    from drift_agent.engine.config import EngineConfig
+    from drift_agent.core.config import EngineConfig
 
     lanes = make_lanes()
     assert lanes.policy.dispatcher.config.fold_max_tokens == 2048

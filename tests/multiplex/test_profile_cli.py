@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from drift_agent.cli import main
-from drift_agent.engine.config import EngineConfig
+from drift_agent.core.config import EngineConfig
 from drift_agent.engine.llm_engine import LLMEngine
 from tests.tiny_models import tiny_model_dir
 

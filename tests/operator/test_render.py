@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from drift_agent.engine.config import EngineConfig
+from drift_agent.core.config import EngineConfig
 from drift_operator.render import (
     Owner,
     config_hash,

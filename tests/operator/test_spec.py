@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from drift_agent.engine.config import POLICIES, EngineConfig
+from drift_agent.core.config import POLICIES, EngineConfig
 from drift_operator.spec import (
     EngineSpec,
     LLMServiceSpec,

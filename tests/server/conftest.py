@@ -12,8 +12,8 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from drift_agent.core.config import EngineConfig
 from drift_agent.engine.async_engine import AsyncLLMEngine
-from drift_agent.engine.config import EngineConfig
 from drift_agent.engine.llm_engine import LLMEngine
 from drift_agent.server.app import build_app
 from drift_agent.server.settings import ServerSettings

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from drift_agent.core.errors import InvalidRequestError
 from drift_agent.engine.async_engine import AsyncLLMEngine
-from drift_agent.engine.errors import InvalidRequestError
 from drift_agent.server.chat_template import load_chat_template
 from drift_agent.server.settings import ServerSettings
 from tests.server.conftest import MODEL, LiveServer, start_server, wait_idle

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from drift_agent.engine.sequence import SLO, RequestTimes
+from drift_agent.core.sequence import SLO, RequestTimes
 from drift_agent.server.slo import SloOutcome, SloWindow, classify, tpot_seconds
 
 

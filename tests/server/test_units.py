@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from drift_agent.engine.config import EngineConfig
+from drift_agent.core.config import EngineConfig
 from drift_agent.engine.sampler import TokenLogprobs
 from drift_agent.server.drain import InFlight
 from drift_agent.server.errors import APIError

@@ -7,15 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from drift_agent.bench.metrics import SLO
+from drift_agent.bench.metrics import GoodputTargets
 from drift_agent.bench.workloads import WorkloadParams, generate
-from drift_agent.engine.policies import ChunkedPolicy, PrefillFirstPolicy
+from drift_agent.core.policies import ChunkedPolicy, PrefillFirstPolicy
 from drift_agent.multiplex.perf_model import PrefillShape
 from drift_agent.sim import Cluster, InstanceConfig, LoadSpec, SimSetup, SimulationError, simulate_rate
 
 from .helpers import WHOLE_DEVICE, ConstantModel, mixed_long_and_chat
 
-SLO_ = SLO(ttft_ms=2000, tpot_ms=50)
+SLO_ = GoodputTargets(ttft_ms=2000, tpot_ms=50)
 
 
 def _records(run):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from drift_agent.bench.metrics import SLO
+from drift_agent.bench.metrics import GoodputTargets
 from drift_agent.bench.workloads import WorkloadParams, generate
 from drift_agent.sim import LoadSpec, SimSetup
 from drift_agent.sim.plan import PlanPoint, min_replicas, plan
@@ -38,7 +38,7 @@ def test_plan_needs_more_replicas_for_a_higher_rate():
         "random", 240, seed=0, params=WorkloadParams(input_len=1024, output_len=128, range_ratio=0.5)
     )
     base = SimSetup.build("llama-3-8b", "h100")
-    load = LoadSpec(slo=SLO(ttft_ms=300, tpot_ms=15))
+    load = LoadSpec(slo=GoodputTargets(ttft_ms=300, tpot_ms=15))
     low = plan(base, specs, 8.0, load, ["chunked"], max_replicas=8)
     high = plan(base, specs, 40.0, load, ["chunked"], max_replicas=8)
     assert low.best is not None and high.best is not None
@@ -54,7 +54,7 @@ def test_plan_needs_more_replicas_for_a_higher_rate():
 def test_plan_searches_disaggregated_layouts_and_checks_inputs():
     specs = generate("random", 120, seed=1, params=WorkloadParams(input_len=1024, output_len=64))
     base = SimSetup.build("llama-3-8b", "h100")
-    load = LoadSpec(slo=SLO(ttft_ms=500, tpot_ms=30))
+    load = LoadSpec(slo=GoodputTargets(ttft_ms=500, tpot_ms=30))
     result = plan(base, specs, 4.0, load, ["chunked"], max_replicas=4, disaggregated=True)
     assert any(p.layout.startswith("disagg") for p in result.points)
     assert result.best is not None and result.best.layout == "colocated" and result.best.gpus == 1

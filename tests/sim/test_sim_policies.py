@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from drift_agent.bench.metrics import SLO
+from drift_agent.bench.metrics import GoodputTargets
 from drift_agent.bench.workloads import WorkloadParams, generate
 from drift_agent.multiplex import policies
 from drift_agent.sim import LoadSpec, SimSetup, simulate_rate
@@ -20,7 +20,7 @@ def test_drift_beats_chunked_on_goodput_with_long_prefills_and_tight_tpot():
     2048-token budget) stretches every decode step that carries a chunk, so most requests miss TPOT; Drift
     keeps decode on its own SMs and meets both targets."""
     specs = mixed_long_and_chat(200, long_every=3)
-    slo = SLO(ttft_ms=4000, tpot_ms=20)
+    slo = GoodputTargets(ttft_ms=4000, tpot_ms=20)
     load = LoadSpec(slo=slo)
     results = {}
     for policy in ("chunked", "drift"):
@@ -52,7 +52,7 @@ def test_drift_keeps_throughput_when_sequence_slots_are_the_bottleneck(monkeypat
     static-split's throughput; without it (prefill_slack_share=0) the collapse shows. Rule 8 (folding short
     prompts into the decode step) avoids the split altogether, so it is off for the rule 7 comparison."""
     specs = generate("random", 1000, 0, WorkloadParams(input_len=128, output_len=256, range_ratio=0.5))
-    load = LoadSpec(slo=SLO(ttft_ms=1000, tpot_ms=100))
+    load = LoadSpec(slo=GoodputTargets(ttft_ms=1000, tpot_ms=100))
 
     def run(policy: str, fold: int = 0) -> dict:
         setup = SimSetup.build(
@@ -78,7 +78,7 @@ def test_folding_short_prompts_keeps_drift_level_with_chunked_on_chat():
     ride along the decode step (dispatcher rule 8), as chunked prefill runs them, instead of taking SMs from
     decode. Without folding, drift's queue grows and a third of the requests miss their TTFT."""
     specs = generate("sharegpt-like", 2000, seed=0)
-    load = LoadSpec(slo=SLO(ttft_ms=500, tpot_ms=15))
+    load = LoadSpec(slo=GoodputTargets(ttft_ms=500, tpot_ms=15))
 
     def run(policy: str, fold: int) -> dict:
         setup = SimSetup.build(

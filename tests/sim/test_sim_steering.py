@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from drift_agent.bench.metrics import SLO
+from drift_agent.bench.metrics import GoodputTargets
 from drift_agent.bench.workloads import RequestSpec, WorkloadParams, generate
 from drift_agent.sim import Cluster, InstanceConfig, LoadSpec, SimSetup, simulate_rate
 from drift_agent.sim import instance as sim_instance
@@ -15,7 +15,7 @@ from drift_agent.sim.executor import ScaledDevice
 from .helpers import WHOLE_DEVICE, ConstantModel, mixed_long_and_chat
 
 
-def _summary(specs: list[RequestSpec], rate: float, slo: SLO, margin: float, error: float) -> dict:
+def _summary(specs: list[RequestSpec], rate: float, slo: GoodputTargets, margin: float, error: float) -> dict:
     setup = SimSetup.build(
         "llama-3-8b",
         "h100",
@@ -33,7 +33,7 @@ def test_positive_margin_recovers_the_tpot_an_optimistic_model_loses():
     model is exact; on a device 20% slower than the model its decode shares are too small and a fifth of
     the requests miss TPOT. Each step of margin the operator adds gives decode SMs back."""
     specs = mixed_long_and_chat(200, long_every=3)
-    slo = SLO(ttft_ms=4000, tpot_ms=16)
+    slo = GoodputTargets(ttft_ms=4000, tpot_ms=16)
     assert _summary(specs, 7.5, slo, 0.0, 1.0)["slo_attainment"] == 1.0
     runs = [_summary(specs, 7.5, slo, margin, 1.2) for margin in (0.0, 0.1, 0.3)]
     assert runs[0]["tpot_attainment"] < 0.85
@@ -48,7 +48,7 @@ def test_negative_margin_recovers_the_ttft_a_pessimistic_model_loses():
     and TTFT lags while TPOT holds. A negative margin folds more prompts into the decode step and gives
     prefill more SMs: TTFT, and with it the joint attainment, rise while TPOT still holds."""
     specs = generate("sharegpt-like", 1000, seed=0)
-    slo = SLO(ttft_ms=500, tpot_ms=15)
+    slo = GoodputTargets(ttft_ms=500, tpot_ms=15)
     untuned, steered = (_summary(specs, 66.0, slo, margin, 0.9) for margin in (0.0, -0.4))
     assert untuned["ttft_attainment"] < 0.95 and untuned["tpot_attainment"] >= 0.99
     assert steered["ttft_attainment"] > untuned["ttft_attainment"] + 0.02

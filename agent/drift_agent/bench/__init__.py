@@ -6,7 +6,7 @@ so the simulator (`drift sim`) reuses them with simulated clocks; `client` and `
 
 from __future__ import annotations
 
-from ..engine.errors import DriftError
+from ..core.errors import DriftError
 
 
 class BenchError(DriftError):

@@ -18,9 +18,10 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlparse
 
-from ..argtypes import non_negative_float, non_negative_int, percentiles, positive_int, rate, rates, slo_item
+from ..argtypes import non_negative_float, non_negative_int, percentiles, positive_int, rate, rates
 from . import BenchError, ServerUnreachableError
 from .console import format_rate, make_console
+from .metrics import goodput_item
 from .workloads import WORKLOADS
 
 DEFAULT_PERCENTILES = "50,90,99"
@@ -120,7 +121,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--slo",
         "--goodput",
         nargs="+",
-        type=slo_item,
+        type=goodput_item,
         default=[],
         metavar="NAME:MS",
         help="SLO targets in ms, e.g. --slo ttft:200 tpot:50 (e2el also accepted)",
@@ -289,13 +290,13 @@ async def _serve_async(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .client import ClientConfig, OpenAIClient
-    from .metrics import SLO
+    from .metrics import GoodputTargets
     from .results import make_result
     from .runner import LoadConfig, probe, run_rates, run_sweep, warm_up
     from .sweep import Bisection
     from .workloads import group_sessions
 
-    slo = SLO.parse(args.slo)
+    slo = GoodputTargets.parse(args.slo)
     config = ClientConfig(
         base_url=args.base_url,
         endpoint=args.endpoint,

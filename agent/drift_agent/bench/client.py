@@ -20,7 +20,7 @@ from typing import Any, Literal
 import httpx
 
 from . import ServerUnreachableError
-from .metrics import SLO, RequestRecord
+from .metrics import GoodputTargets, RequestRecord
 
 Endpoint = Literal["completions", "chat"]
 ENDPOINT_PATHS: dict[str, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -32,7 +32,7 @@ class ClientConfig:
     endpoint: Endpoint = "completions"
     model: str = ""
     ignore_eos: bool = True
-    slo: SLO | None = None
+    slo: GoodputTargets | None = None
     temperature: float | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
     api_key: str | None = None

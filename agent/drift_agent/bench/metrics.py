@@ -14,6 +14,7 @@ Statistics of an empty set are None (vLLM prints 0, which would plot as a perfec
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -70,15 +71,16 @@ class RequestRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class SLO:
-    """Latency targets in milliseconds; None means not constrained."""
+class GoodputTargets:
+    """The latency targets a request must meet to count towards goodput (vLLM's `--goodput`), in
+    milliseconds; None means not constrained."""
 
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     e2el_ms: float | None = None
 
     @classmethod
-    def parse(cls, items: Iterable[str]) -> SLO:
+    def parse(cls, items: Iterable[str]) -> GoodputTargets:
         """From vLLM's `--goodput` syntax: "ttft:200 tpot:50 [e2el:2000]" (ms)."""
         values: dict[str, float] = {}
         for item in items:
@@ -172,7 +174,7 @@ def peak_output_and_concurrency(records: Sequence[RequestRecord]) -> tuple[float
 def summarize(
     records: Sequence[RequestRecord],
     duration_s: float,
-    slo: SLO | None = None,
+    slo: GoodputTargets | None = None,
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> dict[str, Any]:
     """The run's summary as a JSON-ready dict (keys follow vLLM's result JSON)."""
@@ -208,3 +210,12 @@ def summarize(
             hits = sum(slo.meets(r, metric) for r in records)
             summary[f"{metric}_attainment"] = hits / len(records) if records else None
     return summary
+
+
+def goodput_item(text: str) -> str:
+    """One `NAME:MS` item of `--slo`, as an argparse type (checked by `GoodputTargets.parse`)."""
+    try:
+        GoodputTargets.parse([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

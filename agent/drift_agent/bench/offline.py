@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..engine.config import EngineConfig
+    from ..core.config import EngineConfig
 
 
 @dataclass
@@ -72,7 +72,7 @@ class RunResult:
 
 
 def run_drift(engine, wl: OfflineWorkload) -> RunResult:
-    from ..engine.sampling_params import SamplingParams
+    from ..core.sampling_params import SamplingParams
 
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in wl.output_lens]
     t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from typing import Any
 from . import ServerUnreachableError
 from .arrivals import arrival_times
 from .client import OpenAIClient
-from .metrics import SLO, RequestRecord, summarize
+from .metrics import GoodputTargets, RequestRecord, summarize
 from .results import make_run
 from .sweep import Bisection, SweepResult
 from .workloads import RequestSpec, group_sessions
@@ -47,7 +47,7 @@ class LoadConfig:
     burstiness: float = 1.0
     seed: int = 0
     max_concurrency: int | None = None
-    slo: SLO = field(default_factory=SLO)
+    slo: GoodputTargets = field(default_factory=GoodputTargets)
     percentiles: Sequence[float] = (50.0, 90.0, 99.0)
 
 

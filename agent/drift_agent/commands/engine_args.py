@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..engine.config import POLICIES, EngineConfig
-from ..engine.errors import DriftError
+from ..core.config import POLICIES, EngineConfig
+from ..core.errors import DriftError
 
 
 class PreflightError(DriftError):

@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_or_exit_code(args, "generate")
     if isinstance(config, int):
         return config
+    from ..core.sampling_params import SamplingParams
     from ..engine.llm_engine import LLMEngine
-    from ..engine.sampling_params import SamplingParams
 
     params = SamplingParams(
         max_tokens=args.max_tokens,

@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..engine.llm_engine import LLMEngine
+    from ..engine.measure import EngineMeasurer
     from ..multiplex.analytic import ModelShape
-    from ..multiplex.measure import EngineMeasurer
     from ..multiplex.model_select import model_identity
     from ..multiplex.profile import ProfileGrid, format_fit_report, run_profile
     from ..partition import make_partitioner

@@ -12,11 +12,11 @@ import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from .errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, is_fatal_error
+from ..core.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, is_fatal_error
+from ..core.sampling_params import SamplingParams
+from ..core.sequence import SLO, Sequence
 from .llm_engine import LLMEngine
 from .outputs import EngineStats, RequestOutput
-from .sampling_params import SamplingParams
-from .sequence import SLO, Sequence
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .sampling_params import SamplingParams
+from ..core.sampling_params import SamplingParams
 
 # Prompt tokens decoded as left context of the first output token (vLLM uses 5-7).
 _PROMPT_CONTEXT = 6

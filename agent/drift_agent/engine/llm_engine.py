@@ -6,7 +6,6 @@ import concurrent.futures
 import json
 import logging
 import time
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,30 +13,38 @@ from typing import Any
 
 import torch
 
-from .block_manager import BlockManager
-from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer
-from .errors import (
+from ..core.block_manager import BlockManager
+from ..core.config import EngineConfig
+from ..core.errors import (
     EngineDeadError,
     InvalidRequestError,
     ModelLoadError,
     RequestFailedError,
     is_fatal_error,
 )
+from ..core.sampling_params import SamplingParams
+from ..core.scheduler import Batch, Scheduler, SchedulerConfig
+from ..core.sequence import SLO, FinishReason, RequestTimes, Sequence
+from ..multiplex.analytic import ModelShape
+from ..multiplex.devices import cpu_device_spec, lookup_device
+from ..multiplex.model_select import select_perf_model
+from ..multiplex.mux_loop import MuxLanes, decode_step_time, prefill_block_time
+from ..multiplex.policies import MuxContext, make_policy
+from ..partition import make_partitioner
+from ..partition.base import Split
+from .detokenizer import IncrementalDetokenizer
 from .model_runner import (
     CPU_DEFAULT_KV_GB,
     DTYPES,
     ModelRunner,
+    gpu_kv_budget_bytes,
     kv_bytes_per_token,
     num_kv_blocks_for_budget,
     resolve_device,
 )
+from .mux_executor import ModelMuxExecutor
 from .outputs import EngineStats, RequestOutput
-from .policies import SEQUENTIAL_POLICIES
 from .sampler import TokenLogprobs
-from .sampling_params import SamplingParams
-from .scheduler import Batch, Policy, Scheduler, SchedulerConfig
-from .sequence import SLO, FinishReason, RequestTimes, Sequence
 from .trace import DecisionTrace
 
 log = logging.getLogger(__name__)
@@ -45,15 +52,6 @@ log = logging.getLogger(__name__)
 # Steps in a row that may fail (each failing only its batch) before the engine counts as unusable: a fault
 # that hits every step would otherwise fail every request while the process looks alive.
 MAX_CONSECUTIVE_FAILED_STEPS = 8
-
-
-def make_policy(name: str, config: EngineConfig, mux_context: Callable[[], Any] | None = None) -> Policy:
-    """A policy by name; the multiplexing ones also need the engine's perf model and SM splits."""
-    if name in SEQUENTIAL_POLICIES:
-        return SEQUENTIAL_POLICIES[name]()
-    from ..multiplex.policies import make_multiplex_policy
-
-    return make_multiplex_policy(name, config, mux_context() if mux_context else None)
 
 
 @dataclass
@@ -122,7 +120,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=max_model_len,
         )
-        self._mux: tuple[Any, Any] | None = None  # (MuxContext, ModelMuxExecutor), built on first use
+        self._mux: tuple[MuxContext, ModelMuxExecutor] | None = None  # built on first use
         self.trace = DecisionTrace(config.trace_path)
         self.scheduler = Scheduler(
             sched_cfg, self.block_manager, make_policy(config.policy, config, self._mux_context)
@@ -131,7 +129,7 @@ class LLMEngine:
         self._decisions: dict[str, int] = {}
         self._split: tuple[int, int] | None = None
         self._last_step: tuple[float | None, float | None] = (None, None)  # last lane: predicted, actual
-        self._lanes: Any = None  # multiplex.mux_loop.MuxLanes, built on the first multiplexed step
+        self._lanes: MuxLanes | None = None  # built on the first multiplexed step
         self._predicted: dict[str, float] = {}  # predicted latency of the work in flight on each lane
         self._pending_outputs: list[RequestOutput] = []  # posted while draining the lanes for a switch
         self._in_flight: list[Batch] = []  # the sequential step's batches not yet posted
@@ -187,8 +185,6 @@ class LLMEngine:
         if cfg.kv_cache_memory_gb is not None:
             budget = cfg.kv_cache_memory_gb * 2**30
         elif self.device.type == "cuda":
-            from .model_runner import gpu_kv_budget_bytes
-
             # Activations of one full step: hidden states and MLP intermediates for the token budget.
             hidden = int(getattr(self.hf_config, "hidden_size", 4096))
             inter = int(getattr(self.hf_config, "intermediate_size", 4 * hidden))
@@ -198,16 +194,9 @@ class LLMEngine:
             budget = CPU_DEFAULT_KV_GB * 2**30
         return num_kv_blocks_for_budget(budget, cfg.block_size, per_token, useful)
 
-    def _mux_context(self) -> Any:
+    def _mux_context(self) -> MuxContext:
         """Partitions (created once) and the performance model, for the multiplexing policies."""
         if self._mux is None:
-            from ..multiplex.analytic import ModelShape
-            from ..multiplex.devices import cpu_device_spec, lookup_device
-            from ..multiplex.model_executor import ModelMuxExecutor
-            from ..multiplex.model_select import select_perf_model
-            from ..multiplex.policies import MuxContext
-            from ..partition import make_partitioner
-
             cfg = self.config
             partitioner = make_partitioner(cfg.partition.backend, self.device)
             if partitioner.reason:
@@ -259,8 +248,6 @@ class LLMEngine:
     def _realized_split(self) -> tuple[int, int] | None:
         if self._split is None or self._mux is None:
             return None
-        from ..partition.base import Split
-
         return self._mux[1].partitioner.realized_sm_counts(Split(*self._split))
 
     @property
@@ -417,8 +404,6 @@ class LLMEngine:
     def _step_multiplexed(self, now: float, outputs: list[RequestOutput]) -> None:
         """Launch on the free lanes, wait for the first lane to finish, post it (`multiplex.mux_loop`). The
         other lane may still be running when this returns; the next step picks it up."""
-        from ..multiplex.mux_loop import MuxLanes, decode_step_time, prefill_block_time
-
         self._mux_context()
         executor = self._mux[1]
         if self._lanes is None:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.errors import is_fatal_error
+from ..core.scheduler import Batch
+from ..core.sequence import Sequence
 from ..models.attention_metadata import AttentionMetadata
-from .errors import is_fatal_error
 from .sampler import Sampler, SampleRequest, TokenLogprobs
-from .scheduler import Batch
-from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 

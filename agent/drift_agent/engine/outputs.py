@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..core.sequence import SLO, RequestTimes
 from .sampler import TokenLogprobs
-from .sequence import SLO, RequestTimes
 
 
 @dataclass

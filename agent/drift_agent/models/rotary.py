@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from drift_agent.engine.errors import ModelLoadError
+from drift_agent.core.errors import ModelLoadError
 
 # Scalings whose frequencies do not depend on the current sequence length; `dynamic` and `longrope` switch
 # frequencies by length at run time, which a paged cache of already-rotated keys cannot follow.

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.scheduler import Batch, Scheduler, SchedulerOutput
-from ..engine.sequence import Sequence
+from ..core.scheduler import Batch, Scheduler, SchedulerOutput
+from ..core.sequence import Sequence
 from ..partition.base import Split
 from .perf_model import PerfModel, PrefillShape
 from .policies import MultiplexPolicy, PrefillJob

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.policies import decode_all
-from ..engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerOutput
-from ..engine.sequence import Sequence
+from ..core.config import MULTIPLEX_POLICIES, POLICIES, EngineConfig
+from ..core.policies import SEQUENTIAL_POLICIES, decode_all
+from ..core.scheduler import Batch, Policy, ScheduledSeq, Scheduler, SchedulerOutput
+from ..core.sequence import Sequence
 from ..partition.base import Split
 from .dispatcher import (
     DecodeLoad,
@@ -280,9 +282,15 @@ class MultiplexPolicy:
             self.paused = None
 
 
-def make_multiplex_policy(name: str, engine_config: Any, ctx: MuxContext | None) -> MultiplexPolicy:
-    if name not in ("drift", "static-split"):
-        raise ValueError(f"unknown policy {name!r}; choose prefill-first, chunked, static-split or drift")
-    if ctx is None:
+def make_policy(
+    name: str, engine_config: EngineConfig, mux_context: Callable[[], MuxContext] | None = None
+) -> Policy:
+    """A policy by name, for the engine and the simulator alike. The multiplexing ones also need the performance
+    model and SM splits: `mux_context` is called only for them (the engine builds its context lazily)."""
+    if name in SEQUENTIAL_POLICIES:
+        return SEQUENTIAL_POLICIES[name]()
+    if name not in MULTIPLEX_POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if mux_context is None:
         raise ValueError(f"policy {name!r} needs a performance model and SM splits (a MuxContext)")
-    return MultiplexPolicy(name, ctx, dispatcher_config(name, engine_config.partition))
+    return MultiplexPolicy(name, mux_context(), dispatcher_config(name, engine_config.partition))

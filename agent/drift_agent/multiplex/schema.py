@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..engine.errors import DriftError
+from ..core.errors import DriftError
 
 SCHEMA_VERSION = 1
 

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.errors import DriftError
+from ..core.errors import DriftError
 
 
 class PartitionError(DriftError, RuntimeError):

@@ -18,7 +18,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ..commands.engine_args import config_error_message
-from ..engine.config import EngineConfig, PartitionConfig
+from ..core.config import EngineConfig, PartitionConfig
 from .errors import APIError, error_responses
 
 # Every `PartitionConfig` field, optional, so a new partition setting is settable here without a second list

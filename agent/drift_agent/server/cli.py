@@ -18,7 +18,7 @@ from ..commands.engine_args import (
     engine_config_from_args,
     engine_default,
 )
-from ..engine.errors import DriftError
+from ..core.errors import DriftError
 from .settings import UVICORN_GRACEFUL_S, ServerSettings
 
 
@@ -159,7 +159,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from ..engine.config import EngineConfig
+    from ..core.config import EngineConfig
 
     config = engine_config_from_args(args)
     extra: dict[str, Any] = {

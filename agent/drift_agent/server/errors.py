@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.errors import (
+from ..core.errors import (
     EngineDeadError,
     EngineOverloadedError,
     InvalidRequestError,

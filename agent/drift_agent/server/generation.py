@@ -15,10 +15,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from ..core.sampling_params import SamplingParams
+from ..core.sequence import SLO, RequestTimes
 from ..engine.async_engine import AsyncLLMEngine
 from ..engine.outputs import RequestOutput
-from ..engine.sampling_params import SamplingParams
-from ..engine.sequence import SLO, RequestTimes
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..core.config import POLICIES, EngineConfig
 from ..engine.async_engine import AsyncLLMEngine
-from ..engine.config import POLICIES, EngineConfig
 from ..engine.outputs import RequestOutput
 from .gpu_metrics import GpuCollector
 from .slo import PHASES, SloOutcome, SloWindow, classify

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from ..engine.config import EngineConfig
-from ..engine.errors import InvalidRequestError, PromptTooLongError
-from ..engine.sampling_params import SamplingParams
-from ..engine.sequence import SLO
+from ..core.config import EngineConfig
+from ..core.errors import InvalidRequestError, PromptTooLongError
+from ..core.sampling_params import SamplingParams
+from ..core.sequence import SLO
 from .errors import APIError
 from .protocol import SEED_MAX, ChatCompletionRequest, CompletionRequest, SamplingRequest
 

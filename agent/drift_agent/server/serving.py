@@ -27,8 +27,8 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ..core.sequence import SLO
 from ..engine.outputs import RequestOutput
-from ..engine.sequence import SLO
 from .errors import APIError, error_body, from_engine_error
 from .generation import Aborted, GenerationGroup, Item
 from .protocol import PromptTokensDetails, SamplingRequest, UsageInfo, now_s

@@ -12,7 +12,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from ..engine.sequence import SLO, RequestTimes
+from ..core.sequence import SLO, RequestTimes
 
 PHASES: tuple[str, ...] = ("ttft", "tpot", "both")
 

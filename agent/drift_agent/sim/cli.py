@@ -20,12 +20,11 @@ from ..argtypes import (
     positive_float,
     positive_int,
     rates,
-    slo_item,
 )
-
-POLICY_CHOICES = ("prefill-first", "chunked", "static-split", "drift")
-WORKLOAD_CHOICES = ("random", "sharegpt-like", "lmsys-like", "multi-turn", "long-context", "jsonl")
-ROUTER_CHOICES = ("round-robin", "least-loaded", "least-kv", "slo-aware", "prefix-affinity")
+from ..bench.metrics import goodput_item
+from ..bench.workloads import WORKLOADS
+from ..core.config import POLICIES
+from .routing import ROUTERS
 
 
 class UsageError(Exception):
@@ -33,13 +32,11 @@ class UsageError(Exception):
 
 
 def _policies(text: str) -> list[str]:
-    names = (
-        list(POLICY_CHOICES) if text.strip() == "all" else [p.strip() for p in text.split(",") if p.strip()]
-    )
-    bad = [p for p in names if p not in POLICY_CHOICES]
+    names = list(POLICIES) if text.strip() == "all" else [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in POLICIES]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown policy {', '.join(bad) or text!r}; choose from {', '.join(POLICY_CHOICES)} or 'all'"
+            f"unknown policy {', '.join(bad) or text!r}; choose from {', '.join(POLICIES)} or 'all'"
         )
     return list(dict.fromkeys(names))
 
@@ -87,7 +84,7 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
     e.add_argument(
         "--policy",
         type=_policies,
-        default=["chunked"] if not many_policies else list(POLICY_CHOICES),
+        default=["chunked"] if not many_policies else list(POLICIES),
         help="policy, a comma list, or 'all' (prefill-first, chunked, static-split, drift)",
     )
     e.add_argument("--block-size", type=positive_int, default=16)
@@ -129,7 +126,7 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
     )
 
     c = p.add_argument_group("cluster")
-    c.add_argument("--router", choices=ROUTER_CHOICES, default="least-loaded")
+    c.add_argument("--router", choices=ROUTERS, default="least-loaded")
     c.add_argument("--kv-bandwidth", type=positive_float, default=25.0, help="GB/s per GPU for KV transfers")
     c.add_argument("--migration", action="store_true", help="Llumnix-style live migration between instances")
     c.add_argument("--migration-high", type=positive_float, default=0.9, help="source load to migrate from")
@@ -138,7 +135,7 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
     )
 
     w = p.add_argument_group("workload (as `drift bench serve`)")
-    w.add_argument("--workload", choices=WORKLOAD_CHOICES, default="random")
+    w.add_argument("--workload", choices=WORKLOADS, default="random")
     w.add_argument("--dataset-path", default=None, help="the file of the jsonl workload")
     w.add_argument(
         "--num-prompts", type=positive_int, default=1000, help="requests per run (turns, for sessions)"
@@ -159,7 +156,7 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
         "--slo",
         "--goodput",
         nargs="+",
-        type=slo_item,
+        type=goodput_item,
         default=[],
         metavar="NAME:MS",
         help="e.g. ttft:1000 tpot:50",
@@ -309,9 +306,9 @@ def _setup(args: argparse.Namespace, specs: list[Any]) -> Any:
 
 
 def _slo(args: argparse.Namespace) -> Any:
-    from ..bench.metrics import SLO
+    from ..bench.metrics import GoodputTargets
 
-    return SLO.parse(args.slo)
+    return GoodputTargets.parse(args.slo)
 
 
 def _load(args: argparse.Namespace) -> Any:

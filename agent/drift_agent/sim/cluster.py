@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..bench.arrivals import arrival_times
-from ..bench.metrics import SLO as BenchSLO
+from ..bench.metrics import GoodputTargets
 from ..bench.workloads import RequestSpec, group_sessions
-from ..engine.errors import PromptTooLongError
-from ..engine.sampling_params import SamplingParams
-from ..engine.sequence import SLO, RequestTimes, SequenceStatus
-from ..engine.sequence import Sequence as Seq
+from ..core.errors import PromptTooLongError
+from ..core.sampling_params import SamplingParams
+from ..core.sequence import SLO, RequestTimes, SequenceStatus
+from ..core.sequence import Sequence as Seq
 from ..multiplex.perf_model import PerfModel
 from ..partition.base import Split
 from .events import ARRIVAL, COMMIT, PRIORITY, SAMPLE, STAGE, STEP, TRANSFER, WAKE
@@ -160,7 +160,7 @@ class Cluster:
         *,
         burstiness: float = 1.0,
         seed: int = 0,
-        slo: BenchSLO | None = None,
+        slo: GoodputTargets | None = None,
         prefix_len: int = 0,
         max_concurrency: int | None = None,
     ) -> SimRun:

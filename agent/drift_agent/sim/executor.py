@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine.scheduler import Batch
+from ..core.scheduler import Batch
 from ..multiplex.mux_loop import decode_step_time, prefill_block_time
 from ..multiplex.perf_model import PerfModel, PrefillShape, Shapes
 from ..multiplex.policies import PrefillJob

@@ -23,18 +23,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..engine.block_manager import BlockManager
-from ..engine.config import EngineConfig, PartitionConfig
-from ..engine.policies import SEQUENTIAL_POLICIES
-from ..engine.scheduler import Batch, Policy, Scheduler, SchedulerConfig
-from ..engine.sequence import Sequence, SequenceStatus
+from ..core.block_manager import BlockManager
+from ..core.config import POLICIES, EngineConfig, PartitionConfig
+from ..core.scheduler import Batch, Policy, Scheduler, SchedulerConfig
+from ..core.sequence import Sequence, SequenceStatus
 from ..multiplex.mux_loop import LaneLaunch, MuxLanes
 from ..multiplex.perf_model import PerfModel
+from ..multiplex.policies import MuxContext, make_policy
 from ..partition.base import Split
 from .executor import ALL_SAMPLED, OUTPUT_TOKEN, Sampled, SimExecutor, SimMuxExecutor, device_model
 
 Role = Literal["both", "prefill", "decode"]
-POLICY_NAMES: tuple[str, ...] = ("prefill-first", "chunked", "static-split", "drift")
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,8 @@ class InstanceConfig:
     fast_forward: bool = True  # apply runs of identical decode steps at once (exact; see `SimInstance`)
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_NAMES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if min(self.block_size, self.num_kv_blocks, self.max_num_seqs, self.max_num_batched_tokens) < 1:
             raise ValueError("block size, KV blocks, max seqs and the token budget must be positive")
         if self.fold_max_tokens < 0:
@@ -88,21 +87,19 @@ class InstanceConfig:
         )
 
 
-def make_policy(config: InstanceConfig, perf: PerfModel, splits: list[Split]) -> Policy:
-    """The engine's policy objects, built as `engine.llm_engine.make_policy` builds them (that module imports
-    torch for the model runner, so the simulator mirrors its two lines instead of importing it)."""
-    if config.policy in SEQUENTIAL_POLICIES:
-        return SEQUENTIAL_POLICIES[config.policy]()
-    from ..multiplex.policies import MuxContext, make_multiplex_policy
-
-    ctx = MuxContext(
-        perf_model=perf,
-        splits=splits,
-        num_layers=perf.num_layers,
-        default_ttft_s=config.slo_ttft_ms / 1e3,
-        default_tpot_s=config.slo_tpot_ms / 1e3,
+def make_instance_policy(config: InstanceConfig, perf: PerfModel, splits: list[Split]) -> Policy:
+    """The engine's policy for this instance (`multiplex.policies.make_policy`) over the simulated model."""
+    return make_policy(
+        config.policy,
+        config.engine_config(),
+        lambda: MuxContext(
+            perf_model=perf,
+            splits=splits,
+            num_layers=perf.num_layers,
+            default_ttft_s=config.slo_ttft_ms / 1e3,
+            default_tpot_s=config.slo_tpot_ms / 1e3,
+        ),
     )
-    return make_multiplex_policy(config.policy, config.engine_config(), ctx)
 
 
 _SHORT_RUN = 4  # decode steps costed one call each; longer runs are costed as one array
@@ -198,7 +195,7 @@ class SimInstance:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,
         )
-        self.policy = make_policy(config, perf, splits)
+        self.policy = make_instance_policy(config, perf, splits)
         self.sched = Scheduler(sched_cfg, self.bm, self.policy)
         self.multiplexing = bool(getattr(self.policy, "multiplexing", False))
         self.executor: Any = SimMuxExecutor(self.device) if self.multiplexing else SimExecutor(self.device)

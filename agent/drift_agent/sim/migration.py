@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..engine.sampling_params import SamplingParams
-from ..engine.sequence import Sequence, SequenceStatus
+from ..core.sampling_params import SamplingParams
+from ..core.sequence import Sequence, SequenceStatus
 from .events import COMMIT, STAGE
 from .instance import SimInstance
 from .presets import kv_transfer_seconds

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..bench.metrics import RequestRecord
 from ..bench.workloads import RequestSpec
-from ..engine.sequence import Sequence
+from ..core.sequence import Sequence
 
 
 class SimRequest:

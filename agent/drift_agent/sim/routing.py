@@ -23,7 +23,7 @@ from typing import Protocol
 from ..multiplex.perf_model import PrefillShape
 from .instance import SimInstance
 
-ROUTERS: tuple[str, ...] = ("round-robin", "least-loaded", "slo-aware", "prefix-affinity")
+ROUTERS: tuple[str, ...] = ("round-robin", "least-loaded", "least-kv", "slo-aware", "prefix-affinity")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..bench.metrics import SLO as BenchSLO
-from ..bench.metrics import summarize
+from ..bench.metrics import GoodputTargets, summarize
 from ..bench.results import make_result, make_run
 from ..bench.sweep import Bisection, SweepResult
 from ..bench.workloads import RequestSpec
@@ -173,7 +172,7 @@ class SimSetup:
         *,
         burstiness: float = 1.0,
         seed: int = 0,
-        slo: BenchSLO | None = None,
+        slo: GoodputTargets | None = None,
         prefix_len: int = 0,
         max_concurrency: int | None = None,
     ) -> SimRun:
@@ -209,7 +208,7 @@ class LoadSpec:
 
     burstiness: float = 1.0
     seed: int = 0
-    slo: BenchSLO = dataclasses.field(default_factory=BenchSLO)
+    slo: GoodputTargets = dataclasses.field(default_factory=GoodputTargets)
     percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
     prefix_len: int = 0
     max_concurrency: int | None = None

@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import torch
 
-from ..engine.model_runner import ModelRunner
-from ..engine.scheduler import Batch
+from ..core.scheduler import Batch
+from ..multiplex.policies import PrefillJob
 from ..partition.base import Partitioner, Split
-from .policies import PrefillJob
+from .model_runner import ModelRunner
 
 Lane = Literal["decode", "prefill"]
 

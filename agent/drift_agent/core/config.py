@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PolicyName = Literal["prefill-first", "chunked", "static-split", "drift"]
 POLICIES: tuple[str, ...] = ("prefill-first", "chunked", "static-split", "drift")
+MULTIPLEX_POLICIES: tuple[str, ...] = ("static-split", "drift")  # run prefill and decode on SM partitions
 
 
 class PartitionConfig(BaseModel):

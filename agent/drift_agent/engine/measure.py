@@ -12,9 +12,9 @@ from contextlib import contextmanager
 
 import torch
 
-from ..engine.sampling_params import SamplingParams
-from ..engine.scheduler import Batch, ScheduledSeq
-from ..engine.sequence import Sequence
+from ..core.sampling_params import SamplingParams
+from ..core.scheduler import Batch, ScheduledSeq
+from ..core.sequence import Sequence
 from ..partition.base import Partitioner, Split
 
 
