@@ -21,10 +21,10 @@ from .health import MetricsHealth, assess_metrics
 from .kube import KubeApiError, KubeClient, object_path
 from .metrics import MetricsParseError, PodSample, parse_agent_metrics
 from .partition import Steering, SteeringDecision, decide_steering, desired_steering
-from .pods import PodView, pod_view, pods_to_push, runtime_state
+from .pods import PodView, pod_view, pods_to_push
 from .prometheus import PrometheusError, empty_stats, no_series_message, read_window
 from .reconcile import ApplyResult, apply_one, monitoring_available, reconcile_children
-from .render import Owner, deployment_replicas, model_path, render_children
+from .render import Owner, deployment_replicas, model_path, render_children, runtime_state
 from .scaling import BOUNDS_REASONS, ScaleDecision, ScaleInputs, decide_scale, hold_scale
 from .settings import OperatorConfig
 from .sizing import CapacityEstimator, CapacityQuery

@@ -8,9 +8,6 @@ from typing import Any
 
 from .constants import AGENT_ADMIN_PORT_NAME, AGENT_CONTAINER, AGENT_PORT, AGENT_PORT_NAME
 from .metrics import PodSample
-from .partition import Steering
-from .render import runtime_partition
-from .spec import LLMServiceSpec
 
 # Configured values the agent reports further than this from what we pushed mean it lost our setting.
 _CONFIG_TOLERANCE = 1e-3
@@ -75,15 +72,6 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         restarts=restarts,
         admin_port=admin_port,
     )
-
-
-def runtime_state(spec: LLMServiceSpec, steering: Steering) -> dict[str, Any]:
-    """The body of PUT /admin/policy: everything the agent can change without a restart."""
-    return {
-        "policy": spec.policy,
-        "partition": runtime_partition(spec, steering.prefill_sm_share, steering.tpot_margin),
-        "slo": {"ttft_ms": spec.slo.ttft_ms, "tpot_ms": spec.slo.tpot_ms},
-    }
 
 
 def _reports_other_state(desired: Mapping[str, Any], sample: PodSample) -> bool:

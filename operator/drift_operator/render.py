@@ -15,10 +15,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from drift_agent.core.config import EngineConfig
+from drift_agent.core.config import SLO_SETTINGS, EngineConfig
 from drift_agent.server.settings import ServerSettings
 
 from . import constants as c
+from .partition import Steering
 from .spec import LLMServiceSpec, SpecError
 
 # Settings the agent accepts live through PUT /admin/policy: changing them must not restart pods, so they
@@ -71,14 +72,12 @@ def model_path(spec: LLMServiceSpec) -> str | None:
 def render_engine_config(spec: LLMServiceSpec) -> dict[str, Any]:
     """The engine YAML (keys are EngineConfig fields), validated against the agent's own model."""
     config: dict[str, Any] = spec.engine.model_dump(exclude_none=True)
+    # The runtime settings at the spec's starting point, as pushed later, under EngineConfig's keys.
+    state = runtime_state(spec, Steering(spec.partition.prefill_sm_share, spec.partition.tpot_margin))
     config.update(
-        policy=spec.policy,
-        partition={
-            **runtime_partition(spec, spec.partition.prefill_sm_share, spec.partition.tpot_margin),
-            "backend": spec.partition.backend,
-        },
-        slo_ttft_ms=spec.slo.ttft_ms,
-        slo_tpot_ms=spec.slo.tpot_ms,
+        policy=state["policy"],
+        partition={**state["partition"], "backend": spec.partition.backend},
+        **{SLO_SETTINGS[name]: value for name, value in state["slo"].items()},
     )
     if spec.model.served_model_name:
         config["served_model_name"] = spec.model.served_model_name
@@ -95,14 +94,19 @@ def render_engine_config(spec: LLMServiceSpec) -> dict[str, Any]:
     return config
 
 
-def runtime_partition(spec: LLMServiceSpec, prefill_sm_share: float, tpot_margin: float) -> dict[str, Any]:
-    """The partition settings the agent can change live (`partition` of engine.yaml and of PUT
-    /admin/policy; keys are the agent's `PartitionConfig` fields): the spec's, with the steered values."""
+def runtime_state(spec: LLMServiceSpec, steering: Steering) -> dict[str, Any]:
+    """Everything the agent can change without a restart: the spec's settings with the steered values, as the
+    body of PUT /admin/policy (the agent's `PolicyUpdate`; `partition` keys are its `PartitionConfig` fields).
+    engine.yaml carries the same, so pods that start later begin there."""
     return {
-        "mode": spec.partition.mode,
-        "prefill_sm_share": round(prefill_sm_share, 4),
-        "tpot_margin": round(tpot_margin, 4),
-        "fold_max_tokens": spec.partition.fold_max_tokens,
+        "policy": spec.policy,
+        "partition": {
+            "mode": spec.partition.mode,
+            "prefill_sm_share": round(steering.prefill_sm_share, 4),
+            "tpot_margin": round(steering.tpot_margin, 4),
+            "fold_max_tokens": spec.partition.fold_max_tokens,
+        },
+        "slo": {name: getattr(spec.slo, name) for name in SLO_SETTINGS},
     }
 
 

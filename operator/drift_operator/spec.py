@@ -1,6 +1,7 @@
 """The LLMService spec as pydantic models: the operator's single reading of the CR.
 
-Defaults, enums and bounds mirror the CRD's OpenAPI schema (a test compares the two), and the model validators
+The settings the agent has take its own defaults, enums and bounds (`EngineConfig`, `PartitionConfig`); the
+CRD's OpenAPI schema repeats them for the API server (a test compares the two), and the model validators
 re-check the CRD's CEL rules, so a spec that reached us without server-side validation (an old API server, a
 test emulator) is still reported as invalid in status rather than half-applied.
 """
@@ -14,7 +15,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from drift_agent.core.config import PolicyName
+from drift_agent.core.config import (
+    AttentionBackend,
+    DeviceName,
+    Dtype,
+    EngineConfig,
+    PartitionBackend,
+    PartitionConfig,
+    PartitionMode,
+    PolicyName,
+    field_bounds,
+)
 
 from .constants import ANNOTATION_REPLICAS_OWNER, DEFAULT_IMAGE
 
@@ -22,6 +33,24 @@ DURATION_PATTERN = r"^[1-9][0-9]*(s|m|h)$"
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 QuantityValue = str | int
 SteeredSetting = Literal["prefill_sm_share", "tpot_margin"]
+
+
+_AS_THE_AGENT: Any = object()
+
+
+def _agent_field(model: type[BaseModel], name: str, default: Any = _AS_THE_AGENT) -> Any:
+    """The CR field for the agent's setting `name` of `model`: its default (unless given) and bounds, defined
+    once in the agent's model (the CRD restates them for the API server; a test keeps the two equal)."""
+    field = model.model_fields[name]
+    return Field(field.default if default is _AS_THE_AGENT else default, **field_bounds(field))
+
+
+def _engine(name: str) -> Any:
+    return _agent_field(EngineConfig, name)
+
+
+def _partition(name: str, default: Any = _AS_THE_AGENT) -> Any:
+    return _agent_field(PartitionConfig, name, default)
 
 
 class SpecError(ValueError):
@@ -69,39 +98,43 @@ class ModelSpec(_CRModel):
 
 
 class EngineSpec(_CRModel):
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_model_len: int | None = Field(None, ge=16)
-    block_size: int = Field(16, ge=1, le=1024)
-    num_kv_blocks: int | None = Field(None, ge=1)
-    kv_cache_memory_gb: float | None = Field(None, gt=0)
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=16)
-    max_waiting_requests: int = Field(1024, ge=1)
-    enable_prefix_caching: bool = True
-    attention_backend: Literal["auto", "sdpa", "flash-attn", "flashinfer", "flex"] = "auto"
-    num_threads: int | None = Field(None, ge=1)
-    seed: int = Field(0, ge=0)
-    profile_path: str | None = None
+    """The agent's `EngineConfig` settings a CR may set (the rest the operator renders itself)."""
+
+    dtype: Dtype = _engine("dtype")
+    device: DeviceName = _engine("device")
+    max_model_len: int | None = _engine("max_model_len")
+    block_size: int = _engine("block_size")
+    num_kv_blocks: int | None = _engine("num_kv_blocks")
+    kv_cache_memory_gb: float | None = _engine("kv_cache_memory_gb")
+    gpu_memory_utilization: float = _engine("gpu_memory_utilization")
+    max_num_seqs: int = _engine("max_num_seqs")
+    max_num_batched_tokens: int = _engine("max_num_batched_tokens")
+    max_waiting_requests: int = _engine("max_waiting_requests")
+    enable_prefix_caching: bool = _engine("enable_prefix_caching")
+    attention_backend: AttentionBackend = _engine("attention_backend")
+    num_threads: int | None = _engine("num_threads")
+    seed: int = Field(EngineConfig.model_fields["seed"].default, ge=0)  # the CRD admits no negative seed
+    profile_path: str | None = _engine("profile_path")
 
 
 class PartitionSpec(_CRModel):
-    mode: Literal["auto", "static", "off"] = "auto"
+    """The agent's `PartitionConfig` (defaults and bounds are its own), and how the operator steers it."""
+
+    mode: PartitionMode = _partition("mode")
     # auto: the starting split, then steered by the operator; static: the fixed split.
-    prefill_sm_share: float = Field(0.5, ge=0.0, le=1.0)
-    min_prefill_sm_share: float = Field(0.1, ge=0.0, le=1.0)
-    max_prefill_sm_share: float = Field(0.9, ge=0.0, le=1.0)
+    prefill_sm_share: float = _partition("prefill_sm_share")
+    min_prefill_sm_share: float = _partition("prefill_sm_share", default=0.1)
+    max_prefill_sm_share: float = _partition("prefill_sm_share", default=0.9)
     step: float = Field(0.05, gt=0.0, le=0.5)
     cooldown_seconds: int = Field(60, ge=0)
-    backend: Literal["auto", "green-context", "mps", "shared"] = "auto"
-    # drift: most prompt tokens folded into one decode step (dispatcher rule 8); 0 never folds.
-    fold_max_tokens: int = Field(2048, ge=0)
+    backend: PartitionBackend = _partition("backend")
+    # drift: most prompt tokens folded into one decode step (the dispatcher's folding); 0 never folds.
+    fold_max_tokens: int = _partition("fold_max_tokens")
     # drift: the dispatcher's internal TPOT margin (predicted step x (1 + margin) must fit the step budget).
     # auto: the starting margin, then steered (up when TPOT lags, down when TTFT lags); static: fixed.
-    tpot_margin: float = Field(0.0, ge=-0.5, le=1.0)
-    min_tpot_margin: float = Field(-0.3, ge=-0.5, le=1.0)
-    max_tpot_margin: float = Field(0.5, ge=-0.5, le=1.0)
+    tpot_margin: float = _partition("tpot_margin")
+    min_tpot_margin: float = _partition("tpot_margin", default=-0.3)
+    max_tpot_margin: float = _partition("tpot_margin", default=0.5)
     margin_step: float = Field(0.1, gt=0.0, le=0.5)
 
     @model_validator(mode="after")
@@ -122,8 +155,9 @@ class PartitionSpec(_CRModel):
 
 
 class SLOSpec(_CRModel):
-    ttft_ms: float = Field(1000.0, gt=0)
-    tpot_ms: float = Field(100.0, gt=0)
+    # The agents' default targets (EngineConfig.slo_ttft_ms / slo_tpot_ms), in ms as users write them.
+    ttft_ms: float = _engine("slo_ttft_ms")
+    tpot_ms: float = _engine("slo_tpot_ms")
     attainment_target: float = Field(0.9, gt=0.0, le=1.0)
     window: str = Field("5m", pattern=DURATION_PATTERN)
 

@@ -10,6 +10,7 @@ import pytest
 from drift_agent.core.config import EngineConfig
 from drift_agent.core.errors import EngineOverloadedError, InvalidRequestError, PromptTooLongError
 from drift_agent.core.sampling_params import SamplingParams
+from drift_agent.core.sequence import SLO
 from drift_agent.engine.async_engine import AsyncLLMEngine
 from drift_agent.engine.llm_engine import LLMEngine
 from tests.tiny_models import tiny_model_dir
@@ -47,6 +48,12 @@ def test_context_window_is_capped_to_the_pool_and_enforced(eng):
     assert eng.max_model_len == 128  # 8 blocks x 16 tokens, below the model's 512
     with pytest.raises(PromptTooLongError, match="context window"):
         eng.add_request("long", [5] * 128)
+
+
+def test_requests_without_targets_get_the_configured_defaults_in_seconds(eng):
+    seq = eng.make_sequence("no-slo", "hello")
+    assert seq.slo == SLO(eng.config.slo_ttft_ms / 1e3, eng.config.slo_tpot_ms / 1e3)
+    assert eng.make_sequence("own", "hello", slo=SLO.from_ms(300, None)).slo == SLO(0.3, None)
 
 
 def test_duplicate_request_id(eng):

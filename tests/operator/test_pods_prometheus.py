@@ -8,8 +8,9 @@ import pytest
 
 from drift_operator.metrics import PodSample, parse_agent_metrics
 from drift_operator.partition import Steering
-from drift_operator.pods import PodView, pod_view, pods_to_push, runtime_state
+from drift_operator.pods import PodView, pod_view, pods_to_push
 from drift_operator.prometheus import freshness_query, slo_query, stats_from_vector
+from drift_operator.render import runtime_state
 from drift_operator.spec import parse_spec
 
 

@@ -10,13 +10,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from drift_agent.core.config import EngineConfig
+from drift_agent.core.config import SLO_SETTINGS, EngineConfig
+from drift_operator.partition import Steering
 from drift_operator.render import (
     Owner,
     config_hash,
     render_children,
     render_engine_config,
     render_secret,
+    runtime_state,
 )
 from drift_operator.spec import SpecError, parse_spec
 
@@ -166,6 +168,17 @@ def test_engine_config_is_what_the_agent_loads(tmp_path: Path) -> None:
     assert loaded.partition.fold_max_tokens == 512
     assert (loaded.slo_ttft_ms, loaded.slo_tpot_ms) == (400, 40)
     assert loaded.served_model_name == "chat-model"
+
+
+def test_engine_yaml_starts_where_the_runtime_push_does() -> None:
+    """engine.yaml's runtime settings and the PUT /admin/policy body come from one function: a pod that starts
+    later runs what the loop would push it at the spec's starting point."""
+    spec = parse_spec({"policy": "drift", "partition": {"tpotMargin": 0.2}, "slo": {"ttftMs": 300}})
+    config = render_engine_config(spec)
+    body = runtime_state(spec, Steering(spec.partition.prefill_sm_share, spec.partition.tpot_margin))
+    assert config["policy"] == body["policy"]
+    assert config["partition"] == {**body["partition"], "backend": spec.partition.backend}
+    assert {name: config[key] for name, key in SLO_SETTINGS.items()} == body["slo"]
 
 
 def test_engine_config_rejections_become_spec_errors() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from drift_agent.core.config import POLICIES, EngineConfig
+from drift_agent.core.config import POLICIES, SLO_SETTINGS, EngineConfig, PartitionConfig
 from drift_operator.spec import (
     EngineSpec,
     LLMServiceSpec,
@@ -74,6 +74,18 @@ def test_static_split_and_chunked_are_not_steered() -> None:
 def test_engine_fields_exist_in_the_agents_engine_config() -> None:
     """Every engine option the CR offers is a real EngineConfig field (the agent forbids extras)."""
     assert set(EngineSpec.model_fields) <= set(EngineConfig.model_fields)
+
+
+def test_agent_settings_default_as_the_agent_does() -> None:
+    """A CR that sets nothing runs the agent's own defaults (they are defined there, not restated here)."""
+    spec = parse_spec({})
+    agent = EngineConfig()
+    for name in set(EngineSpec.model_fields) - {"seed"}:
+        assert getattr(spec.engine, name) == getattr(agent, name), name
+    for name in set(PartitionConfig.model_fields) & set(type(spec.partition).model_fields):
+        assert getattr(spec.partition, name) == getattr(agent.partition, name), name
+    for name, key in SLO_SETTINGS.items():
+        assert getattr(spec.slo, name) == getattr(agent, key), name
 
 
 def _literal_values(annotation: Any) -> list[Any] | None:

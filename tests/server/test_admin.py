@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from drift_agent.core.config import SLO_SETTINGS, EngineConfig, PartitionConfig, field_bounds
+from drift_agent.server.admin import PartitionUpdate, PolicyUpdate, SloUpdate
 from drift_agent.server.settings import ServerSettings
 from tests.server.conftest import LiveServer, start_server
 
@@ -163,3 +165,20 @@ def test_disabled_without_token(live: LiveServer) -> None:
             "/admin/policy", json={"slo": {"ttft_ms": 1.0}}, headers={"Authorization": "Bearer anything"}
         )
         assert r.status_code == 403 and "disabled" in r.json()["error"]["message"]
+
+
+def test_update_models_are_the_engine_configs_fields_optional() -> None:
+    """PUT's body is derived from the engine's schema: same fields, types and bounds, each optional."""
+    assert set(PartitionUpdate.model_fields) == set(PartitionConfig.model_fields)
+    for name, field in PartitionConfig.model_fields.items():
+        assert field_bounds(PartitionUpdate.model_fields[name]) == field_bounds(field), name
+        assert PartitionUpdate.model_fields[name].default is None
+    for name, key in SLO_SETTINGS.items():
+        assert field_bounds(SloUpdate.model_fields[name]) == field_bounds(EngineConfig.model_fields[key])
+    update = PolicyUpdate.model_validate({"partition": {"tpot_margin": 0.2}, "slo": {"ttft_ms": 500}})
+    assert update.engine_settings() == {
+        "policy": None,
+        "partition": {"tpot_margin": 0.2},
+        "slo_ttft_ms": 500,
+        "slo_tpot_ms": None,
+    }

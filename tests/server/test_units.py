@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from drift_agent.core.config import EngineConfig
+from drift_agent.core.sequence import SLO
 from drift_agent.engine.sampler import TokenLogprobs
 from drift_agent.server.drain import InFlight
 from drift_agent.server.errors import APIError
@@ -51,6 +52,7 @@ def test_settings_from_env_and_flags() -> None:
 
 def test_slo_headers() -> None:
     config = EngineConfig(slo_ttft_ms=800, slo_tpot_ms=50)
+    assert config.default_slo == SLO(0.8, 0.05)  # the engine carries seconds
     slo = slo_from_headers({}, config)
     assert (slo.ttft, slo.tpot, slo.priority) == (0.8, 0.05, 0)
     slo = slo_from_headers({"x-slo-ttft-ms": "200", "x-slo-priority": "3"}, config, body_priority=1)

@@ -7,10 +7,33 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
+
+from .sequence import SLO
 
 PolicyName = Literal["prefill-first", "chunked", "static-split", "drift"]
 POLICIES: tuple[str, ...] = ("prefill-first", "chunked", "static-split", "drift")
 MULTIPLEX_POLICIES: tuple[str, ...] = ("static-split", "drift")  # run prefill and decode on SM partitions
+# The value sets other schemas (the operator's CR model, the admin API) share with this one.
+PartitionMode = Literal["auto", "static", "off"]
+PartitionBackend = Literal["auto", "green-context", "mps", "shared"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+AttentionBackend = Literal["auto", "sdpa", "flash-attn", "flashinfer", "flex"]
+# The default SLO targets as the admin API's `slo` object names them (GET/PUT /admin/policy, the operator's
+# push), and as `EngineConfig` (engine.yaml) does; both in ms.
+SLO_SETTINGS: dict[str, str] = {"ttft_ms": "slo_ttft_ms", "tpot_ms": "slo_tpot_ms"}
+
+
+def field_bounds(field: FieldInfo) -> dict[str, Any]:
+    """A field's numeric bounds as `Field` keywords, so a schema derived from this one (a partial update, the
+    operator's CR) validates the same ranges without restating them."""
+    return {
+        key: getattr(meta, key)
+        for meta in field.metadata
+        for key in ("ge", "gt", "le", "lt")
+        if getattr(meta, key, None) is not None
+    }
 
 
 class PartitionConfig(BaseModel):
@@ -18,7 +41,7 @@ class PartitionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["auto", "static", "off"] = Field(
+    mode: PartitionMode = Field(
         "auto",
         description="drift: auto picks the split per step, static keeps prefill_sm_share, off never splits",
     )
@@ -27,11 +50,11 @@ class PartitionConfig(BaseModel):
         0.5, ge=0.0, le=1.0, description="prefill's share of SMs in static mode and static-split"
     )
     # Which partitioner realises the split: green contexts, MPS, or a shared (no-op) partitioner.
-    backend: Literal["auto", "green-context", "mps", "shared"] = Field(
+    backend: PartitionBackend = Field(
         "auto", description="how the split is realised: CUDA green contexts, MPS, or shared (no split)"
     )
     # drift (mode=auto): most prompt tokens the dispatcher may fold into one decode step, chunked-prefill
-    # style, when that step still meets the decode budget (dispatcher rule 8); 0 never folds.
+    # style, when that step still meets the decode budget (the dispatcher's folding); 0 never folds.
     fold_max_tokens: int = Field(
         2048, ge=0, description="drift: most prompt tokens folded into a decode step that meets TPOT; 0 never"
     )
@@ -55,10 +78,10 @@ class EngineConfig(BaseModel):
     served_model_name: str | None = Field(
         None, description="model id clients send and metrics carry; None: the model path (or embedded name)"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "auto", description="weights and KV cache dtype; auto: float32 on CPU, bfloat16 on GPU"
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible")
+    device: DeviceName = Field("auto", description="auto: cuda when a GPU is visible")
     max_model_len: int | None = Field(
         None,
         ge=16,
@@ -85,7 +108,7 @@ class EngineConfig(BaseModel):
         default_factory=PartitionConfig, description="SM split between prefill and decode"
     )
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of shared prompt prefixes")
-    attention_backend: Literal["auto", "sdpa", "flash-attn", "flashinfer", "flex"] = Field(
+    attention_backend: AttentionBackend = Field(
         "auto",
         description="attention kernels; auto: flash-attn, then flashinfer on CUDA in 16 bits, else sdpa",
     )
@@ -103,6 +126,11 @@ class EngineConfig(BaseModel):
         "model's architecture and shape, device and dtype, whatever the served name",
     )
     trace_path: str | None = Field(None, description="write every scheduling decision as JSON lines here")
+
+    @property
+    def default_slo(self) -> SLO:
+        """The targets of requests that bring none, in the engine's unit (seconds)."""
+        return SLO.from_ms(self.slo_ttft_ms, self.slo_tpot_ms)
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

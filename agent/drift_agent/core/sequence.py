@@ -31,6 +31,16 @@ class SLO:
     tpot: float | None = None
     priority: int = 0
 
+    @classmethod
+    def from_ms(cls, ttft_ms: float | None, tpot_ms: float | None, priority: int = 0) -> SLO:
+        """From milliseconds, the unit users write targets in (headers, engine config, the CR): the one
+        conversion, where a target enters the engine."""
+        return cls(
+            ttft=None if ttft_ms is None else ttft_ms / 1e3,
+            tpot=None if tpot_ms is None else tpot_ms / 1e3,
+            priority=priority,
+        )
+
 
 @dataclass
 class RequestTimes:

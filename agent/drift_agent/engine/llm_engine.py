@@ -6,7 +6,7 @@ import concurrent.futures
 import json
 import logging
 import time
-from collections.abc import Sequence as Seq
+from collections import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,12 +218,13 @@ class LLMEngine:
                 architecture=(getattr(self.hf_config, "architectures", None) or [None])[0],
             )
             log.info("performance model: %s", why)
+            default = cfg.default_slo
             ctx = MuxContext(
                 perf_model=perf,
                 splits=partitioner.splits,
                 num_layers=self.runner.model.num_layers,
-                default_ttft_s=cfg.slo_ttft_ms / 1e3,
-                default_tpot_s=cfg.slo_tpot_ms / 1e3,
+                default_ttft_s=default.ttft,
+                default_tpot_s=default.tpot,
             )
             self._mux = (ctx, ModelMuxExecutor(self.runner, partitioner))
         return self._mux[0]
@@ -255,7 +256,7 @@ class LLMEngine:
         return bool(getattr(self.scheduler.policy, "multiplexing", False))
 
     # ---- requests -----------------------------------------------------------------------------------
-    def tokenize(self, prompt: str | Seq[int]) -> list[int]:
+    def tokenize(self, prompt: str | abc.Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must not be empty")
@@ -272,7 +273,7 @@ class LLMEngine:
     def make_sequence(
         self,
         request_id: str,
-        prompt: str | Seq[int],
+        prompt: str | abc.Sequence[int],
         params: SamplingParams | None = None,
         slo: SLO | None = None,
         arrival_time: float | None = None,
@@ -288,7 +289,7 @@ class LLMEngine:
             params=params,
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
-            slo=slo or SLO(self.config.slo_ttft_ms / 1e3, self.config.slo_tpot_ms / 1e3),
+            slo=slo or self.config.default_slo,
             times=RequestTimes(arrival=arrival_time if arrival_time is not None else time.monotonic()),
         )
         self.scheduler.check_fits(seq)
@@ -307,7 +308,7 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: str | Seq[int],
+        prompt: str | abc.Sequence[int],
         params: SamplingParams | None = None,
         slo: SLO | None = None,
         arrival_time: float | None = None,
@@ -420,7 +421,9 @@ class LLMEngine:
                 perf, launch.split, job, layers, contended=lanes.decode is not None
             )
         if launch.decode is not None:
-            if launch.decode.phase == "mixed":  # prompts folded into the decode step (dispatcher rule 8)
+            if (
+                launch.decode.phase == "mixed"
+            ):  # prompts folded into the decode step (the dispatcher's folding)
                 self.prompt_tokens_total += sum(
                     i.num_new_tokens for i in launch.decode.items if i.seq.is_prefilling
                 )
@@ -727,8 +730,8 @@ class LLMEngine:
     # ---- offline convenience ------------------------------------------------------------------------
     def generate(
         self,
-        prompts: str | Seq[str] | Seq[Seq[int]],
-        params: SamplingParams | Seq[SamplingParams] | None = None,
+        prompts: str | abc.Sequence[str] | abc.Sequence[abc.Sequence[int]],
+        params: SamplingParams | abc.Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """The final output of every prompt, in order. Invalid input raises before anything runs; a request

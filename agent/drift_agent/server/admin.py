@@ -1,8 +1,9 @@
 """GET/PUT /admin/policy: the scheduling policy, partition settings and default SLO targets at run time.
 
 PUT needs `Authorization: Bearer <DRIFT_ADMIN_TOKEN>` (401 without, 403 when wrong, 403 when the server has no
-token: run-time changes are then disabled). Values are validated by `EngineConfig` on the engine thread and
-the response shows the state after it was applied.
+token: run-time changes are then disabled). The body is checked against `EngineConfig`'s own types and bounds
+when it is parsed, the result as a whole by `EngineConfig` on the engine thread; the response shows the state
+after it was applied.
 """
 
 from __future__ import annotations
@@ -16,41 +17,61 @@ from typing import Any
 from fastapi import APIRouter, Request, Security
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
 
 from ..commands.engine_args import config_error_message
-from ..core.config import EngineConfig, PartitionConfig
+from ..core.config import SLO_SETTINGS, EngineConfig, PartitionConfig, PolicyName, field_bounds
 from .errors import APIError, error_responses
 
-# Every `PartitionConfig` field, optional, so a new partition setting is settable here without a second list
-# to keep in step. Only the types are checked on parsing; ranges are `EngineConfig`'s, when it is applied.
-# NaN and infinity are refused here: JSON's NaN passes every range check (all comparisons are false).
+
+def _optional(field: FieldInfo) -> tuple[Any, Any]:
+    """`field` for a partial update: None (or absent) leaves the setting as it is; a value is held to the
+    field's own type and bounds."""
+    return field.annotation | None, Field(None, description=field.description, **field_bounds(field))
+
+
+# NaN and infinity are refused: JSON's NaN passes every range check (all comparisons are false).
+_UPDATE_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+# Every `PartitionConfig` field, optional, with its type and bounds: a new partition setting is settable here
+# and validated as the engine validates it, without a second list to keep in step.
 PartitionUpdate = create_model(
     "PartitionUpdate",
-    __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
-    **{name: (field.annotation | None, None) for name, field in PartitionConfig.model_fields.items()},
+    __config__=_UPDATE_CONFIG,
+    **{name: _optional(field) for name, field in PartitionConfig.model_fields.items()},
 )
 
-
-class SloUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    ttft_ms: float | None = Field(None, gt=0, description="default TTFT target, ms (finite, > 0)")
-    tpot_ms: float | None = Field(None, gt=0, description="default TPOT target, ms (finite, > 0)")
+# The default targets, with `EngineConfig`'s types and bounds.
+SloUpdate = create_model(
+    "SloUpdate",
+    __config__=_UPDATE_CONFIG,
+    **{name: _optional(EngineConfig.model_fields[key]) for name, key in SLO_SETTINGS.items()},
+)
 
 
 class PolicyUpdate(BaseModel):
     """Any subset of GET /admin/policy's shape."""
 
     model_config = ConfigDict(extra="forbid")
-    policy: str | None = None
+    policy: PolicyName | None = None
     partition: PartitionUpdate | None = None
     slo: SloUpdate | None = None
+
+    def engine_settings(self) -> dict[str, Any]:
+        """The change as `LLMEngine.update_settings` keywords (EngineConfig's names; None: unchanged)."""
+        settings: dict[str, Any] = {"policy": self.policy}
+        if self.partition is not None:
+            settings["partition"] = self.partition.model_dump(exclude_none=True)
+        if self.slo is not None:
+            settings |= {key: getattr(self.slo, name) for name, key in SLO_SETTINGS.items()}
+        return settings
 
 
 def policy_view(config: EngineConfig) -> dict[str, Any]:
     return {
         "policy": config.policy,
         "partition": config.partition.model_dump(),
-        "slo": {"ttft_ms": config.slo_ttft_ms, "tpot_ms": config.slo_tpot_ms},
+        "slo": {name: getattr(config, key) for name, key in SLO_SETTINGS.items()},
     }
 
 
@@ -113,12 +134,7 @@ def build_router() -> APIRouter:
         async_engine = state.async_engine
         if not async_engine.is_running:
             raise APIError(503, "engine is not running")
-        kwargs: dict[str, Any] = {"policy": update.policy}
-        if update.partition is not None:
-            kwargs["partition"] = update.partition.model_dump(exclude_none=True)
-        if update.slo is not None:
-            kwargs["slo_ttft_ms"] = update.slo.ttft_ms
-            kwargs["slo_tpot_ms"] = update.slo.tpot_ms
+        kwargs = update.engine_settings()
         loop = asyncio.get_running_loop()
         applied: asyncio.Future[dict[str, Any]] = loop.create_future()
         # A change is applied or not, never both: the engine thread claims it before applying, the HTTP side

@@ -318,8 +318,9 @@ class _StateCollector(Collector):
         targets = GaugeMetricFamily(
             "drift_slo_target_seconds", "Default SLO targets of the server", labels=["phase"]
         )
-        targets.add_metric(["ttft"], config.slo_ttft_ms / 1e3)
-        targets.add_metric(["tpot"], config.slo_tpot_ms / 1e3)
+        default = config.default_slo
+        targets.add_metric(["ttft"], default.ttft)
+        targets.add_metric(["tpot"], default.tpot)
         yield targets
         stats = m.async_engine.stats()
         prefill, decode = partition_shares(config, *live_partition(stats))

@@ -19,10 +19,11 @@ PRIORITY_HEADER = "x-slo-priority"
 MAX_N = 64
 
 
-def _positive_ms(headers: Mapping[str, str], name: str, default_ms: float) -> float:
+def _positive_ms(headers: Mapping[str, str], name: str) -> float | None:
+    """The header's target in ms; None when the request sets none."""
     raw = headers.get(name)
     if raw is None or raw.strip() == "":
-        return default_ms
+        return None
     try:
         value = float(raw)
     except ValueError:
@@ -45,8 +46,7 @@ def slo_from_headers(
     """The request's targets: its headers, else the server's current defaults (which /admin/policy may change).
     A priority ahead of the default (< 0) is honoured only where the server allows it (403 otherwise), so an
     anonymous client cannot jump the queue; yielding (> 0) is always allowed."""
-    ttft_ms = _positive_ms(headers, TTFT_HEADER, config.slo_ttft_ms)
-    tpot_ms = _positive_ms(headers, TPOT_HEADER, config.slo_tpot_ms)
+    ttft_ms, tpot_ms = _positive_ms(headers, TTFT_HEADER), _positive_ms(headers, TPOT_HEADER)
     priority = body_priority or 0
     raw = headers.get(PRIORITY_HEADER)
     if raw is not None and raw.strip() != "":
@@ -63,7 +63,12 @@ def slo_from_headers(
             "priorities (start it with --allow-client-priority)",
             param="priority",
         )
-    return SLO(ttft=ttft_ms / 1e3, tpot=tpot_ms / 1e3, priority=priority)
+    given, default = SLO.from_ms(ttft_ms, tpot_ms, priority), config.default_slo
+    return SLO(
+        ttft=default.ttft if given.ttft is None else given.ttft,
+        tpot=default.tpot if given.tpot is None else given.tpot,
+        priority=priority,
+    )
 
 
 def refuse_unsupported(req: SamplingRequest) -> None:
