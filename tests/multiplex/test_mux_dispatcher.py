@@ -27,8 +27,12 @@ SPLITS = candidate_splits(132, 8, 8)  # (132,0), (112,20) … (72,60), (0,132)
 MIXED = [s for s in SPLITS if s.is_mixed]
 
 
-def decodes(n: int, tpot: float = 0.03, ctx: int = 1024) -> list[DecodeRequest]:
-    return [DecodeRequest(f"d{i}", ctx, tpot) for i in range(n)]
+def running(requests: list[DecodeRequest]) -> DecodeLoad:
+    return DecodeLoad.of(requests, DispatcherConfig().max_slack_borrow)
+
+
+def decodes(n: int, tpot: float = 0.03, ctx: int = 1024) -> DecodeLoad:
+    return running([DecodeRequest(f"d{i}", ctx, tpot) for i in range(n)])
 
 
 def req(rid: str, tokens: int, deadline: float, blocks: int = 8, arrival: float = 0.0, cached: int = 0):
@@ -120,13 +124,13 @@ def test_slack_lets_ahead_requests_borrow_and_late_ones_catch_up() -> None:
     budget = {}
     share = {}
     for name, dec in (("ahead", ahead), ("late", late), ("on_time", on_time)):
-        d = Dispatcher(SynthModel(), cfg).decide(state(decode=dec, waiting=w))
+        d = Dispatcher(SynthModel(), cfg).decide(state(decode=DecodeLoad.of(dec, 2.0), waiting=w))
         budget[name], share[name] = d.decode_budget_s, d.split.decode_sms
     assert budget["ahead"] == pytest.approx(0.04)  # capped at 2 x target
     assert budget["on_time"] == pytest.approx(0.02)
     assert budget["late"] == pytest.approx(0.02 * 101 - 2.005)  # must catch up: 15 ms
     assert share["ahead"] <= share["on_time"] <= share["late"]
-    floor = DecodeRequest("x", 1024, 0.02, 10, 100.0).step_budget(1.0, 0.5)
+    floor = DecodeRequest("x", 1024, 0.02, 10, 100.0).step_budget(1.0)
     assert floor == pytest.approx(0.01)  # hopelessly late: floored at half the target
 
 
@@ -150,8 +154,9 @@ def test_hopeless_requests_go_last() -> None:
     assert d.launch_ids == ("ok", "doomed")
     # The second decision reads each request's time alone from the memo: the same order.
     assert dispatcher.decide(state(waiting=w)).launch_ids == ("ok", "doomed")
-    d2 = Dispatcher(SynthModel(), DispatcherConfig(deprioritize_hopeless=False)).decide(state(waiting=w))
-    assert d2.launch_ids[0] == "doomed"
+    # Within a priority only: a lower priority goes first even when it is hopeless.
+    first = PrefillRequest("doomed", 1000, 0, 0.0, 0.05, 8, priority=-1)
+    assert dispatcher.decide(state(waiting=[first, w[1]])).launch_ids == ("doomed", "ok")
 
 
 def test_head_of_line_blocks_on_kv_and_decode_gets_everything() -> None:
@@ -177,8 +182,9 @@ def test_batch_does_not_push_picked_request_past_deadline() -> None:
     w = [req("tight", 100, 0.05), req("bulk", 2000, 5.0)]
     d = Dispatcher(SynthModel()).decide(state(waiting=w))
     assert d.launch_ids == ("tight",)
-    d2 = Dispatcher(SynthModel(), DispatcherConfig(protect_batch_deadlines=False)).decide(state(waiting=w))
-    assert d2.launch_ids == ("tight", "bulk")
+    # A request that cannot meet its TTFT anyway is not protected: the batch grows past its deadline.
+    late = [req("late", 100, 0.005), req("later", 2000, 0.006)]
+    assert Dispatcher(SynthModel()).decide(state(waiting=late)).launch_ids == ("late", "later")
 
 
 @settings(max_examples=60, deadline=None)
@@ -187,15 +193,13 @@ def test_batch_does_not_push_picked_request_past_deadline() -> None:
     tokens=st.lists(st.integers(1, 4000), min_size=12, max_size=12),
     deadlines=st.lists(st.floats(0.01, 20.0), min_size=12, max_size=12),
     free=st.integers(0, 200),
-    watermark=st.integers(0, 20),
     batch=st.integers(0, 64),
 )
-def test_never_overcommits_kv(blocks, tokens, deadlines, free, watermark, batch) -> None:
+def test_never_overcommits_kv(blocks, tokens, deadlines, free, batch) -> None:
     w = [req(f"r{i}", tokens[i], deadlines[i], blocks=b) for i, b in enumerate(blocks)]
-    cfg = DispatcherConfig(kv_watermark_blocks=watermark)
-    d = Dispatcher(SynthModel(), cfg).decide(state(decode=decodes(batch), waiting=w, free_kv_blocks=free))
+    d = Dispatcher(SynthModel()).decide(state(decode=decodes(batch), waiting=w, free_kv_blocks=free))
     by_id = {r.request_id: r for r in w}
-    assert sum(by_id[i].kv_blocks for i in d.launch_ids) <= max(0, free - watermark)
+    assert sum(by_id[i].kv_blocks for i in d.launch_ids) <= free
     assert len(set(d.launch_ids)) == len(d.launch_ids)
     assert d.split in SPLITS
     if batch and d.run_decode and d.mode == "multiplex":
@@ -225,12 +229,6 @@ def test_at_least_one_layer_even_if_a_layer_exceeds_a_step() -> None:
         state(decode=decodes(4), waiting=[req("a", 4000, 1e4)])
     )
     assert d.prefill_layers == 1
-
-
-def test_prefill_only_block_cap() -> None:
-    cfg = DispatcherConfig(prefill_only_block_s=0.03)
-    d = Dispatcher(SynthModel(), cfg).decide(state(waiting=[req("a", 1000, 5.0)]))  # 0.01 s per layer
-    assert d.prefill_layers == 3
 
 
 def _flight(layers_done: int, tokens: int, deadline: float) -> InFlightPrefill:
@@ -266,16 +264,13 @@ def test_no_overtake_when_not_needed_or_not_shorter() -> None:
     relaxed = req("short", 200, 50.0)  # can wait: meets its TTFT after the long one
     d = Dispatcher(SynthModel()).decide(state(waiting=[relaxed], in_flight=long))
     assert d.prefill_action is PrefillAction.CONTINUE
-    eager = Dispatcher(SynthModel(), DispatcherConfig(overtake_only_if_needed=False))
-    assert eager.decide(state(waiting=[relaxed], in_flight=long)).prefill_action is PrefillAction.OVERTAKE
     nearly_done = _flight(9, 20000, 100.0)  # 0.2 s left < the 0.5 s of a 5000-token request
     d2 = Dispatcher(SynthModel()).decide(state(waiting=[req("mid", 5000, 0.6)], in_flight=nearly_done))
     assert d2.prefill_action is PrefillAction.CONTINUE
-    off = Dispatcher(SynthModel(), DispatcherConfig(allow_overtake=False))
-    assert (
-        off.decide(state(waiting=[req("s", 200, 0.5)], in_flight=long)).prefill_action
-        is PrefillAction.CONTINUE
-    )
+    # A request that misses its TTFT even alone on the whole device does not join the overtaking batch.
+    w = [req("short", 200, 0.5), req("doomed", 300, 0.02)]
+    d3 = Dispatcher(SynthModel()).decide(state(waiting=w, in_flight=long))
+    assert d3.prefill_action is PrefillAction.OVERTAKE and d3.launch_ids == ("short",)
 
 
 def test_never_overtakes_recursively() -> None:
@@ -357,22 +352,20 @@ def test_decision_serialises_and_validates_config() -> None:
     assert math.isinf(SynthModel().decode_time(1, 10, 0))
 
 
-def test_decode_load_summary_decides_as_the_requests_do():
-    """A policy may pass the decode batch as a `DecodeLoad` summary: same split, budget and prediction."""
+def test_decode_load_sums_the_running_requests():
+    """The running batch reaches the dispatcher as a `DecodeLoad`: size, KV tokens, tightest step budget."""
     dec = [
         DecodeRequest("a", 900, 0.02, tokens_since_first=10, time_since_first_token_s=0.25),
         DecodeRequest("b", 3000, 0.05),
         DecodeRequest("c", 40, 0.03, tokens_since_first=3, time_since_first_token_s=0.2),
     ]
-    cfg = DispatcherConfig()
-    load = DecodeLoad.of(dec, cfg.max_slack_borrow, cfg.catch_up_floor)
+    load = DecodeLoad.of(dec, DispatcherConfig().max_slack_borrow)
     assert (load.batch, load.kv_tokens) == (3, 3940)
-    assert load.step_budget_s == min(r.step_budget(1.0, 0.5) for r in dec) == pytest.approx(0.01)
-    w = [req("p", 700, 5.0)]
-    full = Dispatcher(SynthModel()).decide(state(decode=dec, waiting=w))
-    summary = Dispatcher(SynthModel()).decide(state(decode_load=load, waiting=w))
-    assert full == summary
-    assert DecodeLoad.of([], 1.0, 0.5) == DecodeLoad()
+    assert load.step_budget_s == min(r.step_budget(1.0) for r in dec) == pytest.approx(0.01)
+    d = Dispatcher(SynthModel()).decide(state(decode=load, waiting=[req("p", 700, 5.0)]))
+    assert d.decode_budget_s == load.step_budget_s
+    assert d.predicted_decode_step_s == SynthModel().decode_time(3, 3940, d.split.decode_sms, contended=True)
+    assert DecodeLoad.of([], 1.0) == DecodeLoad()
 
 
 def test_priority_goes_before_deadline_order():
@@ -386,7 +379,7 @@ def test_priority_goes_before_deadline_order():
     assert d.launch_ids == ("early",)
 
 
-# ---- rule 7: just enough prefill when sequence slots are the bottleneck --------------------------------------
+# ---- just enough prefill: when sequence slots are the bottleneck --------------------------------------------
 
 
 def _prefill_s(tokens: int, sms: int) -> float:
@@ -394,8 +387,8 @@ def _prefill_s(tokens: int, sms: int) -> float:
 
 
 def test_slot_bound_decode_keeps_the_sms_prefill_does_not_need() -> None:
-    """A loose TPOT lets rule 1 give prefill 112 SMs; with requests waiting for a slot and a prefill that has
-    time to spare, decode keeps the most SMs of any mixed split instead."""
+    """A loose TPOT lets the smallest decode share give prefill 112 SMs; with requests waiting for a slot and
+    a prefill that has time to spare, decode keeps the most SMs of any mixed split instead."""
     w = [req("a", 1000, 5.0)]
     free = Dispatcher(SynthModel()).decide(state(decode=decodes(8, tpot=0.1), waiting=w))
     assert free.split == Split(112, 20) and free.mode == "multiplex"
@@ -445,7 +438,8 @@ def test_slot_bound_late_prefills_do_not_take_decode_sms() -> None:
 
 
 def test_slot_bound_respects_the_decode_budget() -> None:
-    """Rule 7 only moves towards more decode SMs; a budget rule 1 could not meet still degrades by rule 6."""
+    """Just enough prefill only moves towards more decode SMs; a budget no mixed split meets still degrades
+    to decode first."""
     d = Dispatcher(SynthModel()).decide(
         state(decode=decodes(64, tpot=0.004), waiting=[req("a", 1000, 5.0)], slot_bound=True)
     )
@@ -454,7 +448,7 @@ def test_slot_bound_respects_the_decode_budget() -> None:
         DispatcherConfig(prefill_slack_share=1.5)
 
 
-# --- rule 8: short prompts folded into the decode step ---------------------------------------------------
+# --- folding: short prompts inside the decode step ------------------------------------------------------
 # SynthModel costs a mixed step like a prefill of (prompt tokens + one per decode row): 0.1 ms each on 132 SMs.
 
 
@@ -479,7 +473,7 @@ def test_fold_takes_the_longest_head_that_keeps_the_decode_budget() -> None:
     d = disp.decide(state(**infeasible, waiting=w))
     assert d.mode == "fold" and d.launch_ids == ("a", "b")  # (60 + 8) x 0.1 ms; with c 9.8 ms > 8
     assert d.predicted_decode_step_s <= 0.008 and disp.prefill_stall_steps == 0  # prefill made progress
-    # The head is never skipped for a later prompt that would fit (rule 3), nor a prompt past free KV.
+    # The head is never skipped for a later prompt that would fit (prefill order), nor a prompt past free KV.
     blocked = [req("head", 500, 1.0), req("small", 10, 2.0)]
     assert disp.decide(state(**infeasible, waiting=blocked)).mode == "decode-first"
     no_kv = state(**infeasible, waiting=[req("a", 30, 1.0, blocks=50)], free_kv_blocks=40)
@@ -487,8 +481,8 @@ def test_fold_takes_the_longest_head_that_keeps_the_decode_budget() -> None:
 
 
 def test_fold_only_instead_of_the_whole_planned_launch() -> None:
-    # 25 ms budget: two 100-token prompts fold (20.4 ms), three do not; rule 1 plans all three on the prefill
-    # lane, so folding two would delay the third: multiplex.
+    # 25 ms budget: two 100-token prompts fold (20.4 ms), three do not; the split plans all three on the
+    # prefill lane, so folding two would delay the third: multiplex.
     w = [req(f"r{i}", 100, 1.0 + i) for i in range(3)]
     d = Dispatcher(SynthModel()).decide(state(decode=decodes(4, tpot=0.025), waiting=w))
     assert d.mode == "multiplex" and d.prefill_action is PrefillAction.LAUNCH and len(d.launch_ids) == 3
@@ -513,7 +507,7 @@ def test_no_fold_while_a_prefill_runs_or_when_disabled_or_static() -> None:
         DispatcherConfig(fold_max_tokens=-1)
 
 
-# --- rule 0: the TPOT margin (decode plans against budget / (1 + margin)) -------------------------------------
+# --- tpot margin: decode plans against budget / (1 + margin) -------------------------------------------------
 
 
 def _with_margin(margin: float) -> Dispatcher:
@@ -531,7 +525,7 @@ def test_tpot_margin_gives_decode_more_sms_when_positive_and_fewer_when_negative
     for d, margin in ((base, 0.0), (safer, 0.1), (bolder, -0.1)):
         assert d.decode_budget_s == pytest.approx(0.012 / (1 + margin))
         assert d.predicted_decode_step_s <= d.decode_budget_s
-    # A margin no mixed split meets degrades as rule 6 does: decode alone.
+    # A margin no mixed split meets degrades to decode first: decode alone.
     assert _with_margin(0.25).decide(s).mode == "decode-first"
 
 
@@ -558,3 +552,27 @@ def test_the_drift_policy_passes_the_configured_margin() -> None:
     # A fixed split plans nothing against the decode budget.
     assert dispatcher_config("static-split", partition).tpot_margin == 0.0
     assert dispatcher_config("drift", PartitionConfig(mode="static", tpot_margin=0.2)).tpot_margin == 0.0
+
+
+# --- decisions the simulator may fast-forward -------------------------------------------------------------
+
+
+def test_repeats_decode_alone_only_when_no_prefill_starts() -> None:
+    disp = Dispatcher(SynthModel())
+    alone = disp.decide(state(decode=decodes(4)))
+    fold = disp.decide(state(decode=decodes(4), waiting=[req("a", 100, 1.0)]))
+    split = disp.decide(state(decode=decodes(4), waiting=[req("a", 2000, 10.0)]))
+    idle, prefill = disp.decide(state()), disp.decide(state(waiting=[req("a", 100, 1.0)]))
+    modes = (alone.mode, fold.mode, split.mode, idle.mode, prefill.mode)
+    assert modes == ("decode-only", "fold", "multiplex", "idle", "prefill-only")
+    assert disp.repeats_decode_alone(alone) and disp.repeats_decode_alone(fold)
+    assert not any(disp.repeats_decode_alone(d) for d in (split, idle, prefill))
+    assert alone.split == fold.split == disp.decode_alone_split(SPLITS)
+    # Decode first runs decode alone too, but each decision counts towards a prefill turn.
+    first = disp.decide(state(decode=decodes(64, tpot=0.006), waiting=[req("a", 1000, 10.0)]))
+    assert first.mode == "decode-first" and not disp.repeats_decode_alone(first)
+    static = Dispatcher(SynthModel(), DispatcherConfig(mode="static"))
+    quiet = static.decide(state(decode=decodes(4)))
+    busy = static.decide(state(decode=decodes(4), waiting=[req("a", 100, 1.0)]))
+    assert quiet.mode == busy.mode == "static" and quiet.split == static.decode_alone_split(SPLITS)
+    assert static.repeats_decode_alone(quiet) and not static.repeats_decode_alone(busy)

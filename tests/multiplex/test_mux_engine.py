@@ -49,8 +49,8 @@ def test_multiplexed_equals_sequential(policy, reference):
 
 @pytest.mark.parametrize("fold", [2048, 0])
 def test_multiplexed_with_preemption_and_arrivals_mid_run(reference, fold):
-    """Arrivals beside running decodes: folded into the decode step (dispatcher rule 8), or as prefill jobs on
-    their own lane when folding is off. Either way the tokens are the sequential engine's."""
+    """Arrivals beside running decodes: folded into the decode step (the dispatcher's folding), or as prefill
+    jobs on their own lane when folding is off. Either way the tokens are the sequential engine's."""
     prompts, params = workload(2, 8)
     eng = engine("drift", num_kv_blocks=40, partition={"fold_max_tokens": fold})
     for i in range(4):

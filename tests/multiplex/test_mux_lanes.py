@@ -110,7 +110,7 @@ def test_split_change_waits_for_the_sync_point() -> None:
     layers_before, waiting_before = job.layers_done, list(lanes.sched.waiting)
     add(lanes, "short", 32, 4)
     deferred = lanes.launch(0.02)
-    assert deferred.output.info.get("deferred") and not deferred.started
+    assert deferred.output.deferred and deferred.decision_taken is None and not deferred.started
     assert lanes.prefill is None and lanes.split == other
     assert job.layers_done == layers_before and lanes.policy.active is job
     assert [s.request_id for s in lanes.sched.waiting] == [s.request_id for s in waiting_before] + ["short"]
@@ -133,7 +133,8 @@ def test_a_decision_taken_back_does_not_count_as_a_stalled_step() -> None:
     # Asked again while the decode step is in flight (as after a prefill block), the decision launches no
     # prefill, so it is taken back and the count stays.
     out = lanes.policy.schedule(lanes.sched, 0.012, decode_busy=True, split=lanes.split)
-    assert out.info.get("deferred") and lanes.policy.dispatcher.prefill_stall_steps == 1
+    assert out.deferred and out.decision.mode == "decode-first"
+    assert lanes.policy.dispatcher.prefill_stall_steps == 1
     lanes.decode_done(tokens(lanes.decode))
     lanes.launch(0.02)
     assert lanes.policy.dispatcher.prefill_stall_steps == 2
@@ -164,7 +165,7 @@ def test_decode_load_matches_the_dispatchers_definition() -> None:
         )
         for s in seqs
     ]
-    expected = DecodeLoad.of(requests, cfg.max_slack_borrow, cfg.catch_up_floor)
+    expected = DecodeLoad.of(requests, cfg.max_slack_borrow)
     got = lanes.policy._decode_load(lanes.sched.running, now)
     assert (got.batch, got.kv_tokens) == (expected.batch, expected.kv_tokens)
     assert got.step_budget_s == pytest.approx(expected.step_budget_s, rel=1e-12)

@@ -21,16 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.scheduler import Batch, Scheduler, SchedulerOutput
+from ..core.scheduler import Batch, Scheduler
 from ..core.sequence import Sequence
 from ..partition.base import Split
+from .dispatcher import DispatchDecision
 from .perf_model import PerfModel, PrefillShape
-from .policies import MultiplexPolicy, PrefillJob
+from .policies import MultiplexPolicy, MuxSchedule, PrefillJob
 
 
 def decode_step_time(perf: PerfModel, split: Split, batch: Batch, contended: bool) -> float:
     """Predicted latency of a decode step launched on `split` (`contended`: the prefill lane is busy); a
-    "mixed" one also runs whole prompts folded into it (dispatcher rule 8)."""
+    "mixed" one also runs whole prompts folded into it (the dispatcher's folding)."""
     kv = 0
     if batch.phase != "mixed":
         for item in batch.items:
@@ -65,19 +66,19 @@ class LaneLaunch:
     prefill: PrefillJob | None = None
     prefill_layers: int = 0
     new_job: PrefillJob | None = None  # `prefill` is a job started now (the executor prepares its inputs)
-    output: SchedulerOutput | None = None  # the policy's output when a decision was made
+    output: MuxSchedule | None = None  # the policy's schedule when it was asked
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
-    def decision(self) -> Any:
-        return self.output.info.get("decision") if self.output is not None else None
+    def decision(self) -> DispatchDecision | None:
+        return self.output.decision if self.output is not None else None
 
     @property
-    def decision_taken(self) -> Any:
+    def decision_taken(self) -> DispatchDecision | None:
         """The decision, unless it was taken back (deferred to the next sync point)."""
-        if self.output is None or self.output.info.get("deferred"):
+        if self.output is None or self.output.deferred:
             return None
-        return self.output.info.get("decision")
+        return self.output.decision
 
     @property
     def started(self) -> bool:
@@ -115,16 +116,16 @@ class MuxLanes:
             return launch
         out = policy.schedule(sched, now, decode_busy=self.decode is not None, split=self.split)
         launch = LaneLaunch(output=out, preempted=out.preempted)
-        if out.info.get("deferred"):
+        if out.deferred:
             launch.split = self.split
             return launch
-        launch.new_job = out.info.get("new_prefill_job")
+        launch.new_job = out.new_prefill_job
         # A new prefill job's batch is not among `out.batches` (it runs on the prefill lane).
         sched.stamp_scheduled(out.batches + [launch.new_job.batch] if launch.new_job else out.batches, now)
         launch.split = Split(*out.split) if out.split else policy.splits[0]
-        job: PrefillJob | None = out.info.get("prefill_job")
+        job = out.prefill_job
         if job is not None:
-            launch.prefill, launch.prefill_layers = job, int(out.info.get("prefill_layers", 0))
+            launch.prefill, launch.prefill_layers = job, out.prefill_layers
             self.prefill, self.prefill_layers = job, launch.prefill_layers
         if self.decode is None:  # a decode step, with any prompts folded into it
             launch.decode = next((b for b in out.batches if b.phase != "prefill"), None)

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.config import MULTIPLEX_POLICIES, POLICIES, EngineConfig
+from ..core.config import MULTIPLEX_POLICIES, POLICIES, EngineConfig, PartitionConfig
 from ..core.policies import SEQUENTIAL_POLICIES, decode_all
 from ..core.scheduler import Batch, Policy, ScheduledSeq, Scheduler, SchedulerOutput
 from ..core.sequence import Sequence
 from ..partition.base import Split
 from .dispatcher import (
+    CATCH_UP_FLOOR,
     DecodeLoad,
     DispatchDecision,
     Dispatcher,
@@ -63,29 +64,42 @@ class PrefillJob:
 
 
 @dataclass
+class MuxSchedule(SchedulerOutput):
+    """What `MultiplexPolicy.schedule` returns: the batches and split, the decision, and the prefill job and
+    layers the prefill lane launches now."""
+
+    # The decision (None only when deferred before deciding: no prefill work could start).
+    decision: DispatchDecision | None = None
+    # Taken back: nothing launches and nothing changed; the lanes decide again at the next sync point.
+    deferred: bool = False
+    prefill_job: PrefillJob | None = None  # the job whose next `prefill_layers` layers launch now
+    # `prefill_job` when it starts now (its batch runs on the prefill lane, not among `batches`).
+    new_prefill_job: PrefillJob | None = None
+    prefill_layers: int = 0
+
+
+@dataclass
 class MuxContext:
     """What a multiplexing policy needs from the engine (or simulator) it runs in."""
 
     perf_model: PerfModel
     splits: list[Split]
     num_layers: int
-    default_ttft_s: float
+    default_ttft_s: float  # the targets of requests that bring none (`EngineConfig.default_slo`)
     default_tpot_s: float
 
 
-def dispatcher_config(name: str, partition: Any) -> DispatcherConfig:
+def dispatcher_config(name: str, partition: PartitionConfig) -> DispatcherConfig:
     """`static-split`, or `drift` with partition mode static/off, uses one fixed split; `drift` with auto adapts,
     planning decode against its step budget / (1 + `tpot_margin`) (the lever the operator steers)."""
-    fixed = name == "static-split" or getattr(partition, "mode", "auto") in ("static", "off")
-    share = min(max(float(getattr(partition, "prefill_sm_share", 0.5)), 0.01), 0.99)
-    fold = int(getattr(partition, "fold_max_tokens", DispatcherConfig.fold_max_tokens))
-    # Only the adaptive mode plans against the decode budget; a fixed split has no use for the margin.
-    margin = 0.0 if fixed else float(getattr(partition, "tpot_margin", 0.0))
+    fixed = name == "static-split" or partition.mode in ("static", "off")
     return DispatcherConfig(
         mode="static" if fixed else "slo",
-        static_prefill_share=share,
-        fold_max_tokens=fold,
-        tpot_margin=margin,
+        # The dispatcher needs SMs on both sides of a static split: 0 and 1 mean the nearest mixed split.
+        static_prefill_share=min(max(partition.prefill_sm_share, 0.01), 0.99),
+        fold_max_tokens=partition.fold_max_tokens,
+        # Only the adaptive mode plans against the decode budget; a fixed split has no use for the margin.
+        tpot_margin=0.0 if fixed else partition.tpot_margin,
     )
 
 
@@ -96,7 +110,7 @@ class MultiplexPolicy:
         self.name = name
         self.ctx = ctx
         self.splits = tuple(ctx.splits)  # immutable: the dispatcher keeps what it derives from them
-        if getattr(config, "mode", "slo") == "static" and not any(s.is_mixed for s in self.splits):
+        if config.mode == "static" and not any(s.is_mixed for s in self.splits):
             raise ValueError("static split needs a device with at least one mixed split")
         self.dispatcher = Dispatcher(ctx.perf_model, config)
         self.active: PrefillJob | None = None
@@ -104,21 +118,21 @@ class MultiplexPolicy:
         self._last: DispatchDecision | None = None
         self._waiting_memo: dict[int, tuple[int, PrefillRequest]] = {}
 
-    def reconfigure(self, engine_config: Any) -> None:
+    def reconfigure(self, engine_config: EngineConfig) -> None:
         """Partition settings changed at run time (admin API)."""
         self.dispatcher = Dispatcher(
             self.ctx.perf_model, dispatcher_config(self.name, engine_config.partition)
         )
-        self.ctx.default_ttft_s = engine_config.slo_ttft_ms / 1e3
-        self.ctx.default_tpot_s = engine_config.slo_tpot_ms / 1e3
+        default = engine_config.default_slo
+        self.ctx.default_ttft_s, self.ctx.default_tpot_s = default.ttft, default.tpot
         self._waiting_memo.clear()  # deadlines follow the default TTFT
 
     # ---- state for the dispatcher ------------------------------------------------------------------
     def _decode_load(self, running: list[Sequence], now: float) -> DecodeLoad:
         """One pass over the running sequences that decode (the `DecodeRequest` fields, summed up without
         building them)."""
-        cfg = self.dispatcher.config
-        borrow, floor, default = cfg.max_slack_borrow, cfg.catch_up_floor, self.ctx.default_tpot_s
+        borrow, floor = self.dispatcher.config.max_slack_borrow, CATCH_UP_FLOOR
+        default = self.ctx.default_tpot_s
         batch = kv = 0
         budget = math.inf
         for seq in running:
@@ -132,8 +146,9 @@ class MultiplexPolicy:
             kv += n
             first = seq.times.first_token
             t = seq.slo.tpot or default
-            # `step_budget(t, n - p - 1, elapsed, borrow, floor)`, inlined; n > p here. The clamp can only
-            # lower the budget if the slack or the borrow cap is below it, so most sequences stop at the test.
+            # `DecodeRequest.step_budget(borrow)` with n - p - 1 tokens since the first, inlined; n > p here.
+            # The clamp can only lower the budget if the slack or the borrow cap is below it, so most sequences
+            # stop at the test.
             slack = t * (n - p) if first is None or first > now else t * (n - p) - (now - first)
             hi = borrow * t
             if slack < budget or hi < budget:
@@ -179,21 +194,21 @@ class MultiplexPolicy:
     # ---- the policy ----------------------------------------------------------------------------------
     def schedule(
         self, sched: Scheduler, now: float, decode_busy: bool = False, split: Split | None = None
-    ) -> SchedulerOutput:
+    ) -> MuxSchedule:
         """Decide the split, the prefill work and (unless `decode_busy`: a step is in flight on the decode
         lane) the decode batch. With `decode_busy` the decision only stands if it launches prefill layers on
-        the current `split`; otherwise nothing changes and `info["deferred"]` is set (the lanes sync first)."""
-        out = SchedulerOutput()
+        the current `split`; otherwise nothing changes and the schedule is `deferred` (the lanes sync
+        first)."""
         # Only as many as there are sequence slots: the rest wait for decodes to finish, not for prefill.
         slots = sched.config.max_num_seqs - len(sched.running)
         if decode_busy and self.active is None and self.paused is None and (not sched.waiting or slots <= 0):
-            out.info = {"deferred": True}  # no prefill work can start: the decision could only be taken back
-            return out
+            # No prefill work can start: the decision could only be taken back.
+            return MuxSchedule(deferred=True)
         waiting = list(itertools.islice(sched.waiting, max(0, min(slots, MAX_WAITING_CONSIDERED))))
         state = DispatchState(
             now_s=now,
             splits=self.splits,
-            decode_load=self._decode_load(sched.running, now),
+            decode=self._decode_load(sched.running, now),
             waiting=self._prefill_requests(sched, waiting),
             free_kv_blocks=sched.bm.num_free_blocks - sched.admission_reserve,
             in_flight=self.active.as_in_flight() if self.active else None,
@@ -209,8 +224,8 @@ class MultiplexPolicy:
             or decision.prefill_layers <= 0
         ):
             self.dispatcher.restore_stall_steps(stalled)  # taken back: decided again at the sync point
-            out.info = {"deferred": True, "decision": decision}
-            return out
+            return MuxSchedule(decision=decision, deferred=True)
+        out = MuxSchedule(decision=decision)
         new_job = False
         if decision.prefill_action in (PrefillAction.LAUNCH, PrefillAction.OVERTAKE):
             job = self._launch(sched, decision.launch_ids, waiting)
@@ -222,7 +237,7 @@ class MultiplexPolicy:
             self.active, self.paused = self.paused, None
         if decision.run_decode and not decode_busy:
             items, _ = decode_all(sched, 1 << 30, out.preempted)
-            # Rule 8: whole prompts join the decode step (admitted after the decodes, as chunked prefill does).
+            # Folding: whole prompts join the decode step (admitted after the decodes, as chunked prefill).
             folded = (
                 self._admit(sched, decision.launch_ids, waiting)
                 if decision.prefill_action is PrefillAction.FOLD
@@ -234,12 +249,9 @@ class MultiplexPolicy:
         if self.active is not None:
             layers = min(decision.prefill_layers, self.active.num_layers - self.active.layers_done)
         out.split = (decision.split.prefill_sms, decision.split.decode_sms)
-        out.info = {
-            "prefill_job": self.active if layers > 0 else None,
-            "new_prefill_job": self.active if new_job else None,
-            "prefill_layers": layers,
-            "decision": decision,
-        }
+        out.prefill_job = self.active if layers > 0 else None
+        out.new_prefill_job = self.active if new_job else None
+        out.prefill_layers = layers
         self._last = decision
         return out
 
