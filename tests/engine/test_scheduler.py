@@ -222,3 +222,110 @@ def test_waiting_queue_orders_by_priority_then_arrival():
     assert [s.request_id for s in sched.waiting] == ["c", "e", "a", "d", "b", "f"]
     out = sched.schedule(0)
     assert [i.seq.request_id for i in out.batches[0].items] == ["c"]
+
+
+def _drain(sched) -> None:
+    for _ in range(200):
+        if not sched.has_unfinished:
+            return
+        run_batch(sched, sched.schedule(0))
+    raise AssertionError("the scheduler did not drain")
+
+
+def _prefilled(sched, n: int, rid: str, max_tokens: int = 6, first: int = 0) -> Sequence:
+    """A sequence admitted and prefilled on `sched`, its first token out."""
+    s = seq(n, rid, max_tokens=max_tokens, first=first)
+    sched.add(s)
+    run_batch(sched, sched.schedule(0))
+    assert s.status is SequenceStatus.RUNNING and s.num_computed_tokens == n and s.num_output_tokens == 1
+    return s
+
+
+def test_release_then_adopt_moves_a_running_sequence_with_its_progress():
+    src, dst = make(ChunkedPolicy, num_blocks=8), make(ChunkedPolicy, num_blocks=8)
+    a = _prefilled(src, 9, "a")
+    assert len(a.block_table) == 3 and src.bm.num_free_blocks == 5
+    src.release(a)
+    # It left the source: no queue holds it, every block is free again, its progress is kept.
+    assert not src.has_unfinished and src.bm.num_free_blocks == 8 and not a.block_table
+    assert a.num_computed_tokens == 9 and a.num_output_tokens == 1 and a.status is SequenceStatus.RUNNING
+    assert src.num_preemptions == 0 and a.num_preemptions == 0
+    src.check_invariants()
+    assert dst.adopt(a)
+    assert dst.running == [a] and len(a.block_table) == 3 and dst.bm.num_free_blocks == 5
+    dst.check_invariants()
+    out = dst.schedule(0)  # it decodes from its next token, no prefill again
+    assert [(i.seq, i.start, i.num_new_tokens) for i in out.batches[0].items] == [(a, 9, 1)]
+    run_batch(dst, out)
+    _drain(dst)
+    assert a.num_output_tokens == 6 and a.finish_reason is FinishReason.LENGTH
+    assert dst.bm.num_free_blocks == 8
+    dst.check_invariants()
+
+
+def test_release_refuses_a_sequence_whose_batch_is_running():
+    sched = make(ChunkedPolicy)
+    a = _prefilled(sched, 5, "a")
+    sched.schedule(0)  # its decode step is in flight
+    with pytest.raises(AssertionError):
+        sched.release(a)
+
+
+def test_adopt_refuses_without_a_slot_or_room_and_changes_nothing():
+    sched = make(ChunkedPolicy, num_blocks=8, max_seqs=2)
+    held = _prefilled(sched, 13, "held", first=100)  # 4 blocks
+    big = seq(20, "big")
+    big.num_computed_tokens = 20  # its KV needs 5 blocks, 4 are free
+    assert not sched.adopt(big)
+    assert sched.running == [held] and not big.block_table and sched.bm.num_free_blocks == 4
+    small = seq(4, "small", first=200)
+    small.num_computed_tokens = 4
+    assert sched.adopt(small) and sched.running == [held, small]
+    other = seq(4, "other", first=300)
+    other.num_computed_tokens = 4
+    assert not sched.adopt(other)  # both sequence slots are taken
+    assert not other.block_table and sched.bm.num_free_blocks == 3
+    sched.check_invariants()
+
+
+def test_adopt_reserved_joins_with_the_blocks_allocated_when_its_transfer_started():
+    sched = make(ChunkedPolicy, num_blocks=8)
+    a = seq(9, "a")
+    a.token_ids.append(1)  # prefilled elsewhere, its first token out
+    a.num_computed_tokens = 9
+    assert sched.bm.allocate(a, 0)  # the slots the transfer writes into
+    table = list(a.block_table)
+    assert sched.adopt(a, reserved=True)
+    assert sched.running == [a] and a.block_table == table and sched.bm.num_free_blocks == 5
+    sched.check_invariants()
+    _drain(sched)
+    assert a.num_output_tokens == 4 and sched.bm.num_free_blocks == 8
+
+
+def test_requeue_puts_a_sequence_first_for_recompute_and_counts_a_preemption():
+    src, dst = make(ChunkedPolicy, num_blocks=8, budget=32), make(ChunkedPolicy, num_blocks=4)
+    queued = seq(4, "queued", first=500)
+    dst.add(queued)
+    a = _prefilled(src, 17, "a")  # 5 blocks: more than `dst` has
+    src.release(a)
+    assert not dst.adopt(a)
+    dst.requeue(a)
+    assert list(dst.waiting) == [a, queued]  # ahead of the queue, as a preempted sequence
+    assert a.status is SequenceStatus.WAITING and a.num_computed_tokens == 0 and not a.block_table
+    assert a.num_preemptions == 1 and dst.num_preemptions == 1 and src.num_preemptions == 0
+    assert dst.bm.num_free_blocks == 4
+    dst.check_invariants()
+
+
+def test_preempt_is_release_then_requeue():
+    sched = make(ChunkedPolicy, num_blocks=8)
+    a = _prefilled(sched, 9, "a")
+    b = seq(4, "b", first=100)
+    sched.add(b)
+    sched.preempt(a)
+    assert list(sched.waiting) == [a, b] and not sched.running
+    assert a.num_computed_tokens == 0 and a.num_preemptions == 1 and sched.num_preemptions == 1
+    assert sched.bm.num_free_blocks == 8  # its blocks freed (kept in the prefix cache until evicted)
+    sched.check_invariants()
+    _drain(sched)
+    assert a.num_output_tokens == 6 and sched.bm.num_free_blocks == 8

@@ -142,3 +142,20 @@ def test_migration_with_the_drift_policy_keeps_token_order():
     assert run.stats["migrations"]["committed"] > 0
     assert all(r.success and r.output_tokens == 300 and min(r.itl) > 0 for r in run.records)
     assert all(inst.bm.num_free_blocks == inst.bm.num_blocks for inst in cluster.instances)
+
+
+def test_migration_recomputed_at_a_full_destination_counts_as_a_preemption():
+    """With every sequence slot of the destination taken at commit, the moved request recomputes there: it
+    requeues as a preempted one (`Scheduler.requeue`), counted in the preemptions, and still finishes once."""
+    cfg = MigrationConfig(high_watermark=0.9, low_watermark=0.6, last_stage_max_blocks=64, max_stages=1)
+    setup = _base(num_kv_blocks=900, max_num_seqs=6).with_cluster(
+        instances=2, router="round-robin", migration=cfg
+    )
+    cluster = setup.cluster_for_run()
+    run = cluster.run(_lopsided(60), 10.0)
+    recomputed = run.stats["migrations"]["recomputed"]
+    assert recomputed > 0 and run.stats["preemptions"] >= recomputed
+    assert all(r.success and r.output_tokens == 300 for r in run.records)
+    for inst in cluster.instances:
+        inst.sched.check_invariants()
+        assert inst.bm.num_free_blocks == inst.bm.num_blocks

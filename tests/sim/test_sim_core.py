@@ -74,17 +74,17 @@ def test_fast_forward_is_exact(policy, blocks, rate, seqs):
 def test_fast_forward_counts_kv_exactly_only_when_the_pool_may_be_short(monkeypatch):
     """Spans skip the per-sequence KV count while the free pool exceeds a bound on their growth; under KV
     pressure the exact count runs, refuses some spans and admits others, and the run still equals stepping
-    (a span admitted without room would trip `_apply_span`'s allocation assert)."""
-    from drift_agent.sim.instance import SimInstance
+    (a span admitted without room would trip `post_span`'s allocation assert)."""
+    from drift_agent.sim.fast_forward import FastForward
 
     verdicts = []
-    fits = SimInstance._span_fits_kv
+    fits = FastForward.span_fits_kv
 
     def recording(self, *args):
         verdicts.append(fits(self, *args))
         return verdicts[-1]
 
-    monkeypatch.setattr(SimInstance, "_span_fits_kv", recording)
+    monkeypatch.setattr(FastForward, "span_fits_kv", recording)
     specs = generate("sharegpt-like", 80, seed=5)
     base = SimSetup.build("llama-3-8b", "h100", policy="chunked", num_kv_blocks=700)
     fast = base.run(specs, 30.0)
@@ -116,12 +116,12 @@ def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
     run on past the ends of its layer blocks where the lanes' decision there keeps the decode steps as they
     are (and are cut back to the step in flight where it does not); after a job finishes with nothing waiting,
     the decode-alone steps that follow are appended, its sequences joining. Every token time matches stepping."""
-    from drift_agent.sim.instance import SimInstance
+    from drift_agent.sim.fast_forward import FastForward
 
     beside, kept, cut, joined = [], [], [], []
-    try_span = SimInstance._try_span
-    continue_span = SimInstance._continue_span
-    join_span = SimInstance._join_span
+    try_span = FastForward.try_span
+    continue_span = FastForward.continue_span
+    join_span = FastForward.join_span
 
     def counting(self, *args, **kw):
         span = try_span(self, *args, **kw)
@@ -129,9 +129,9 @@ def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
             beside.append(len(span.durations))
         return span
 
-    def judging(self, launch, horizon):
-        floor = self._span_cut
-        continue_span(self, launch, horizon)
+    def judging(self, launch, horizon, job_finished):
+        floor = self.cut
+        continue_span(self, launch, horizon, job_finished)
         (kept if len(self.span.durations) > floor else cut).append(floor)
 
     def joining(self, horizon):
@@ -140,9 +140,9 @@ def test_fast_forward_beside_prefill_blocks_is_exact(policy, monkeypatch):
         if len(self.span.durations) > steps:
             joined.append(self.span.starts.count(steps))
 
-    monkeypatch.setattr(SimInstance, "_try_span", counting)
-    monkeypatch.setattr(SimInstance, "_continue_span", judging)
-    monkeypatch.setattr(SimInstance, "_join_span", joining)
+    monkeypatch.setattr(FastForward, "try_span", counting)
+    monkeypatch.setattr(FastForward, "continue_span", judging)
+    monkeypatch.setattr(FastForward, "join_span", joining)
     specs = mixed_long_and_chat(40, long_every=3)
     base = SimSetup.build("llama-3-8b", "h100", policy=policy, slo_ttft_ms=4000, slo_tpot_ms=20)
     fast = base.run(specs, 6.0)
@@ -173,10 +173,10 @@ def test_fast_forward_from_a_step_that_finishes_prompts_is_exact(policy, monkeyp
     """A span may start with a step that runs the last chunk of some prompts beside every decode (for drift, a
     decode step with prompts folded into it): the new sequences' first tokens, and every later token time,
     match stepping."""
-    from drift_agent.sim.instance import SimInstance
+    from drift_agent.sim.fast_forward import FastForward
 
     phases = []
-    try_span = SimInstance._try_span
+    try_span = FastForward.try_span
 
     def recording(self, batch, *args, **kw):
         span = try_span(self, batch, *args, **kw)
@@ -184,7 +184,7 @@ def test_fast_forward_from_a_step_that_finishes_prompts_is_exact(policy, monkeyp
             phases.append(batch.phase)
         return span
 
-    monkeypatch.setattr(SimInstance, "_try_span", recording)
+    monkeypatch.setattr(FastForward, "try_span", recording)
     specs = generate("sharegpt-like", 80, seed=7)
     base = SimSetup.build("llama-3-8b", "h100", policy=policy)
     fast = base.run(specs, 6.0)

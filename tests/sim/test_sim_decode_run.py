@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from drift_agent.multiplex.perf_model import PerfModel, PrefillShape
-from drift_agent.sim.instance import decode_run
+from drift_agent.sim.fast_forward import decode_run
 from drift_agent.sim.presets import Hardware, device_preset, model_preset
 
 from .helpers import ConstantModel

@@ -46,11 +46,11 @@ def test_drift_uses_several_splits_and_static_split_one():
 
 
 def test_drift_keeps_throughput_when_sequence_slots_are_the_bottleneck(monkeypatch: pytest.MonkeyPatch):
-    """Short prompts, long answers, a loose TPOT (100 ms) and more load than 256 slots turn over: rule 1 alone
+    """Short prompts, long answers, a loose TPOT (100 ms) and more load than 256 slots turn over: the smallest decode share alone
     (the smallest decode share meeting TPOT) gives decode 20 of 132 SMs, every step crawls, slots free slowly
-    and the queue grows. Rule 7 (just enough prefill while requests wait for a slot) keeps drift at
-    static-split's throughput; without it (prefill_slack_share=0) the collapse shows. Rule 8 (folding short
-    prompts into the decode step) avoids the split altogether, so it is off for the rule 7 comparison."""
+    and the queue grows. Just enough prefill ( while requests wait for a slot) keeps drift at
+    static-split's throughput; without it (prefill_slack_share=0) the collapse shows. Folding (short
+    prompts into the decode step) avoids the split altogether, so it is off for the just-enough-prefill comparison."""
     specs = generate("random", 1000, 0, WorkloadParams(input_len=128, output_len=256, range_ratio=0.5))
     load = LoadSpec(slo=GoodputTargets(ttft_ms=1000, tpot_ms=100))
 
@@ -68,14 +68,14 @@ def test_drift_keeps_throughput_when_sequence_slots_are_the_bottleneck(monkeypat
     monkeypatch.setattr(
         policies, "dispatcher_config", lambda n, p: dataclasses.replace(orig(n, p), prefill_slack_share=0.0)
     )
-    rule1 = run("drift")
-    assert rule1["slo_attainment"] < 0.8 and rule1["p90_ttft_ms"] > 4 * drift["p90_ttft_ms"]
-    assert rule1["request_throughput"] < 0.9 * drift["request_throughput"]
+    smallest_share = run("drift")
+    assert smallest_share["slo_attainment"] < 0.8 and smallest_share["p90_ttft_ms"] > 4 * drift["p90_ttft_ms"]
+    assert smallest_share["request_throughput"] < 0.9 * drift["request_throughput"]
 
 
 def test_folding_short_prompts_keeps_drift_level_with_chunked_on_chat():
     """ShareGPT-like chat near chunked prefill's capacity (52 req/s, TTFT 500 ms, TPOT 15 ms): short prompts
-    ride along the decode step (dispatcher rule 8), as chunked prefill runs them, instead of taking SMs from
+    ride along the decode step (the dispatcher's folding), as chunked prefill runs them, instead of taking SMs from
     decode. Without folding, drift's queue grows and a third of the requests miss their TTFT."""
     specs = generate("sharegpt-like", 2000, seed=0)
     load = LoadSpec(slo=GoodputTargets(ttft_ms=500, tpot_ms=15))

@@ -1,5 +1,5 @@
 """Steering drift's TPOT margin in the simulator: a performance model that is wrong about the device
-(`model_error`) gives the operator something to correct, and the margin (dispatcher rule 0) corrects it."""
+(`model_error`) gives the operator something to correct, and the margin (the dispatcher's TPOT margin) corrects it."""
 
 from __future__ import annotations
 

@@ -13,17 +13,21 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from .block_manager import BlockManager
+from .config import EngineConfig
 from .errors import PromptTooLongError
 from .sequence import FinishReason, Sequence, SequenceStatus
 
 Phase = Literal["prefill", "decode", "mixed"]
 
 
+_ENGINE = EngineConfig.model_fields  # the defaults, defined once with the engine's options
+
+
 @dataclass
 class SchedulerConfig:
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    block_size: int = _ENGINE["block_size"].default
+    max_num_seqs: int = _ENGINE["max_num_seqs"].default
+    max_num_batched_tokens: int = _ENGINE["max_num_batched_tokens"].default
     max_model_len: int = 4096
     # Share of the KV pool a new admission must leave free while sequences run, for their decode growth
     # (vLLM's watermark): without it an admission-first policy under overload fills the pool with prompts
@@ -67,8 +71,6 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     # (prefill SMs, decode SMs) chosen by a multiplexing policy; None for sequential policies.
     split: tuple[int, int] | None = None
-    # Free-form facts about the decision for the trace (predicted latencies, reasons).
-    info: dict[str, object] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -244,7 +246,39 @@ class Scheduler:
         """Recompute-style preemption: drop the KV (it stays in the prefix cache until evicted) and requeue
         at the front, so the request resumes before newer ones."""
         assert not seq.in_flight, "cannot preempt a sequence whose batch is running"
+        self.release(seq)
+        self.requeue(seq)
+
+    # ---- sequences that move between instances (migration, disaggregated hand-off) --------------------------
+    def adopt(self, seq: Sequence, *, reserved: bool = False) -> bool:
+        """Make `seq`, arriving with the KV of its first `num_computed_tokens` tokens computed elsewhere (a
+        migrated or handed-off sequence), the newest running sequence. It gets blocks for that KV here and
+        must hold none; False, changing nothing, when every sequence slot is taken or the pool cannot hold
+        it. `reserved`: its blocks were allocated here, and its sequence slot counted, when its transfer
+        started (the slots the transfer wrote into), so it joins as it is."""
+        assert not seq.in_flight and seq.status is not SequenceStatus.FINISHED
+        if reserved:
+            assert len(seq.block_table) * self.bm.block_size >= seq.num_computed_tokens, "KV without blocks"
+        else:
+            assert not seq.block_table, "an adopted sequence brings no blocks of this pool"
+            if len(self.running) >= self.config.max_num_seqs or not self.bm.allocate(seq, 0):
+                return False
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        """Take running, not in-flight `seq` off this scheduler unfinished (its KV was copied out, it goes on
+        elsewhere): it leaves the running and its blocks are freed (full ones stay in the prefix cache until
+        evicted). Its progress and status are kept for whoever takes it next (`adopt`, `requeue`)."""
+        assert not seq.in_flight and seq.status is SequenceStatus.RUNNING, f"{seq} is not running idle"
         self.running.remove(seq)
+        self.bm.free_seq(seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """Queue `seq`, in neither queue here, at the front of waiting to recompute its KV, counted as a
+        preemption: a preempted sequence once `release`d, or one arriving with its KV when this pool cannot
+        hold it. Any blocks it holds here are freed."""
         self.bm.free_seq(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING

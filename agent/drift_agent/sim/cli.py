@@ -24,6 +24,7 @@ from ..argtypes import (
 from ..bench.metrics import goodput_item
 from ..bench.workloads import WORKLOADS
 from ..core.config import POLICIES
+from .instance import InstanceConfig
 from .routing import ROUTERS
 
 
@@ -92,9 +93,12 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
         "--num-kv-blocks", type=positive_int, default=None, help="KV pool size (default: from GPU memory)"
     )
     e.add_argument("--gpu-memory-utilization", type=positive_float, default=0.9)
-    e.add_argument("--max-num-seqs", type=positive_int, default=256)
+    e.add_argument("--max-num-seqs", type=positive_int, default=InstanceConfig.max_num_seqs)
     e.add_argument(
-        "--max-num-batched-tokens", type=positive_int, default=2048, help="chunk size / token budget"
+        "--max-num-batched-tokens",
+        type=positive_int,
+        default=InstanceConfig.max_num_batched_tokens,
+        help="chunk size / token budget",
     )
     e.add_argument("--max-model-len", type=positive_int, default=32768)
     e.add_argument(
@@ -104,18 +108,21 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
         help="default: on for multi-turn or --prefix-len workloads, off otherwise (faster)",
     )
     e.add_argument(
-        "--prefill-sm-share", type=positive_float, default=0.5, help="static-split's prefill SM share"
+        "--prefill-sm-share",
+        type=positive_float,
+        default=InstanceConfig.prefill_sm_share,
+        help="static-split's prefill SM share",
     )
     e.add_argument(
         "--fold-max-tokens",
         type=non_negative_int,
-        default=2048,
+        default=InstanceConfig.fold_max_tokens,
         help="drift: most prompt tokens folded into one decode step that meets TPOT (0: never)",
     )
     e.add_argument(
         "--tpot-margin",
         type=float,
-        default=0.0,
+        default=InstanceConfig.tpot_margin,
         help="drift: decode plans against TPOT step budget / (1 + margin), in [-0.5, 1]; > 0 keeps decode on "
         "more SMs (defends TPOT), < 0 gives prefill more (favours TTFT); what the operator steers",
     )
@@ -298,8 +305,8 @@ def _setup(args: argparse.Namespace, specs: list[Any]) -> Any:
         fold_max_tokens=args.fold_max_tokens,
         tpot_margin=args.tpot_margin,
         model_error=args.model_error,
-        slo_ttft_ms=slo.ttft_ms or 1000.0,
-        slo_tpot_ms=slo.tpot_ms or 100.0,
+        slo_ttft_ms=slo.ttft_ms or InstanceConfig.slo_ttft_ms,
+        slo_tpot_ms=slo.tpot_ms or InstanceConfig.slo_tpot_ms,
         cluster=cluster,
     )
     return setup.with_instance(fast_forward=not args.no_fast_forward)

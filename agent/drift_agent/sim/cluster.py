@@ -24,8 +24,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections import abc, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +33,7 @@ from ..bench.metrics import GoodputTargets
 from ..bench.workloads import RequestSpec, group_sessions
 from ..core.errors import PromptTooLongError
 from ..core.sampling_params import SamplingParams
-from ..core.sequence import SLO, RequestTimes, SequenceStatus
-from ..core.sequence import Sequence as Seq
+from ..core.sequence import SLO, RequestTimes, Sequence, SequenceStatus
 from ..multiplex.perf_model import PerfModel
 from ..partition.base import Split
 from .events import ARRIVAL, COMMIT, PRIORITY, SAMPLE, STAGE, STEP, TRANSFER, WAKE
@@ -105,7 +103,7 @@ class Cluster:
         self.instances = self.prefill_pool + self.decode_pool
         if len(self.instances) > 1:
             for inst in self.instances:
-                inst.sync_at_horizon = True  # routing and load samples read their KV and queues
+                inst.ff.sync_at_horizon = True  # routing and load samples read their KV and queues
         self.router = router or make_router(config.router)
         self.migrator = (
             Migrator(self, config.migration) if config.migration and not config.disaggregated else None
@@ -116,7 +114,9 @@ class Cluster:
         self._ran = False
         self._counter = 0
         self._by_seq: dict[int, SimRequest] = {}
-        self._inbox: dict[int, deque[tuple[Seq, SimRequest]]] = {i.index: deque() for i in self.decode_pool}
+        self._inbox: dict[int, deque[tuple[Sequence, SimRequest]]] = {
+            i.index: deque() for i in self.decode_pool
+        }
         self._link_free: dict[int, float] = {i.index: 0.0 for i in self.decode_pool}
         self._incoming: dict[int, int] = {i.index: 0 for i in self.decode_pool}
         self._blocked: deque[SimRequest] = deque()
@@ -155,7 +155,7 @@ class Cluster:
     # ---- the run ----------------------------------------------------------------------------------------------
     def run(
         self,
-        specs: Sequence[RequestSpec],
+        specs: abc.Sequence[RequestSpec],
         rate: float,
         *,
         burstiness: float = 1.0,
@@ -172,14 +172,7 @@ class Cluster:
         self._ran = True
         wall0 = time.perf_counter()
         self.max_concurrency = max_concurrency
-        self._slo = (
-            SLO(
-                ttft=slo.ttft_ms / 1e3 if slo.ttft_ms else None,
-                tpot=slo.tpot_ms / 1e3 if slo.tpot_ms else None,
-            )
-            if slo
-            else None
-        )
+        self._slo = SLO.from_ms(slo.ttft_ms or None, slo.tpot_ms or None) if slo else None
         # Token ids matter to a prefix cache and to routing keyed on a prompt's first block (several instances).
         caching = any(i.config.enable_prefix_caching for i in self.instances)
         self._tokens = TokenSource(prefix_len, unique=caching or len(self.instances) > 1)
@@ -261,7 +254,9 @@ class Cluster:
             req.prompt = self._tokens.first_turn(spec.prompt_len)
         disagg = bool(self.decode_pool)
         params = SamplingParams(max_tokens=1 if disagg else spec.output_len, ignore_eos=True)
-        seq = Seq(spec.request_id, req.prompt, params, slo=self._slo or SLO(), times=RequestTimes(arrival=t))
+        seq = Sequence(
+            spec.request_id, req.prompt, params, slo=self._slo or SLO(), times=RequestTimes(arrival=t)
+        )
         key: object | None = None
         if spec.session_id in self._multi_turn:
             key = spec.session_id
@@ -309,7 +304,7 @@ class Cluster:
         # step `off`: their gaps are the step latencies.
         spanned = inst.span_advanced
         if spanned:
-            span = inst.span
+            span = inst.ff.span
             assert span is not None
             d, ends, off, starts = span.durations, span.ends, inst.span_from, span.starts
         # Token times live in the requests; `seq.times.last_token` is set when a sequence ends (nothing in the
@@ -345,7 +340,7 @@ class Cluster:
             self.migrator.at_step_boundary(inst, t)
         self._start(inst, t)
 
-    def _retire(self, inst: SimInstance, seq: Seq, req: SimRequest, at: float) -> None:
+    def _retire(self, inst: SimInstance, seq: Sequence, req: SimRequest, at: float) -> None:
         """`seq` finished at `at`: the request ends, or (a disaggregated prefill) moves to a decode instance."""
         seq.times.finished = at
         if req.n_out:
@@ -357,10 +352,10 @@ class Cluster:
             self._finish(req, at)
 
     # ---- disaggregated hand-off --------------------------------------------------------------------------------
-    def _hand_off(self, req: SimRequest, prefilled: Seq, t: float) -> None:
+    def _hand_off(self, req: SimRequest, prefilled: Sequence, t: float) -> None:
         """The prefill is done: queue the request at the decode instance with the most free KV."""
         dst = min(self.decode_pool, key=lambda i: (i.kv_usage + len(self._inbox[i.index]) * 1e-9, i.index))
-        seq = Seq(
+        seq = Sequence(
             req.spec.request_id,
             req.prompt,
             SamplingParams(max_tokens=req.spec.output_len, ignore_eos=True),
@@ -384,7 +379,7 @@ class Cluster:
         inbox = self._inbox[dst.index]
         while inbox:
             seq, req = inbox[0]
-            if len(dst.sched.running) + self._incoming[dst.index] >= dst.config.max_num_seqs:
+            if dst.sched.num_running + self._incoming[dst.index] >= dst.config.max_num_seqs:
                 return
             seq.block_table = []
             if not dst.bm.allocate(seq, 0):  # reserve the KV slots the transfer writes into
@@ -400,11 +395,11 @@ class Cluster:
             self.transfer_time += dur
             self.push(start + dur, TRANSFER, (dst, seq, req))
 
-    def _on_transfer_done(self, payload: tuple[SimInstance, Seq, SimRequest], t: float) -> None:
+    def _on_transfer_done(self, payload: tuple[SimInstance, Sequence, SimRequest], t: float) -> None:
         dst, seq, req = payload
         self._incoming[dst.index] -= 1
-        seq.status = SequenceStatus.RUNNING
-        dst.sched.running.append(seq)
+        joined = dst.sched.adopt(seq, reserved=True)  # its blocks and slot were reserved in `_pull`
+        assert joined
         self._by_seq[seq.seq_id] = req
         self.wake(dst, t)
 

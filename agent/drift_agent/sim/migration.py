@@ -11,7 +11,9 @@ source; each later stage copies the tokens generated since the previous stage; w
 `last_stage_max_blocks` blocks, the source stops the request at its next step boundary and copies the rest —
 the only stall the request sees — and the destination adopts it. After `max_stages` stages without converging,
 or if the request finishes or is preempted meanwhile, the migration is abandoned and the reservation freed.
-Copies run at the cluster's KV bandwidth.
+Should the destination no longer hold the request at the commit (its sequence slots filled meanwhile), the request
+recomputes there as a preempted one would (`Scheduler.requeue`, counted in its preemptions). Copies run at the
+cluster's KV bandwidth.
 """
 
 from __future__ import annotations
@@ -140,20 +142,17 @@ class Migrator:
         if mig.src.busy or mig.seq.in_flight:
             return  # at the source's next step boundary (a running step may still emit its token)
         mig.final_pending = False
-        mig.src.release_running(mig.seq)
+        mig.src.sched.release(mig.seq)
         mig.stopped_at = t
         self.cluster.push(t + self._copy_time(mig.seq.num_computed_tokens - mig.copied), COMMIT, mig)
 
     def _commit(self, mig: _Migration, t: float) -> None:
         dst, seq = mig.dst, mig.seq
         dst.bm.free_seq(mig.reservation)
-        if dst.adopt_running(seq):
+        if dst.sched.adopt(seq):
             self.committed += 1
         else:  # the destination filled up meanwhile: recompute there, as after a preemption
-            seq.num_computed_tokens = 0
-            seq.status = SequenceStatus.WAITING
-            seq.num_preemptions += 1
-            dst.sched.waiting.appendleft(seq)
+            dst.sched.requeue(seq)
             self.recomputed += 1
         self.stall_s += t - mig.stopped_at
         del self.by_src[mig.src.index]
