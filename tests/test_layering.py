@@ -18,10 +18,12 @@ ALLOWED: dict[str, set[str]] = {
     "multiplex": {"core", "partition"},
     "engine": {"core", "partition", "models", "multiplex"},
     "bench": {"core", "argtypes"},
-    "sim": {"core", "partition", "multiplex", "bench", "argtypes"},
+    "routing": {"core", "multiplex", "partition"},  # the routing policies of the simulator and the router
+    "sim": {"core", "partition", "multiplex", "bench", "argtypes", "routing"},
     "commands": {"core", "partition", "models", "multiplex", "engine", "bench"},
     "server": {"core", "partition", "models", "multiplex", "engine", "commands", "(top)"},
-    "cli": {"(top)", "core", "commands", "server", "bench", "sim"},  # the `drift` entry point
+    "router": {"core", "routing", "multiplex", "partition", "(top)"},  # `drift router`, the HTTP front door
+    "cli": {"(top)", "core", "commands", "server", "bench", "sim", "router"},  # the `drift` entry point
     "(top)": set(),  # drift_agent/__init__.py: the version
 }
 
@@ -70,6 +72,7 @@ def test_decision_code_and_simulator_run_without_torch() -> None:
         from drift_agent.multiplex.perf_model import PerfModel
         from drift_agent.bench.workloads import WorkloadParams, generate
         from drift_agent.sim.runner import SimSetup
+        import drift_agent.routing
 
         setup = SimSetup.build(policy="drift")
         specs = generate("random", 8, 0, WorkloadParams(input_len=512, output_len=16))

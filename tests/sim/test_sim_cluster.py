@@ -9,8 +9,8 @@ import pytest
 
 from drift_agent.bench.workloads import WorkloadParams, generate
 from drift_agent.multiplex.perf_model import PrefillShape
+from drift_agent.routing import RouteRequest, SLOAwareRouter, make_router
 from drift_agent.sim import ClusterConfig, MigrationConfig, SimSetup
-from drift_agent.sim.routing import RouteRequest, SLOAwareRouter, make_router
 
 
 def _base(**kw):
@@ -57,7 +57,7 @@ def test_slo_aware_router_avoids_a_backlogged_instance():
 
 def test_unknown_router_is_refused():
     with pytest.raises(ValueError, match="unknown router"):
-        make_router("random")
+        make_router("hash")
     with pytest.raises(ValueError):
         ClusterConfig(disaggregated=(0, 2))
 

@@ -43,7 +43,7 @@ from .model_runner import (
     resolve_device,
 )
 from .mux_executor import ModelMuxExecutor
-from .outputs import EngineStats, RequestOutput
+from .outputs import EngineStats, RequestOutput, StepCosts
 from .sampler import TokenLogprobs
 from .trace import DecisionTrace
 
@@ -131,6 +131,10 @@ class LLMEngine:
         self._last_step: tuple[float | None, float | None] = (None, None)  # last lane: predicted, actual
         self._lanes: MuxLanes | None = None  # built on the first multiplexed step
         self._predicted: dict[str, float] = {}  # predicted latency of the work in flight on each lane
+        # Measured step costs (for `GET /state`); per lane in flight: (decode seqs or prompt tokens, share of the
+        # model's layers launched).
+        self.costs = StepCosts(min(StepCosts.MIN_PREFILL_TOKENS, config.max_num_batched_tokens))
+        self._lane_sizes: dict[str, tuple[int, float]] = {}
         self._pending_outputs: list[RequestOutput] = []  # posted while draining the lanes for a switch
         self._in_flight: list[Batch] = []  # the sequential step's batches not yet posted
         self._failed_steps = 0  # consecutive steps that failed
@@ -368,11 +372,17 @@ class LLMEngine:
             return
         self._in_flight = list(sched_out.batches)
         for batch in sched_out.batches:
-            self.prompt_tokens_total += sum(i.num_new_tokens for i in batch.items if i.seq.is_prefilling)
+            prompt_tokens = sum(i.num_new_tokens for i in batch.items if i.seq.is_prefilling)
+            self.prompt_tokens_total += prompt_tokens
+            started = time.monotonic()
             result = self.runner.execute(batch)
             if self.runner.failed:
                 self._fail_sampling()
             done_at = time.monotonic()
+            if batch.phase == "decode":
+                self.costs.decode(done_at - started, batch.num_seqs)
+            else:
+                self.costs.prefill(done_at - started, prompt_tokens, batch.num_tokens)
             if self.trace.enabled:
                 self.trace.record(
                     t=now,
@@ -420,6 +430,7 @@ class LLMEngine:
             self._predicted["prefill"] = prefill_block_time(
                 perf, launch.split, job, layers, contended=lanes.decode is not None
             )
+            self._lane_sizes["prefill"] = (job.batch.num_tokens, layers / max(job.num_layers, 1))
         if launch.decode is not None:
             if (
                 launch.decode.phase == "mixed"
@@ -431,6 +442,7 @@ class LLMEngine:
             self._predicted["decode"] = decode_step_time(
                 perf, launch.split, launch.decode, contended=lanes.prefill is not None
             )
+            self._lane_sizes["decode"] = (launch.decode.num_seqs, 1.0)
         decision = launch.decision
         taken = launch.decision_taken
         if taken is not None:
@@ -468,6 +480,11 @@ class LLMEngine:
                     self.prompt_tokens_total += job.batch.num_tokens
             predicted = self._predicted.pop(lane, None)
             self._last_step = (predicted, result.elapsed_s)
+            size = self._lane_sizes.pop(lane, None)
+            if size is not None and lane == "decode":
+                self.costs.decode(result.elapsed_s, size[0])
+            elif size is not None:  # a block of layers: scaled to the whole model (on the prefill partition)
+                self.costs.prefill(result.elapsed_s / size[1], size[0])
             if self.trace.enabled:
                 self.trace.record(
                     t=done_at,
@@ -705,8 +722,15 @@ class LLMEngine:
         elif hasattr(self.scheduler.policy, "reconfigure"):
             self.scheduler.policy.reconfigure(new)
 
+    def pending_prefill_tokens(self) -> int:
+        """Tokens without KV of the waiting requests (a preempted one recomputes its output too) and of the
+        running ones still prefilling; a running decode's newest token does not count."""
+        sched = self.scheduler
+        pending = sum(len(s.token_ids) - s.num_computed_tokens for s in sched.waiting)
+        return pending + sum(s.num_uncomputed_tokens for s in sched.running if s.is_prefilling)
+
     def stats(self) -> EngineStats:
-        bm = self.block_manager
+        bm, costs = self.block_manager, self.costs
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
@@ -725,6 +749,10 @@ class LLMEngine:
             decisions=dict(self._decisions),
             predicted_step_s=self._last_step[0],
             actual_step_s=self._last_step[1],
+            pending_prefill_tokens=self.pending_prefill_tokens(),
+            prefill_s_per_token=costs.prefill_s_per_token,
+            decode_step_s=costs.decode_step_s,
+            decode_batch=costs.decode_batch,
         )
 
     # ---- offline convenience ------------------------------------------------------------------------

@@ -57,3 +57,52 @@ class EngineStats:
     decisions: dict[str, int] = field(default_factory=dict)  # dispatcher decisions by mode
     predicted_step_s: float | None = None  # latest decision's predicted decode step (or prefill block)
     actual_step_s: float | None = None  # and what that iteration actually took
+    # Prompt tokens (and a preempted request's tokens to recompute) of waiting and prefilling requests that have
+    # no KV yet: the prefill work queued here, for a router.
+    pending_prefill_tokens: int = 0
+    # Measured costs (`StepCosts`), None until measured: seconds per prompt token of prefill work, and seconds
+    # of a decode step at about `decode_batch` sequences.
+    prefill_s_per_token: float | None = None
+    decode_step_s: float | None = None
+    decode_batch: int = 0
+
+
+class StepCosts:
+    """Exponentially weighted means of what the engine's own steps cost, so a router can predict an agent's
+    TTFT without its profile. Prefill samples come only from batches of at least `min_prefill_tokens` prompt
+    tokens (`MIN_PREFILL_TOKENS`, or the chunk budget if smaller): smaller ones are memory-bound, and their
+    per-token cost says little about a queue of prompts."""
+
+    ALPHA = 0.2  # weight of the newest sample: about the last ten steps count
+    MIN_PREFILL_TOKENS = 128
+
+    def __init__(self, min_prefill_tokens: int = MIN_PREFILL_TOKENS) -> None:
+        self.min_prefill_tokens = min_prefill_tokens
+        self.prefill_s_per_token: float | None = None
+        self.decode_step_s: float | None = None
+        self._decode_batch: float = 0.0
+
+    @property
+    def decode_batch(self) -> int:
+        return round(self._decode_batch)
+
+    @staticmethod
+    def _mean(old: float | None, sample: float, alpha: float) -> float:
+        return sample if old is None else old + alpha * (sample - old)
+
+    def prefill(self, seconds: float, prompt_tokens: int, total_tokens: int | None = None) -> None:
+        """A batch with `prompt_tokens` prompt tokens (of `total_tokens` rows in all, decodes included) took
+        `seconds`; all its rows are charged as prefill work (a conservative figure)."""
+        if prompt_tokens < self.min_prefill_tokens or not seconds > 0:
+            return
+        per_token = seconds / (total_tokens or prompt_tokens)
+        self.prefill_s_per_token = self._mean(self.prefill_s_per_token, per_token, self.ALPHA)
+
+    def decode(self, seconds: float, batch: int) -> None:
+        if batch < 1 or not seconds > 0:
+            return
+        first = self.decode_step_s is None
+        self.decode_step_s = self._mean(self.decode_step_s, seconds, self.ALPHA)
+        self._decode_batch = (
+            batch if first else self._decode_batch + self.ALPHA * (batch - self._decode_batch)
+        )

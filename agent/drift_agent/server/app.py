@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 
 from .. import __version__
 from ..engine.async_engine import AsyncLLMEngine
-from . import admin, openai_routes
+from . import admin, agent_state, openai_routes
 from .body_limit import BodyLimitMiddleware
 from .errors import error_body, error_responses, install_handlers
 from .metrics import ServerMetrics
@@ -107,6 +107,7 @@ def build_app(
     install_handlers(app)
     app.include_router(openai_routes.build_router())
     app.include_router(admin.build_router())
+    app.include_router(agent_state.build_router())
 
     @app.get("/health", responses=error_responses(503))
     async def health() -> JSONResponse:

@@ -24,8 +24,8 @@ from ..argtypes import (
 from ..bench.metrics import goodput_item
 from ..bench.workloads import WORKLOADS
 from ..core.config import POLICIES
+from ..routing.policies import ROUTERS
 from .instance import InstanceConfig
-from .routing import ROUTERS
 
 
 class UsageError(Exception):

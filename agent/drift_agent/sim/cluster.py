@@ -36,12 +36,12 @@ from ..core.sampling_params import SamplingParams
 from ..core.sequence import SLO, RequestTimes, Sequence, SequenceStatus
 from ..multiplex.perf_model import PerfModel
 from ..partition.base import Split
+from ..routing.policies import Router, RouteRequest, make_router
 from .events import ARRIVAL, COMMIT, PRIORITY, SAMPLE, STAGE, STEP, TRANSFER, WAKE
 from .instance import InstanceConfig, SimInstance
 from .migration import MigrationConfig, Migrator
 from .presets import kv_transfer_seconds
 from .requests import SimRequest, SimRun, TokenSource
-from .routing import Router, RouteRequest, make_router
 
 
 class SimulationError(RuntimeError):

@@ -25,7 +25,7 @@ from ..core.config import POLICIES, EngineConfig, PartitionConfig
 from ..core.scheduler import Batch, Policy, Scheduler, SchedulerConfig
 from ..core.sequence import Sequence
 from ..multiplex.mux_loop import MuxLanes
-from ..multiplex.perf_model import PerfModel
+from ..multiplex.perf_model import PerfModel, PrefillShape
 from ..multiplex.policies import MuxContext, make_policy
 from ..partition.base import Split
 from .executor import ALL_SAMPLED, Sampled, SimExecutor, SimMuxExecutor, device_model
@@ -155,6 +155,7 @@ class SimInstance:
         self.span_from = 0
         # Router load signal: prompt tokens added here whose first token has not come out yet.
         self.pending_prefill_tokens = 0
+        self._prefill_per_token: float | None = None  # see `queued_prefill_s`
         self.num_steps = 0
         self.num_fast_forwarded = 0  # steps applied in spans without asking the policy
         self.num_requests = 0
@@ -176,6 +177,37 @@ class SimInstance:
     def load_tokens(self) -> int:
         """Work queued and held: prompt tokens still to prefill plus KV tokens of running requests."""
         return self.pending_prefill_tokens + self.kv_used_tokens
+
+    # ---- the router's view (`routing.InstanceView`): the performance model's predictions -----------------
+    @property
+    def num_running(self) -> int:
+        return self.sched.num_running
+
+    @property
+    def free_kv_blocks(self) -> int:
+        return self.bm.num_free_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.bm.block_size
+
+    def busy_for(self, now: float) -> float:
+        return max(self.step_end - now, 0.0) if self.busy else 0.0
+
+    def queued_prefill_s(self) -> float:
+        """The pending prompt tokens at the per-token cost of a full chunk (`max_num_batched_tokens`) on the
+        whole device: queued prompts are prefilled in chunks of that size."""
+        t = self._prefill_per_token
+        if t is None:
+            n = self.config.max_num_batched_tokens
+            t = self._prefill_per_token = self.perf.prefill_time(PrefillShape(n), self.perf.total_sms) / n
+        return self.pending_prefill_tokens * t
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.perf.prefill_time(PrefillShape(tokens), self.perf.total_sms)
+
+    def decode_step_s(self, batch: int, kv_tokens: int) -> float:
+        return self.perf.decode_time(batch, kv_tokens, self.perf.total_sms)
 
     # ---- requests ----------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
