@@ -19,6 +19,7 @@ OPTIONAL_COMMANDS: list[tuple[str, str]] = [
     ("drift_agent.server.cli", "add_parser"),
     ("drift_agent.commands.profile", "add_parser"),
     ("drift_agent.sim.cli", "add_parser"),
+    ("drift_agent.router.cli", "add_parser"),
     ("drift_operator.cli", "add_parser"),
 ]
 

@@ -35,6 +35,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 APP_NAME = "drift-agent"
 COMPONENT = "agent"
+ROUTER_APP_NAME = "drift-router"
+ROUTER_COMPONENT = "router"
+ROUTER_CONTAINER = "router"
 MANAGER = "drift-operator"
 
 # Annotations.
@@ -62,6 +65,16 @@ def secret_name(name: str) -> str:
     return f"{name}-admin-token"
 
 
+def agents_service_name(name: str) -> str:
+    """The agents' headless Service: what the router discovers backends through (its EndpointSlices)."""
+    return f"{name}-agents"
+
+
+def router_name(name: str) -> str:
+    """The router's Deployment, ServiceAccount, Role and RoleBinding."""
+    return f"{name}-router"
+
+
 def selector_labels(name: str) -> dict[str, str]:
     """The Deployment's (immutable) selector: kept minimal so later label additions never need a re-create."""
     return {LABEL_SERVICE: name, LABEL_COMPONENT: COMPONENT}
@@ -81,3 +94,11 @@ def common_labels(name: str) -> dict[str, str]:
         LABEL_PART_OF: "drift",
         LABEL_SERVICE: name,
     }
+
+
+def router_selector_labels(name: str) -> dict[str, str]:
+    return {LABEL_SERVICE: name, LABEL_COMPONENT: ROUTER_COMPONENT}
+
+
+def router_labels(name: str) -> dict[str, str]:
+    return {**common_labels(name), LABEL_NAME: ROUTER_APP_NAME, LABEL_COMPONENT: ROUTER_COMPONENT}

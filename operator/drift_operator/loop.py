@@ -36,6 +36,7 @@ from .status import (
     attainment_status,
     iso,
     parse_iso,
+    router_status,
     slo_condition,
     status_patch,
     workload_conditions,
@@ -214,7 +215,10 @@ async def reconcile(
         model=_model_label(spec),
         policy=spec.policy,
     )
-    updates = workload_conditions(deployment_replicas(spec, owner_of), deployment)
+    status["router"], router_ready = router_status(
+        spec.router_enabled, spec.router.policy, spec.router.replicas, applied.router_deployment
+    )
+    updates = [*workload_conditions(deployment_replicas(spec, owner_of), deployment), router_ready]
     if not run_loop:
         # The spec-change path writes only what follows from the spec and the children; the loop's fields
         # (partition, scaling, attainment, decisions) are left to the loop, their only writer.
@@ -229,7 +233,7 @@ async def reconcile(
         # Listing pods or patching replicas failed: say so, keep the workload conditions, retry next tick.
         events.append(Event("Warning", "FeedbackLoopFailed", str(exc)))
         return Outcome(status, updates, events, str(exc))
-    return Outcome(status, updates, events, decisions=decided)
+    return Outcome(status, [*updates, router_ready], events, decisions=decided)
 
 
 def _explain(exc: KubeApiError, namespace: str) -> str:

@@ -21,7 +21,12 @@ _KINDS: dict[str, tuple[str, str]] = {
     "Service": ("v1", "services"),
     "Deployment": ("apps/v1", "deployments"),
     "PodMonitor": (f"{c.MONITORING_GROUP}/{c.MONITORING_VERSION}", "podmonitors"),
+    "ServiceAccount": ("v1", "serviceaccounts"),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
 }
+# Deleted when the router is switched off: the pods first, their identity and grant last.
+_ROUTER_KINDS = ("Deployment", "RoleBinding", "Role", "ServiceAccount")
 
 
 class ChildConflict(KubeApiError):
@@ -40,6 +45,7 @@ def _check_owner(kind: str, name: str, live: dict[str, Any] | None, uid: str) ->
 @dataclass
 class ApplyResult:
     deployment: dict[str, Any] | None = None
+    router_deployment: dict[str, Any] | None = None  # live; None when the router is off
     token: str | None = None
     actions: dict[str, str] = field(default_factory=dict)
 
@@ -94,6 +100,21 @@ def _decode_token(secret: dict[str, Any] | None) -> str | None:
         return None
 
 
+async def delete_owned(kube: KubeClient, kind: str, namespace: str, name: str, uid: str) -> bool:
+    """Delete a child only if it is there and ours (controller reference to `uid`); True when deleted."""
+    _, item = _paths(kind, namespace, name)
+    live = await kube.get(item)
+    refs = ((live or {}).get("metadata") or {}).get("ownerReferences") or []
+    if not any(ref.get("uid") == uid and ref.get("controller") for ref in refs):
+        return False
+    try:
+        await kube.request("DELETE", item)
+    except KubeApiError as exc:
+        if exc.status != 404:  # gone meanwhile (e.g. the garbage collector)
+            raise
+    return True
+
+
 async def monitoring_available(kube: KubeClient) -> bool:
     """Whether the Prometheus Operator's CRDs are installed (PodMonitors are then worth creating)."""
     served = await kube.served_resources(f"{c.MONITORING_GROUP}/{c.MONITORING_VERSION}")
@@ -130,17 +151,29 @@ async def reconcile_children(
     result.token = token
 
     await apply_one(kube, children.configmap, result.actions)
-    await apply_one(kube, children.service, result.actions)
+    if children.agents_service is not None:
+        await apply_one(kube, children.agents_service, result.actions)
     result.deployment = await apply_one(kube, children.deployment, result.actions)
+    # Router on: its objects exist before the client Service turns to its pods. Router off: the client
+    # Service turns back to the agents before the router goes.
+    if children.router is not None:
+        for obj in children.router.objects():
+            live = await apply_one(kube, obj, result.actions)
+        result.router_deployment = live
+    await apply_one(kube, children.service, result.actions)
+    if children.router is None:
+        for kind in _ROUTER_KINDS:
+            name = c.router_name(owner.name)
+            if await delete_owned(kube, kind, owner.namespace, name, owner.uid):
+                result.actions[f"{kind}/{name}"] = "delete"
 
     if children.podmonitor is not None:
         await apply_one(kube, children.podmonitor, result.actions)
-    elif with_monitoring and not spec.monitoring.enabled:
+    elif (
+        with_monitoring
+        and not spec.monitoring.enabled
         # Monitoring switched off: remove the PodMonitor we made (and only ours).
-        _, item = _paths("PodMonitor", owner.namespace, owner.name)
-        live = await kube.get(item)
-        refs = ((live or {}).get("metadata") or {}).get("ownerReferences") or []
-        if any(ref.get("uid") == owner.uid for ref in refs):
-            await kube.request("DELETE", item)
-            result.actions[f"PodMonitor/{owner.name}"] = "delete"
+        and await delete_owned(kube, "PodMonitor", owner.namespace, owner.name, owner.uid)
+    ):
+        result.actions[f"PodMonitor/{owner.name}"] = "delete"
     return result

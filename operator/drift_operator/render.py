@@ -1,4 +1,4 @@
-"""Render an LLMService's children (Deployment, Service, ConfigMap, Secret, PodMonitor) as plain dicts.
+"""Render an LLMService's children (Deployments, Services, ConfigMap, Secret, router RBAC, PodMonitor).
 
 Pure: the same spec always renders the same objects, which is what makes reconciliation idempotent.
 """
@@ -6,6 +6,7 @@ Pure: the same spec always renders the same objects, which is what makes reconci
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import math
@@ -25,6 +26,30 @@ from .spec import LLMServiceSpec, SpecError
 # Settings the agent accepts live through PUT /admin/policy: changing them must not restart pods, so they
 # are left out of the config hash (the ConfigMap still carries them, for pods that start later).
 RUNTIME_KEYS = frozenset({"policy", "partition", "slo_ttft_ms", "slo_tpot_ms"})
+
+_POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+_CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+# Used when spec.router.resources is empty: a proxy's footprint, not an agent's.
+ROUTER_DEFAULT_RESOURCES: dict[str, Any] = {
+    "requests": {"cpu": "250m", "memory": "256Mi"},
+    "limits": {"memory": "1Gi"},
+}
+ENDPOINTSLICE_RULE: dict[str, Any] = {
+    "apiGroups": ["discovery.k8s.io"],
+    "resources": ["endpointslices"],
+    "verbs": ["get", "list", "watch"],
+}
 
 
 @dataclass(frozen=True)
@@ -50,11 +75,16 @@ class Owner:
         }
 
 
-def _metadata(owner: Owner, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+def _metadata(
+    owner: Owner,
+    name: str,
+    extra_labels: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": owner.namespace,
-        "labels": {**c.common_labels(owner.name), **(extra_labels or {})},
+        "labels": {**(labels or c.common_labels(owner.name)), **(extra_labels or {})},
         "ownerReferences": [owner.reference()],
     }
 
@@ -141,23 +171,41 @@ def render_secret(owner: Owner, token: str) -> dict[str, Any]:
     }
 
 
-def render_service(owner: Owner) -> dict[str, Any]:
+def _http_service_port() -> dict[str, Any]:
+    return {
+        "name": c.AGENT_PORT_NAME,
+        "port": c.AGENT_PORT,
+        "targetPort": c.AGENT_PORT_NAME,
+        "protocol": "TCP",
+        "appProtocol": "http",
+    }
+
+
+def render_service(owner: Owner, router: bool = False) -> dict[str, Any]:
+    """The client-facing Service: same name and port whatever is behind it, so clients never change; it
+    selects the router's pods when the router is on, the agents' otherwise."""
+    selector = c.router_selector_labels(owner.name) if router else c.selector_labels(owner.name)
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(owner, owner.name),
+        "spec": {"type": "ClusterIP", "selector": selector, "ports": [_http_service_port()]},
+    }
+
+
+def render_agents_service(owner: Owner) -> dict[str, Any]:
+    """The agents' headless Service: no virtual IP (the router balances per request itself); its
+    EndpointSlices, kept by the endpointslice controller from the agents' readiness, are the router's
+    backends."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, c.agents_service_name(owner.name)),
         "spec": {
             "type": "ClusterIP",
+            "clusterIP": "None",
             "selector": c.selector_labels(owner.name),
-            "ports": [
-                {
-                    "name": c.AGENT_PORT_NAME,
-                    "port": c.AGENT_PORT,
-                    "targetPort": c.AGENT_PORT_NAME,
-                    "protocol": "TCP",
-                    "appProtocol": "http",
-                }
-            ],
+            "ports": [_http_service_port()],
         },
     }
 
@@ -265,22 +313,11 @@ def render_deployment(
         # Loading weights can take minutes; the startup probe holds liveness off until /health answers.
         "startupProbe": _http_probe("/health", period=10, failures=90, timeout=5),
         "resources": _container_resources(spec),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": copy.deepcopy(_CONTAINER_SECURITY_CONTEXT),
         "volumeMounts": mounts,
     }
     pod_spec: dict[str, Any] = {
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": copy.deepcopy(_POD_SECURITY_CONTEXT),
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,  # the agent never talks to the API server
         # SIGTERM drains running requests first: the kubelet must wait for the agent's worst case.
@@ -327,13 +364,126 @@ def render_deployment(
     }
 
 
+def _router_metadata(owner: Owner) -> dict[str, Any]:
+    return _metadata(owner, c.router_name(owner.name), labels=c.router_labels(owner.name))
+
+
+def render_router_serviceaccount(owner: Owner) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _router_metadata(owner)}
+
+
+def render_router_role(owner: Owner) -> dict[str, Any]:
+    # EndpointSlice names are generated, so resourceNames cannot narrow this; the namespace does.
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _router_metadata(owner),
+        "rules": [copy.deepcopy(ENDPOINTSLICE_RULE)],
+    }
+
+
+def render_router_rolebinding(owner: Owner) -> dict[str, Any]:
+    name = c.router_name(owner.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _router_metadata(owner),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+    }
+
+
+def router_command(owner: Owner, spec: LLMServiceSpec) -> list[str]:
+    return [
+        "drift", "router", "--host", "0.0.0.0", "--port", str(c.AGENT_PORT),
+        "--discover", f"{owner.namespace}/{c.agents_service_name(owner.name)}",
+        "--discover-port", c.AGENT_PORT_NAME,
+        "--policy", spec.router.policy,
+    ]  # fmt: skip
+
+
+def _router_resources(spec: LLMServiceSpec) -> dict[str, Any]:
+    requests = _quantities(spec.router.resources.requests)
+    limits = _quantities(spec.router.resources.limits)
+    if not requests and not limits:
+        return copy.deepcopy(ROUTER_DEFAULT_RESOURCES)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def render_router_deployment(owner: Owner, spec: LLMServiceSpec) -> dict[str, Any]:
+    """`drift router` from the agent image, on the agents' port and port name (so the client Service and the
+    PodMonitor treat both alike), reading backends from the agents' headless Service."""
+    name = c.router_name(owner.name)
+    container: dict[str, Any] = {
+        "name": c.ROUTER_CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": router_command(owner, spec),
+        "ports": [{"name": c.AGENT_PORT_NAME, "containerPort": c.AGENT_PORT, "protocol": "TCP"}],
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
+        "readinessProbe": _http_probe("/ready", period=5, failures=3, timeout=2),
+        "livenessProbe": _http_probe("/health", period=10, failures=3, timeout=5),
+        "resources": _router_resources(spec),
+        "securityContext": copy.deepcopy(_CONTAINER_SECURITY_CONTEXT),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": name,
+        "automountServiceAccountToken": True,  # it watches EndpointSlices
+        "securityContext": copy.deepcopy(_POD_SECURITY_CONTEXT),
+        "enableServiceLinks": False,
+        # Streams in flight finish on SIGTERM; they last no longer than an agent's own drain.
+        "terminationGracePeriodSeconds": math.ceil(
+            ServerSettings().worst_case_shutdown_s + c.SHUTDOWN_MARGIN_S
+        ),
+        # Replicas on different nodes, so one node's loss does not take the front door down.
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": c.router_selector_labels(owner.name)},
+                        },
+                    }
+                ]
+            }
+        },
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _router_metadata(owner),
+        "spec": {
+            "replicas": spec.router.replicas,
+            "selector": {"matchLabels": c.router_selector_labels(owner.name)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {"metadata": {"labels": c.router_labels(owner.name)}, "spec": pod_spec},
+        },
+    }
+
+
 def render_podmonitor(owner: Owner, spec: LLMServiceSpec) -> dict[str, Any]:
+    # Agents and router: both serve /metrics on the port named "http".
     return {
         "apiVersion": f"{c.MONITORING_GROUP}/{c.MONITORING_VERSION}",
         "kind": "PodMonitor",
         "metadata": _metadata(owner, owner.name, spec.monitoring.labels),
         "spec": {
-            "selector": {"matchLabels": c.selector_labels(owner.name)},
+            "selector": {
+                "matchLabels": {c.LABEL_SERVICE: owner.name},
+                "matchExpressions": [
+                    {"key": c.LABEL_COMPONENT, "operator": "In", "values": [c.COMPONENT, c.ROUTER_COMPONENT]}
+                ],
+            },
             "podMetricsEndpoints": [
                 {
                     "port": c.AGENT_PORT_NAME,
@@ -362,11 +512,26 @@ def deployment_replicas(spec: LLMServiceSpec, owner_of_replicas: str) -> int:
 
 
 @dataclass(frozen=True)
+class RouterChildren:
+    """In apply order: the identity and its grant before the pods that use them."""
+
+    serviceaccount: dict[str, Any]
+    role: dict[str, Any]
+    rolebinding: dict[str, Any]
+    deployment: dict[str, Any]
+
+    def objects(self) -> list[dict[str, Any]]:
+        return [self.serviceaccount, self.role, self.rolebinding, self.deployment]
+
+
+@dataclass(frozen=True)
 class Children:
     configmap: dict[str, Any]
     deployment: dict[str, Any]
-    service: dict[str, Any]
+    service: dict[str, Any]  # client-facing: the router's pods when there is a router, else the agents'
     podmonitor: dict[str, Any] | None
+    agents_service: dict[str, Any] | None = None
+    router: RouterChildren | None = None  # None: the router is off (ours, if any, is deleted)
 
 
 def render_children(
@@ -374,11 +539,21 @@ def render_children(
 ) -> Children:
     """Everything but the Secret (whose token is generated once and never re-rendered)."""
     config = render_engine_config(spec)
+    router = spec.router_enabled
     return Children(
         configmap=render_configmap(owner, config),
         deployment=render_deployment(
             owner, spec, deployment_replicas(spec, owner_of_replicas), config_hash(config, spec)
         ),
-        service=render_service(owner),
+        service=render_service(owner, router=router),
         podmonitor=render_podmonitor(owner, spec) if with_podmonitor and spec.monitoring.enabled else None,
+        agents_service=render_agents_service(owner),
+        router=RouterChildren(
+            serviceaccount=render_router_serviceaccount(owner),
+            role=render_router_role(owner),
+            rolebinding=render_router_rolebinding(owner),
+            deployment=render_router_deployment(owner, spec),
+        )
+        if router
+        else None,
     )

@@ -217,6 +217,24 @@ class MonitoringSpec(_CRModel):
     stale_after_seconds: int = Field(120, ge=1)
 
 
+RouterPolicy = Literal["round-robin", "least-loaded", "least-kv", "slo-aware", "prefix-affinity"]
+
+
+class RouterResourcesSpec(_CRModel):
+    requests: dict[str, QuantityValue] = Field(default_factory=dict)
+    limits: dict[str, QuantityValue] = Field(default_factory=dict)
+
+
+class RouterSpec(_CRModel):
+    """`drift router` in front of the agents. `enabled` unset means: on when the service may have more than
+    one replica (scaling.maxReplicas > 1), where choosing the replica per request pays off."""
+
+    enabled: bool | None = None
+    policy: RouterPolicy = "prefix-affinity"
+    replicas: int = Field(2, ge=1, le=100)
+    resources: RouterResourcesSpec = Field(default_factory=RouterResourcesSpec)
+
+
 class LLMServiceSpec(_CRModel):
     replicas: int = Field(1, ge=0)
     image: str = Field(DEFAULT_IMAGE, min_length=1)
@@ -231,6 +249,13 @@ class LLMServiceSpec(_CRModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     env: list[EnvVar] = Field(default_factory=list)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+
+    @property
+    def router_enabled(self) -> bool:
+        if self.router.enabled is not None:
+            return self.router.enabled
+        return self.scaling.max_replicas > 1
 
     @property
     def steered_setting(self) -> SteeredSetting | None:

@@ -126,6 +126,25 @@ def workload_conditions(desired_replicas: int, deployment: DeploymentState) -> l
     return [ready, progressing]
 
 
+def router_status(
+    enabled: bool, policy: str, desired: int, live: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], Condition]:
+    """status.router and the RouterReady condition, from the router Deployment's own status. Ready means at
+    least one router replica serves: the client Service then reaches the agents. Off, the fields other than
+    `enabled` are None (removed by the merge patch)."""
+    if not enabled:
+        fields: dict[str, Any] = {"enabled": False, "policy": None, "replicas": None, "readyReplicas": None}
+        return fields, Condition(
+            "RouterReady", "False", "RouterDisabled", "no router: the Service selects the agents directly"
+        )
+    state = DeploymentState.from_live(live)
+    fields = {"enabled": True, "policy": policy, "replicas": desired, "readyReplicas": state.ready}
+    text = f"{state.ready}/{desired} router replicas ready"
+    if state.ready > 0:
+        return fields, Condition("RouterReady", "True", "RouterReplicasReady", text)
+    return fields, Condition("RouterReady", "False", "NoRouterReplicasReady", text)
+
+
 def slo_condition(metrics: MetricsHealth, stats: WindowStats | None, target: float) -> Condition:
     if not metrics.usable or stats is None:
         return Condition("SLOMet", "Unknown", metrics.reason, f"attainment unknown: {metrics.message}")

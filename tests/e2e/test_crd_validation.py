@@ -70,6 +70,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("unknown-policy", {"policy": "fastest"}, 'Unsupported value: "fastest"'),
     ("attainment-above-one", {"slo": {"attainmentTarget": 1.5}}, "spec.slo.attainmentTarget"),
     ("negative-replicas", {"replicas": -1}, "spec.replicas"),
+    ("unknown-router-policy", {"router": {"policy": "random"}}, 'Unsupported value: "random"'),
+    ("zero-router-replicas", {"router": {"replicas": 0}}, "spec.router.replicas"),
     # A typo is not silently pruned: kubectl asks the server for strict field validation.
     ("unknown-field", {"scaling": {"maxReplica": 3}}, 'unknown field "spec.scaling.maxReplica"'),
 ]
@@ -114,3 +116,5 @@ def test_valid_minimal_spec_is_defaulted_by_the_api_server(namespace: str) -> No
     assert spec["model"]["source"] == "embedded"
     assert spec["scaling"]["minReplicas"] == 1 and spec["scaling"]["maxReplicas"] == 4
     assert spec["slo"]["window"] == "5m"
+    # The router: on by default (maxReplicas 4 > 1) through the operator; the server fills policy and replicas.
+    assert spec["router"] == {"policy": "prefix-affinity", "replicas": 2}

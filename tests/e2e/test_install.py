@@ -105,10 +105,27 @@ PERMISSIONS = [
     ("create", "events", "default", True),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None, True),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, True),
-    # Least privilege: no deletes (the garbage collector deletes children), no Secrets outside bound
-    # namespaces, nothing on the LLMService's spec beyond patch.
-    ("delete", "deployments.apps", "default", False),
+    # The router: its Deployment, identity and grant (deleted when it is switched off), and what its Role
+    # grants, which the operator must hold itself to grant it.
+    ("delete", "deployments.apps", "default", True),
+    *(
+        (verb, kind, "default", True)
+        for kind in (
+            "serviceaccounts",
+            "roles.rbac.authorization.k8s.io",
+            "rolebindings.rbac.authorization.k8s.io",
+        )
+        for verb in ("get", "create", "patch", "delete")
+    ),
+    *((verb, "endpointslices.discovery.k8s.io", "default", True) for verb in ("get", "list", "watch")),
+    # Least privilege: no other deletes (the garbage collector deletes children), no Secrets outside bound
+    # namespaces, nothing on the LLMService's spec beyond patch, no privilege escalation.
+    ("delete", "services", "default", False),
+    ("delete", "configmaps", "default", False),
     ("delete", "llmservices.serving.drift.dev", "default", False),
+    ("escalate", "roles.rbac.authorization.k8s.io", "default", False),
+    ("bind", "roles.rbac.authorization.k8s.io", "default", False),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", None, False),
     ("list", "secrets", "default", False),
     ("get", "secrets", "kube-system", False),
     ("get", "secrets", None, False),

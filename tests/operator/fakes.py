@@ -19,6 +19,9 @@ SECRETS = "v1/secrets"
 PODS = "v1/pods"
 EVENTS = "v1/events"
 PODMONITORS = "monitoring.coreos.com/v1/podmonitors"
+SERVICEACCOUNTS = "v1/serviceaccounts"
+ROLES = "rbac.authorization.k8s.io/v1/roles"
+ROLEBINDINGS = "rbac.authorization.k8s.io/v1/rolebindings"
 
 
 class GenerateNameEmulator(kmock.KubernetesEmulator):

@@ -14,7 +14,10 @@ from .fakes import (
     DEPLOYMENTS,
     LLMS,
     PODMONITORS,
+    ROLEBINDINGS,
+    ROLES,
     SECRETS,
+    SERVICEACCOUNTS,
     SERVICES,
     Cluster,
     GenerateNameEmulator,
@@ -68,7 +71,7 @@ async def test_create_renders_children_status_and_events(cluster: Cluster, opera
     # The kubelet waits for the agent's drain (20 s), flush (5 s), uvicorn (5 s) and a margin.
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 40
     assert pod_spec["securityContext"]["runAsNonRoot"] is True
-    service = _must(cluster.get(SERVICES, "chat"))
+    service = await eventually(lambda: _must(cluster.get(SERVICES, "chat")))  # applied after the Deployment
     assert service["spec"]["ports"][0]["name"] == "http"
     configmap = _must(cluster.get(CONFIGMAPS, "chat-engine"))
     assert "policy: static-split" in configmap["data"]["engine.yaml"]
@@ -268,7 +271,7 @@ async def test_reconcile_is_idempotent_and_restores_hand_edits(cluster: Cluster,
     writes_before = len(cluster.requests("PATCH", DEPLOYMENTS)) + len(cluster.requests("POST", DEPLOYMENTS))
     await asyncio.sleep(0.8)  # several loop ticks, each re-reconciling
     writes_after = len(cluster.requests("PATCH", DEPLOYMENTS)) + len(cluster.requests("POST", DEPLOYMENTS))
-    assert writes_after == writes_before == 1  # created once, never rewritten
+    assert writes_after == writes_before == 2  # agents and router: each created once, never rewritten
 
     edited = dict(deployment)
     edited["spec"] = {**deployment["spec"], "replicas": 7}
@@ -357,3 +360,69 @@ async def test_a_foreign_object_with_a_childs_name_is_left_alone(cluster: Cluste
     assert "Deployment/chat" in ready["message"] and "not created by this LLMService" in ready["message"]
     assert _must(cluster.get(DEPLOYMENTS, "chat")) == foreign
     assert not cluster.requests("PATCH", DEPLOYMENTS)
+
+
+async def test_router_is_rendered_reported_and_removed_when_switched_off(
+    cluster: Cluster, operator: Any
+) -> None:
+    cluster.add_llmservice("chat", {"scaling": {"maxReplicas": 3}, "router": {"policy": "slo-aware"}})
+
+    router = await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat-router")))
+    container = router["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["drift", "router"]
+    assert container["command"][-2:] == ["--policy", "slo-aware"]
+    assert "ns1/chat-agents" in container["command"]
+    assert router["spec"]["template"]["spec"]["serviceAccountName"] == "chat-router"
+    for resource in (SERVICEACCOUNTS, ROLES, ROLEBINDINGS):
+        obj = await eventually(lambda r=resource: _must(cluster.get(r, "chat-router")))
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
+    agents = await eventually(lambda: _must(cluster.get(SERVICES, "chat-agents")))
+    assert agents["spec"]["clusterIP"] == "None"
+    service = await eventually(lambda: _must(cluster.get(SERVICES, "chat")))
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "router"
+
+    cond = await eventually(lambda: _cond(cluster.get(LLMS, "chat"), "RouterReady"))
+    assert (cond["status"], cond["reason"]) == ("False", "NoRouterReplicasReady")
+    assert cluster.get(LLMS, "chat")["status"]["router"] == {
+        "enabled": True,
+        "policy": "slo-aware",
+        "replicas": 2,
+        "readyReplicas": 0,
+    }
+    cluster.mark_deployment_ready("chat-router", 2)
+    await eventually(
+        lambda: _must(_cond(cluster.get(LLMS, "chat"), "RouterReady")["status"] == "True" or None)
+    )
+    assert cluster.get(LLMS, "chat")["status"]["router"]["readyReplicas"] == 2
+
+    # Off: the client Service turns back to the agents, and the router's objects go.
+    await cluster.patch_llmservice("chat", {"spec": {"router": {"enabled": False}}})
+
+    def direct() -> None:
+        assert (
+            _must(cluster.get(SERVICES, "chat"))["spec"]["selector"]["app.kubernetes.io/component"] == "agent"
+        )
+        for resource in (DEPLOYMENTS, SERVICEACCOUNTS, ROLES, ROLEBINDINGS):
+            assert cluster.get(resource, "chat-router") is None, resource
+        assert _cond(cluster.get(LLMS, "chat"), "RouterReady")["reason"] == "RouterDisabled"
+        assert cluster.get(LLMS, "chat")["status"]["router"] == {"enabled": False}
+
+    await eventually(direct)
+    assert cluster.exists(DEPLOYMENTS, "chat") and cluster.exists(SERVICES, "chat-agents")
+    await eventually(lambda: _must(cluster.events("Deleted") or None))
+
+
+async def test_a_router_object_the_service_does_not_own_is_never_deleted(
+    cluster: Cluster, operator: Any
+) -> None:
+    foreign = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "chat-router", "namespace": Cluster.NAMESPACE, "labels": {"team": "other"}},
+    }
+    cluster.set_object(SERVICEACCOUNTS, "chat-router", foreign)
+    cluster.add_llmservice("chat", {"router": {"enabled": False}})
+    await eventually(lambda: _cond(cluster.get(LLMS, "chat"), "MetricsAvailable"))
+    await asyncio.sleep(0.6)
+    assert cluster.get(SERVICEACCOUNTS, "chat-router") == foreign
+    assert not cluster.requests("DELETE", SERVICEACCOUNTS)

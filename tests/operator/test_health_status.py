@@ -15,6 +15,7 @@ from drift_operator.status import (
     attainment_status,
     iso,
     parse_iso,
+    router_status,
     set_conditions,
     slo_condition,
     status_patch,
@@ -159,6 +160,7 @@ def test_everything_the_operator_writes_to_status_is_in_the_crd_schema(crd: dict
              "queueWaiting": 0.0, "kvCacheUsage": 0.3},
         ],
         "lastDecisions": append_decision([], now=1, kind="Partition", before="0.50", after="0.55", reason="R", message="m"),
+        "router": router_status(True, "prefix-affinity", 2, {"status": {"readyReplicas": 1}})[0],
         "conditions": set_conditions([], [Condition("Ready", "True", "ReplicasReady", "1/1")], 1, 3),
     }  # fmt: skip
     obj = {
@@ -223,3 +225,27 @@ def test_status_shows_only_settings_that_mean_something(raw: dict[str, Any], key
     spec = parse_spec(raw)
     shown = _partition_status(spec, desired_steering(spec, None), ServiceMemory(), None)
     assert {k for k in ("tpotMargin", "prefillSmShare") if shown.get(k) is not None} == keys
+
+
+def test_router_status_and_condition_follow_the_router_deployment() -> None:
+    fields, cond = router_status(True, "least-kv", 2, None)
+    assert fields == {"enabled": True, "policy": "least-kv", "replicas": 2, "readyReplicas": 0}
+    assert (cond.type, cond.status, cond.reason) == ("RouterReady", "False", "NoRouterReplicasReady")
+    live = {
+        "metadata": {"generation": 1},
+        "status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 1},
+    }
+    fields, cond = router_status(True, "least-kv", 2, live)
+    assert fields["readyReplicas"] == 1
+    assert (cond.status, cond.reason, cond.message) == (
+        "True",
+        "RouterReplicasReady",
+        "1/2 router replicas ready",
+    )
+    fields, cond = router_status(False, "least-kv", 2, live)
+    assert (cond.status, cond.reason) == ("False", "RouterDisabled")
+    # Switched off: only `enabled` stays, the rest is removed by the merge patch (and then reads back equal).
+    patch = status_patch({}, {"router": fields}, [cond], now=1, generation=1, heartbeat_s=600)
+    assert patch is not None and patch["router"]["enabled"] is False
+    live_status = {"router": {"enabled": False}, "conditions": patch["conditions"]}
+    assert status_patch(live_status, {"router": fields}, [cond], now=2, generation=1, heartbeat_s=600) is None

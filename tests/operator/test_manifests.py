@@ -267,12 +267,19 @@ def test_operator_rbac_covers_what_the_operator_does_and_no_more() -> None:
         ("", "pods", "list"),
         ("", "events", "create"),
         ("monitoring.coreos.com", "podmonitors", "create"),
+        # The router's objects, deleted when the router is switched off.
+        ("apps", "deployments", "delete"),
+        ("", "serviceaccounts", "create"),
+        ("", "serviceaccounts", "delete"),
+        ("rbac.authorization.k8s.io", "roles", "create"),
+        ("rbac.authorization.k8s.io", "rolebindings", "create"),
+        ("rbac.authorization.k8s.io", "rolebindings", "delete"),
     }
     assert needed <= granted
     assert not any(v in ("*", "escalate", "bind", "impersonate") for _, _, v in granted)
     assert not any(r == "*" or g == "*" for g, r, _ in granted)
     assert not any(r == "secrets" for _, r, _ in granted)  # never cluster-wide
-    assert ("apps", "deployments", "delete") not in granted
+    assert not any(r in ("clusterroles", "clusterrolebindings") for _, r, _ in granted)
     # Secrets: get/create/patch only, granted per managed namespace through a RoleBinding.
     assert _granted(roles["drift-operator-secrets"]) == {
         ("", "secrets", v) for v in ("get", "create", "patch")
@@ -326,3 +333,34 @@ def test_unknown_status_fields_would_be_pruned(crd: dict[str, Any]) -> None:
     obj["status"] = {"replicas": 1, "notInSchema": True}
     with pytest.raises(CRValidationError, match="unknown field .status.notInSchema"):
         validate(crd, obj, with_cel=False)
+
+
+def test_operator_holds_every_permission_it_grants_the_router() -> None:
+    """The API server refuses a Role (or its binding) granting more than its creator holds, unless the
+    creator may `escalate`/`bind`, which the operator must not: its ClusterRole covers the router's Role."""
+    from drift_operator.render import Owner, render_children
+    from drift_operator.spec import parse_spec
+
+    rbac = _docs(ROOT / "manifests" / "operator" / "rbac.yaml")
+    operator_role = next(
+        d for d in rbac if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "drift-operator"
+    )
+    router = render_children(Owner("chat", "team-a", "u"), parse_spec({}), "operator", False).router
+    assert router is not None
+    assert _granted(router.role) <= _granted(operator_role)
+
+
+def test_dashboard_has_a_router_row() -> None:
+    dashboard = json.loads((ROOT / "manifests" / "monitoring" / "dashboards" / "drift-slo.json").read_text())
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert "Router" in rows
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for metric in (
+        "drift_router_requests_total",
+        "drift_router_retries_total",
+        "drift_router_decisions_total",
+        "drift_router_upstream_ttft_seconds_bucket",
+        "drift_router_backends{",
+        "drift_router_ejections_total",
+    ):
+        assert metric in exprs, metric

@@ -136,15 +136,131 @@ def test_replicas_clamped_for_the_operator_but_not_for_an_external_autoscaler() 
     assert _children({**raw, "replicas": 9}).deployment["spec"]["replicas"] == 3
 
 
-def test_service_exposes_the_http_port() -> None:
-    service = _children({}).service
-    assert service["spec"]["ports"] == [
-        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
-    ]
+HTTP_PORT = {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
+
+
+def test_service_exposes_the_http_port_of_the_router_or_the_agents() -> None:
+    """Same name and port whatever is behind it: clients never change."""
+    routed = _children({}).service  # maxReplicas 4 by default: the router is on
+    direct = _children({"scaling": {"maxReplicas": 1}}).service
+    for service in (routed, direct):
+        assert service["metadata"]["name"] == "chat" and service["spec"]["ports"] == [HTTP_PORT]
+        assert service["spec"]["type"] == "ClusterIP" and "clusterIP" not in service["spec"]
+    assert routed["spec"]["selector"] == {
+        "serving.drift.dev/llmservice": "chat",
+        "app.kubernetes.io/component": "router",
+    }
+    assert direct["spec"]["selector"] == {
+        "serving.drift.dev/llmservice": "chat",
+        "app.kubernetes.io/component": "agent",
+    }
+
+
+@pytest.mark.parametrize(
+    "raw,enabled",
+    [
+        ({}, True),
+        ({"scaling": {"maxReplicas": 1}}, False),
+        ({"scaling": {"maxReplicas": 1}, "router": {"enabled": True}}, True),
+        ({"router": {"enabled": False}}, False),
+    ],
+)
+def test_router_is_on_by_default_when_there_can_be_more_than_one_replica(
+    raw: dict[str, Any], enabled: bool
+) -> None:
+    children = _children(raw)
+    assert (children.router is not None) == enabled
+    # The agents' headless Service exists either way (the router's discovery, or anyone else's).
+    assert children.agents_service is not None
+
+
+def test_agents_headless_service() -> None:
+    service = _children({}).agents_service
+    assert service["metadata"]["name"] == "chat-agents"
+    assert service["spec"]["clusterIP"] == "None"  # headless: EndpointSlices only, no virtual IP
     assert service["spec"]["selector"] == {
         "serving.drift.dev/llmservice": "chat",
         "app.kubernetes.io/component": "agent",
     }
+    assert service["spec"]["ports"] == [HTTP_PORT]  # the router's --discover-port names this port
+
+
+def test_router_deployment_golden_fields() -> None:
+    router = _children({"router": {"policy": "least-kv"}, "imagePullSecrets": ["regcred"]}).router
+    assert router is not None
+    deployment = router.deployment
+    meta = deployment["metadata"]
+    assert (meta["name"], meta["namespace"]) == ("chat-router", "team-a")
+    assert meta["ownerReferences"][0]["uid"] == OWNER.uid and meta["ownerReferences"][0]["controller"]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["selector"]["matchLabels"] == {
+        "serving.drift.dev/llmservice": "chat",
+        "app.kubernetes.io/component": "router",
+    }
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert labels["app.kubernetes.io/name"] == "drift-router"
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "chat-router" and pod["automountServiceAccountToken"] is True
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    container = pod["containers"][0]
+    assert container["image"] == "ghcr.io/drift-serving/drift-agent:0.1.0"  # the agent image
+    assert container["command"] == [
+        "drift", "router", "--host", "0.0.0.0", "--port", "8000",
+        "--discover", "team-a/chat-agents", "--discover-port", "http", "--policy", "least-kv",
+    ]  # fmt: skip
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http", "scheme": "HTTP"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTP"}
+    assert container["resources"] == {
+        "requests": {"cpu": "250m", "memory": "256Mi"},
+        "limits": {"memory": "1Gi"},
+    }
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The router's pods must never count as agents (scraped, pushed to, or behind the headless Service).
+    agent_selector = _children({}).deployment["spec"]["selector"]["matchLabels"]
+    assert not agent_selector.items() <= labels.items()
+
+
+def test_router_follows_its_spec() -> None:
+    router = _children(
+        {
+            "router": {
+                "replicas": 3,
+                "policy": "round-robin",
+                "resources": {"requests": {"cpu": "1"}, "limits": {"cpu": 2, "memory": "2Gi"}},
+            }
+        }
+    ).router
+    assert router is not None
+    container = router.deployment["spec"]["template"]["spec"]["containers"][0]
+    assert router.deployment["spec"]["replicas"] == 3
+    assert container["command"][-2:] == ["--policy", "round-robin"]
+    assert container["resources"] == {"requests": {"cpu": "1"}, "limits": {"cpu": "2", "memory": "2Gi"}}
+
+
+def test_router_rbac_reads_endpointslices_only() -> None:
+    router = _children({}).router
+    assert router is not None
+    assert router.serviceaccount["metadata"]["name"] == "chat-router"
+    assert router.role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    assert router.rolebinding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "chat-router",
+    }
+    assert router.rolebinding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "chat-router", "namespace": "team-a"}
+    ]
+    for obj in router.objects():
+        assert obj["metadata"]["ownerReferences"] == [OWNER.reference()]
 
 
 def test_engine_config_is_what_the_agent_loads(tmp_path: Path) -> None:
@@ -216,6 +332,13 @@ def test_secret_carries_the_token() -> None:
 def test_podmonitor_follows_monitoring_settings() -> None:
     monitor = _children({"monitoring": {"labels": {"release": "prom"}, "scrapeInterval": "30s"}}).podmonitor
     assert monitor["metadata"]["labels"]["release"] == "prom"
+    # One PodMonitor for agents and router: both serve /metrics on the port named http.
+    assert monitor["spec"]["selector"] == {
+        "matchLabels": {"serving.drift.dev/llmservice": "chat"},
+        "matchExpressions": [
+            {"key": "app.kubernetes.io/component", "operator": "In", "values": ["agent", "router"]}
+        ],
+    }
     endpoint = monitor["spec"]["podMetricsEndpoints"][0]
     assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("http", "/metrics", "30s")
     assert endpoint["relabelings"][0]["targetLabel"] == "llmservice"
@@ -236,7 +359,10 @@ def test_podmonitor_follows_monitoring_settings() -> None:
 )
 def test_rendered_children_are_valid_kubernetes_objects(raw: dict[str, Any]) -> None:
     children = _children(raw)
-    for obj in (children.deployment, children.service, children.configmap, render_secret(OWNER, "t")):
+    objects = [children.deployment, children.service, children.configmap, render_secret(OWNER, "t")]
+    assert children.router is not None and children.agents_service is not None
+    objects += [children.agents_service, *children.router.objects()]
+    for obj in objects:
         kubernetes_validate.validate(yaml.safe_load(yaml.safe_dump(obj)), "1.30", strict=True)
 
 
