@@ -26,6 +26,7 @@ from drift_agent.core.config import (
     PolicyName,
     field_bounds,
 )
+from drift_agent.routing.policies import DEFAULT_ROUTER
 
 from .constants import ANNOTATION_REPLICAS_OWNER, DEFAULT_IMAGE
 
@@ -217,7 +218,7 @@ class MonitoringSpec(_CRModel):
     stale_after_seconds: int = Field(120, ge=1)
 
 
-RouterPolicy = Literal["round-robin", "least-loaded", "least-kv", "slo-aware", "prefix-affinity"]
+RouterPolicy = Literal["round-robin", "random", "least-loaded", "least-kv", "slo-aware", "prefix-affinity"]
 
 
 class RouterResourcesSpec(_CRModel):
@@ -230,7 +231,7 @@ class RouterSpec(_CRModel):
     one replica (scaling.maxReplicas > 1), where choosing the replica per request pays off."""
 
     enabled: bool | None = None
-    policy: RouterPolicy = "prefix-affinity"
+    policy: RouterPolicy = DEFAULT_ROUTER
     replicas: int = Field(2, ge=1, le=100)
     resources: RouterResourcesSpec = Field(default_factory=RouterResourcesSpec)
 

@@ -48,7 +48,8 @@ class LoopThread:
 class FakeAgent:
     """A stand-in agent. `mode` decides how generation requests are answered:
     ok (a short SSE stream or JSON), refuse (429 + Retry-After), hang (never answers), die (two events, then
-    the connection is cut), endless (an event every 20 ms until the client goes away)."""
+    the connection is cut), die-before-first / stall-before-first (stream headers, then the connection is cut
+    / nothing more), endless (an event every 20 ms until the client goes away)."""
 
     mode: str = "ok"
     model: str = MODEL
@@ -104,6 +105,12 @@ class FakeAgent:
             )
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": rid})
         await out.prepare(request)
+        if self.mode == "die-before-first":  # accepted the stream, died during the prefill
+            assert request.transport is not None
+            request.transport.abort()
+            return out
+        if self.mode == "stall-before-first":  # accepted the stream, never produced a token
+            await asyncio.sleep(3600)
         try:
             n = 0
             while True:

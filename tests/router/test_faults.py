@@ -74,6 +74,21 @@ def test_a_backend_that_hangs_before_its_first_byte_times_out_and_the_request_go
         assert _events(r.text)[-1] == "[DONE]"
 
 
+@pytest.mark.parametrize("mode", ["die-before-first", "stall-before-first"])
+def test_a_stream_that_fails_before_its_first_event_goes_elsewhere(harness: Harness, mode: str) -> None:
+    """The agent accepted the stream (headers sent) but died or stalled before its first token: the client
+    has received nothing yet, so the request is retried on another agent instead of failing."""
+    bad, ok = harness.fake(mode=mode), harness.fake()
+    router = harness.router([bad.url, ok.url], policy="round-robin", first_byte_timeout_s=0.3)
+    r = httpx.post(f"{router.url}/v1/completions", json={**COMPLETION, "stream": True}, timeout=20)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-drift-backend"] == ok.url
+    assert _events(r.text) == ['{"n": 0}', '{"n": 1}', '{"n": 2}', "[DONE]"]
+    assert len(bad.requests) == 1
+    reason = "timeout" if mode == "stall-before-first" else "error"
+    assert router.metric("drift_router_retries_total", backend=bad.url, reason=reason) == 1
+
+
 def test_only_hanging_backends_give_a_gateway_timeout(harness: Harness) -> None:
     hung = harness.fake(mode="hang")
     router = harness.router([hung.url], first_byte_timeout_s=0.2)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..routing.policies import ROUTERS
+from ..routing.policies import DEFAULT_ROUTER, ROUTERS
 
-_DEFAULT_POLICY = "least-loaded"
+_DEFAULT_POLICY = DEFAULT_ROUTER
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

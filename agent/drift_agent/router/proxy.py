@@ -3,10 +3,10 @@
 Until the client has received its first byte a request can still go elsewhere, so a backend that refuses
 (429, 503: full, draining, engine dead; its `Retry-After` keeps it out for that long), cannot be reached, or
 sends nothing within the first-byte timeout is skipped and the request is sent to another backend, at most
-`max_attempts` backends in all. Once the response has started (streaming: the upstream's status line; not
-streaming: the whole body, which the router holds anyway to send with a length) it is the client's: a
-failure mid-stream ends the client's stream the documented way, an error event then `data: [DONE]`, never a
-hang or a cut.
+`max_attempts` backends in all. Once the response has started (streaming: the upstream's first event, for a
+completion its first token, for a chat its role chunk; not streaming: the whole body, which the router holds
+anyway to send with a length) it is the client's: a failure mid-stream ends the client's stream the
+documented way, an error event then `data: [DONE]`, never a hang or a cut.
 
 Streams are passed through as the upstream's TCP reads arrive (no parsing, no re-framing, no buffering), and
 a client that disconnects cancels the handler (aiohttp's `handler_cancellation`), which closes the upstream
@@ -107,7 +107,7 @@ def _slo_s(headers: Mapping[str, str], name: str) -> float | None:
 class ProxySettings:
     max_attempts: int = 3
     connect_timeout_s: float = 2.0
-    first_byte_timeout_s: float = 30.0  # streaming: until the upstream's status line
+    first_byte_timeout_s: float = 30.0  # streaming: until the upstream's first event
     request_timeout_s: float = 600.0  # not streaming: the whole response (its first byte is its end)
     stream_idle_timeout_s: float = 300.0  # streaming: the longest gap between two upstream reads
     default_retry_after_s: float = 1.0
@@ -146,11 +146,12 @@ class Upstream:
     headers and accounting stay as they are (the old upstream is closed, which aborts it on its agent).
     """
 
-    __slots__ = ("backend", "response", "_reader")
+    __slots__ = ("backend", "response", "first", "_reader")
 
-    def __init__(self, backend: Backend, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, backend: Backend, response: aiohttp.ClientResponse, first: bytes = b"") -> None:
         self.backend = backend
         self.response = response
+        self.first = first  # a stream's first bytes, read before the client's response started
         self._reader = response.content
 
     async def read_chunk(self) -> bytes:
@@ -263,7 +264,7 @@ class Forwarder:
     async def open(
         self, backend: Backend, method: str, path: str, body: bytes, headers: CIMultiDict[str], stream: bool
     ) -> Upstream:
-        """Send the request to `backend`; return its response once its status line is in (streaming) or it
+        """Send the request to `backend`; return its response once its first event is in (streaming) or it
         is complete (not streaming). Raises `Refused` or `Unreachable` when the request may go elsewhere."""
         s = self.settings
         timeout = aiohttp.ClientTimeout(
@@ -273,6 +274,7 @@ class Forwarder:
         )
         first_byte = s.first_byte_timeout_s if stream else s.request_timeout_s
         resp: aiohttp.ClientResponse | None = None
+        first = b""
         try:
             async with _timeout(first_byte):
                 resp = await self.session.request(
@@ -280,6 +282,12 @@ class Forwarder:
                 )
                 if not stream or resp.status != 200:
                     await resp.read()  # within the same deadline; the body then goes out with a length
+                else:
+                    # Nothing goes to the client before the first event is in, so an agent that dies or
+                    # stalls before it (a completion's first token) still leaves the request free to retry.
+                    first = await resp.content.readany()
+                    if not first:
+                        raise aiohttp.ClientPayloadError("the stream ended before any event")
         except asyncio.TimeoutError as exc:
             if resp is not None:
                 resp.close()
@@ -301,7 +309,7 @@ class Forwarder:
                 resp.headers.get("Retry-After"), s.default_retry_after_s, s.max_retry_after_s
             )
             raise Refused(resp.status, data, resp.headers, retry)
-        return Upstream(backend, resp)
+        return Upstream(backend, resp, first)
 
     # ---- the whole request ---------------------------------------------------------------------------------
     async def forward(
@@ -394,17 +402,9 @@ class Forwarder:
                 await out.prepare(request)
             except ConnectionError as exc:
                 raise ClientGone() from exc
-            try:
-                first = await upstream.read_chunk()
-            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-                await relay._fail(upstream, "broken", f"upstream {upstream.backend.url} failed: {exc!r}")
-            else:
-                self.metrics.ttft.labels(upstream.backend.url).observe(time.monotonic() - arrival)
-                if first:
-                    await relay.write(first)
-                    await relay.run()
-                else:
-                    await relay._fail(upstream, "truncated", "upstream ended the stream before any event")
+            self.metrics.ttft.labels(upstream.backend.url).observe(time.monotonic() - arrival)
+            await relay.write(upstream.first)
+            await relay.run()
             await out.write_eof()
         except (
             ClientGone,
