@@ -70,7 +70,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("unknown-policy", {"policy": "fastest"}, 'Unsupported value: "fastest"'),
     ("attainment-above-one", {"slo": {"attainmentTarget": 1.5}}, "spec.slo.attainmentTarget"),
     ("negative-replicas", {"replicas": -1}, "spec.replicas"),
-    ("unknown-router-policy", {"router": {"policy": "random"}}, 'Unsupported value: "random"'),
+    ("unknown-router-policy", {"router": {"policy": "hash"}}, 'Unsupported value: "hash"'),
     ("zero-router-replicas", {"router": {"replicas": 0}}, "spec.router.replicas"),
     # A typo is not silently pruned: kubectl asks the server for strict field validation.
     ("unknown-field", {"scaling": {"maxReplica": 3}}, 'unknown field "spec.scaling.maxReplica"'),
