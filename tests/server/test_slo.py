@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drift_agent.core.sequence import SLO, RequestTimes
-from drift_agent.server.slo import SloOutcome, SloWindow, classify, tpot_seconds
+from drift_agent.server.slo import PHASES, SloOutcome, SloWindow, classify, tpot_seconds
 
 
 def times(first: float | None, finished: float | None, arrival: float = 0.0) -> RequestTimes:
@@ -61,3 +63,34 @@ def test_window_attainment_and_expiry() -> None:
     assert w.attainment(100.0)["both"] == (1.0, 0)
     with pytest.raises(ValueError):
         SloWindow(0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 5),
+            st.sampled_from([None, True, False]),
+            st.sampled_from([None, True, False]),
+            st.sampled_from([None, True, False]),
+        ),
+        max_size=40,
+    ),
+    st.floats(0.5, 3),
+)
+def test_the_windows_running_counts_equal_a_recount(events: list, window_s: float) -> None:
+    """Counts kept as events enter and expire agree with counting the window's events from scratch."""
+    w = SloWindow(window_s)
+    now = 0.0
+    recorded: list[tuple[float, SloOutcome]] = []
+    for dt, ttft, tpot, both in events:
+        now += dt
+        outcome = SloOutcome(ttft, tpot, both)
+        w.record(outcome, now)
+        recorded.append((now, outcome))
+        live = [o for t, o in recorded if t >= now - window_s]
+        got = w.attainment(now)
+        for phase in PHASES:
+            flags = [met for o in live for p, met in o.items() if p == phase]
+            assert got[phase][1] == len(flags)
+            assert got[phase][0] == (sum(flags) / len(flags) if flags else 1.0)

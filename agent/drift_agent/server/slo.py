@@ -72,32 +72,38 @@ def classify(
 
 
 class SloWindow:
-    """Attainment per phase over the last `window_s` seconds of classified requests (thread-safe)."""
+    """Attainment per phase over the last `window_s` seconds of classified requests (thread-safe). Running
+    counts are kept as events enter and leave, so a read costs the same at any request rate (the router polls
+    it through `/state` many times a second)."""
 
     def __init__(self, window_s: float) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be positive")
         self.window_s = window_s
         self._events: deque[tuple[float, SloOutcome]] = deque()
+        self._counts = {p: [0, 0] for p in PHASES}  # phase -> [met, classified] in the window
         self._lock = threading.Lock()
 
     def record(self, outcome: SloOutcome, now: float) -> None:
         with self._lock:
             self._events.append((now, outcome))
+            self._count(outcome, 1)
             self._expire(now)
+
+    def _count(self, outcome: SloOutcome, sign: int) -> None:
+        for phase, met in outcome.items():
+            counts = self._counts[phase]
+            counts[0] += sign * int(met)
+            counts[1] += sign
 
     def _expire(self, now: float) -> None:
         cutoff = now - self.window_s
         while self._events and self._events[0][0] < cutoff:
-            self._events.popleft()
+            self._count(self._events.popleft()[1], -1)
 
     def attainment(self, now: float) -> dict[str, tuple[float, int]]:
         """phase -> (fraction met, requests classified); an empty window reads 1.0 (nothing was missed)."""
         with self._lock:
             self._expire(now)
-            counts = {p: [0, 0] for p in PHASES}
-            for _, outcome in self._events:
-                for phase, met in outcome.items():
-                    counts[phase][0] += int(met)
-                    counts[phase][1] += 1
+            counts = {p: tuple(c) for p, c in self._counts.items()}
         return {p: (met / total if total else 1.0, total) for p, (met, total) in counts.items()}
