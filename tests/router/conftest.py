@@ -48,14 +48,16 @@ class LoopThread:
 class FakeAgent:
     """A stand-in agent. `mode` decides how generation requests are answered:
     ok (a short SSE stream or JSON), refuse (429 + Retry-After), hang (never answers), die (two events, then
-    the connection is cut), die-before-first / stall-before-first (stream headers, then the connection is cut
-    / nothing more), endless (an event every 20 ms until the client goes away)."""
+    the connection is cut), die-before-first / die-after-role / stall-before-first (stream headers, a chat's
+    opening role chunk for die-after-role, then the connection is cut / nothing more), endless (an event every
+    20 ms until the client goes away). With `api_key`, /v1/models wants it as a bearer token."""
 
     mode: str = "ok"
     model: str = MODEL
     ready: bool = True
     draining: bool = False
     retry_after: str = "30"
+    api_key: str | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
     url: str = ""
@@ -87,6 +89,18 @@ class FakeAgent:
     async def _state(self, request: web.Request) -> web.Response:
         return web.json_response(self.state())
 
+    async def _models(self, request: web.Request) -> web.Response:
+        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            err = {
+                "message": "bad key",
+                "type": "authentication_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+            return web.json_response({"error": err}, status=401, headers={"WWW-Authenticate": "Bearer"})
+        card = {"id": self.model, "object": "model", "owned_by": "fake", "max_model_len": 99}
+        return web.json_response({"object": "list", "data": [card]})
+
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
@@ -105,7 +119,10 @@ class FakeAgent:
             )
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": rid})
         await out.prepare(request)
-        if self.mode == "die-before-first":  # accepted the stream, died during the prefill
+        if self.mode in ("die-before-first", "die-after-role"):  # accepted the stream, died in the prefill
+            if self.mode == "die-after-role":  # as a chat stream opens: the role, before any token
+                opening = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+                await out.write(b"data: " + json.dumps(opening).encode() + b"\n\n")
             assert request.transport is not None
             request.transport.abort()
             return out
@@ -133,6 +150,7 @@ class FakeAgent:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_get("/state", self._state)
+        app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)

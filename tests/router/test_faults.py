@@ -74,12 +74,15 @@ def test_a_backend_that_hangs_before_its_first_byte_times_out_and_the_request_go
         assert _events(r.text)[-1] == "[DONE]"
 
 
-@pytest.mark.parametrize("mode", ["die-before-first", "stall-before-first"])
+@pytest.mark.parametrize("mode", ["die-before-first", "die-after-role", "stall-before-first"])
 def test_a_stream_that_fails_before_its_first_event_goes_elsewhere(harness: Harness, mode: str) -> None:
-    """The agent accepted the stream (headers sent) but died or stalled before its first token: the client
-    has received nothing yet, so the request is retried on another agent instead of failing."""
+    """The agent accepted the stream (headers sent, maybe a chat's opening role chunk) but died or stalled before
+    its first token: the client has received nothing yet, so the request goes to another agent instead of
+    failing."""
     bad, ok = harness.fake(mode=mode), harness.fake()
-    router = harness.router([bad.url, ok.url], policy="round-robin", first_byte_timeout_s=0.3)
+    router = harness.router(
+        [bad.url, ok.url], policy="round-robin", first_byte_timeout_s=0.3, stream_idle_timeout_s=0.3
+    )
     r = httpx.post(f"{router.url}/v1/completions", json={**COMPLETION, "stream": True}, timeout=20)
     assert r.status_code == 200, r.text
     assert r.headers["x-drift-backend"] == ok.url
@@ -220,6 +223,16 @@ def test_models_lists_the_models_the_agents_serve(harness: Harness) -> None:
     for _ in range(3):
         r = httpx.post(f"{router.url}/v1/completions", json={**COMPLETION, "model": "other"})
         assert r.headers["x-drift-backend"] == b.url
+
+
+def test_models_carries_the_clients_key_and_an_agents_401(harness: Harness) -> None:
+    agent = harness.fake(api_key="sk-1")
+    router = harness.router([agent.url])
+    r = httpx.get(f"{router.url}/v1/models")
+    _assert_openai_error(r, 401, "invalid_api_key")
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    r = httpx.get(f"{router.url}/v1/models", headers={"Authorization": "Bearer sk-1"})
+    assert r.status_code == 200 and r.json()["data"][0]["max_model_len"] == 99  # the agent's own card
 
 
 def test_discovery_adds_and_removes_backends_live(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:

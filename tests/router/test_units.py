@@ -18,7 +18,7 @@ from drift_agent.router.backend import (
     BackendPool,
     estimate_prompt_tokens,
 )
-from drift_agent.router.proxy import forward_headers, retry_after_s
+from drift_agent.router.proxy import _only_openings, forward_headers, retry_after_s
 from drift_agent.routing.policies import RouteRequest, make_router
 from drift_agent.routing.view import InstanceView
 
@@ -170,3 +170,14 @@ def test_the_command_line_refuses_a_router_without_backends_and_bad_settings(cap
         main(["router", "--policy", "nope"])
     with pytest.raises(ValueError):
         RouterSettings(policy="nope")
+
+
+def test_only_chat_openings_are_held_back() -> None:
+    role = b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n'
+    token = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null}]}\n\n'
+    assert _only_openings(b"") and _only_openings(role) and _only_openings(role + role)
+    assert _only_openings(role + token[:20])  # the token's event is not complete yet
+    assert not _only_openings(role + token)
+    assert not _only_openings(b'data: {"id": "cmpl-1", "choices": [{"index": 0, "text": "x"}]}\n\n')
+    assert not _only_openings(b'data: {"error": {"message": "boom"}}\n\n')
+    assert not _only_openings(b"data: [DONE]\n\n")

@@ -215,9 +215,11 @@ async def _generation(request: web.Request) -> web.StreamResponse:
 
 
 async def _models(request: web.Request) -> web.Response:
-    """One card per model the agents serve, as the agent that serves it describes it."""
+    """One card per model the agents serve, as the agent that serves it describes it. The client's
+    credentials go along: agents with API keys answer a client without one 401, and so does the router."""
     state = request.app[STATE_KEY]
     now = time.monotonic()
+    auth = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
     cards: list[dict[str, Any]] = []
     for model in sorted(state.pool.models()):
         card: dict[str, Any] = {
@@ -229,8 +231,16 @@ async def _models(request: web.Request) -> web.Response:
         for backend in state.pool.routable(now, model):
             try:
                 async with state.session.get(
-                    backend.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)
+                    backend.url + "/v1/models", headers=auth, timeout=aiohttp.ClientTimeout(total=5)
                 ) as resp:
+                    if resp.status == 401:  # the agent's own refusal, in OpenAI's shape
+                        headers = {k: v for k, v in resp.headers.items() if k.lower() == "www-authenticate"}
+                        return web.Response(
+                            status=401,
+                            body=await resp.read(),
+                            content_type="application/json",
+                            headers=headers,
+                        )
                     data = await resp.json(content_type=None)
                 card = next(c for c in data["data"] if isinstance(c, dict) and c.get("id") == model)
                 break

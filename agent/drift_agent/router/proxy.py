@@ -1,12 +1,13 @@
 """Forwarding one OpenAI request: choose a backend, send, retry a refusal elsewhere, relay the response.
 
 Until the client has received its first byte a request can still go elsewhere, so a backend that refuses
-(429, 503: full, draining, engine dead; its `Retry-After` keeps it out for that long), cannot be reached, or
-sends nothing within the first-byte timeout is skipped and the request is sent to another backend, at most
-`max_attempts` backends in all. Once the response has started (streaming: the upstream's first event, for a
-completion its first token, for a chat its role chunk; not streaming: the whole body, which the router holds
-anyway to send with a length) it is the client's: a failure mid-stream ends the client's stream the
-documented way, an error event then `data: [DONE]`, never a hang or a cut.
+(429, 503: full, draining, engine dead; its `Retry-After` keeps it out for that long), cannot be reached,
+sends nothing within the first-byte timeout, or accepts a stream and breaks before its first token, is skipped
+and the request is sent to another backend, at most `max_attempts` backends in all. Nothing reaches the client
+before that first token (a chat's opening role chunk is held back with it). Once the response has started
+(streaming: the first token; not streaming: the whole body, which the router holds anyway to send with a
+length) it is the client's: a failure mid-stream ends the client's stream the documented way, an error event
+then `data: [DONE]`, never a hang or a cut.
 
 Streams are passed through as the upstream's TCP reads arrive (no parsing, no re-framing, no buffering), and
 a client that disconnects cancels the handler (aiohttp's `handler_cancellation`), which closes the upstream
@@ -107,7 +108,7 @@ def _slo_s(headers: Mapping[str, str], name: str) -> float | None:
 class ProxySettings:
     max_attempts: int = 3
     connect_timeout_s: float = 2.0
-    first_byte_timeout_s: float = 30.0  # streaming: until the upstream's first event
+    first_byte_timeout_s: float = 30.0  # streaming: until the agent accepts the stream (its headers)
     request_timeout_s: float = 600.0  # not streaming: the whole response (its first byte is its end)
     stream_idle_timeout_s: float = 300.0  # streaming: the longest gap between two upstream reads
     default_retry_after_s: float = 1.0
@@ -282,16 +283,16 @@ class Forwarder:
                 )
                 if not stream or resp.status != 200:
                     await resp.read()  # within the same deadline; the body then goes out with a length
-                else:
-                    # Nothing goes to the client before the first event is in, so an agent that dies or
-                    # stalls before it (a completion's first token) still leaves the request free to retry.
-                    first = await resp.content.readany()
-                    if not first:
-                        raise aiohttp.ClientPayloadError("the stream ended before any event")
+            if stream and resp.status == 200:
+                # The agent accepted the stream. Nothing goes to the client before its first token, so an
+                # agent that dies before it (during the prefill) leaves the request free to go elsewhere;
+                # a slow first token waits (queueing is not a fault), up to the stream's idle timeout.
+                first = await _read_until_first_token(resp.content)
         except asyncio.TimeoutError as exc:
             if resp is not None:
                 resp.close()
-            raise Unreachable("timeout", f"no response from {backend.url} within {first_byte:g} s") from exc
+            limit = s.stream_idle_timeout_s if first == b"" and resp is not None and stream else first_byte
+            raise Unreachable("timeout", f"no response from {backend.url} within {limit:g} s") from exc
         except aiohttp.ClientConnectorError as exc:
             raise Unreachable("connect", f"cannot connect to {backend.url}: {exc}") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
@@ -414,6 +415,44 @@ class Forwarder:
         finally:
             relay.upstream.close()
         return out
+
+
+async def _read_until_first_token(content: aiohttp.StreamReader) -> bytes:
+    """A stream's first bytes, up to and including its first event that is more than a chat's opening (the
+    `{"role": "assistant", "content": ""}` delta the agent sends before any token). Raises when the connection
+    breaks or the stream ends empty; a stream that ends cleanly after openings only is relayed as it is."""
+    buf = b""
+    while True:
+        more = await content.readany()
+        if not more:
+            if buf:
+                return buf
+            raise aiohttp.ClientPayloadError("the stream ended before any event")
+        buf += more
+        if not _only_openings(buf):
+            return buf
+
+
+def _only_openings(buf: bytes) -> bool:
+    """Whether `buf` holds nothing but chat openings, the last event possibly still incomplete."""
+    *events, _incomplete = buf.split(b"\n\n")
+    for event in events:
+        data = event.strip().removeprefix(b"data:").strip()
+        try:
+            chunk = json.loads(data)
+            choices = chunk["choices"]
+            opening = bool(choices) and all(
+                c.get("finish_reason") is None
+                and set(c.get("delta", {})) <= {"role", "content"}
+                and not c["delta"].get("content")
+                and c["delta"].get("role")
+                for c in choices
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return False  # not an opening (an error event, [DONE], a completion chunk): pass it on
+        if not opening:
+            return False
+    return True  # only openings so far, or the first event is still incomplete
 
 
 def parse_json_body(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
