@@ -25,6 +25,7 @@ ENGINE_CONFIG_FILE = "engine.yaml"
 MODEL_MOUNT = "/models"
 ADMIN_TOKEN_ENV = "DRIFT_ADMIN_TOKEN"
 ADMIN_TOKEN_KEY = "token"
+API_KEY_ENV = "DRIFT_API_KEY"  # the agents' API keys (spec.auth), comma-separated
 
 # Labels: the recommended app.kubernetes.io set plus our own key that selects one LLMService's pods.
 LABEL_SERVICE = f"{GROUP}/llmservice"

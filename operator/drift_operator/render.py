@@ -260,6 +260,15 @@ def _env(owner: Owner, spec: LLMServiceSpec) -> list[dict[str, Any]]:
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
+    if spec.auth.secret_name:
+        # By reference: the keys stay in the Secret; a missing Secret or key keeps the pod from starting
+        # (CreateContainerConfigError) rather than serving without authentication.
+        env.append(
+            {
+                "name": c.API_KEY_ENV,
+                "valueFrom": {"secretKeyRef": {"name": spec.auth.secret_name, "key": spec.auth.key}},
+            }
+        )
     for var in spec.env:  # user variables last: for duplicates, Kubernetes uses the last one
         item: dict[str, Any] = {"name": var.name}
         if var.value is not None:

@@ -236,6 +236,19 @@ class RouterSpec(_CRModel):
     resources: RouterResourcesSpec = Field(default_factory=RouterResourcesSpec)
 
 
+# A Secret's name (a DNS subdomain) and a key in its data, as the API server admits them.
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+
+
+class AuthSpec(_CRModel):
+    """API keys of the agents' OpenAI routes: the Secret `secret_name` holds them, comma-separated, under
+    `key`; the pods read it through `secretKeyRef`, so no key is ever written into the pod spec."""
+
+    secret_name: str | None = Field(None, max_length=253, pattern=SECRET_NAME_PATTERN)
+    key: str = Field("api-keys", min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+
+
 class LLMServiceSpec(_CRModel):
     replicas: int = Field(1, ge=0)
     image: str = Field(DEFAULT_IMAGE, min_length=1)
@@ -251,6 +264,7 @@ class LLMServiceSpec(_CRModel):
     env: list[EnvVar] = Field(default_factory=list)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
+    auth: AuthSpec = Field(default_factory=AuthSpec)
 
     @property
     def router_enabled(self) -> bool:

@@ -426,3 +426,23 @@ async def test_a_router_object_the_service_does_not_own_is_never_deleted(
     await asyncio.sleep(0.6)
     assert cluster.get(SERVICEACCOUNTS, "chat-router") == foreign
     assert not cluster.requests("DELETE", SERVICEACCOUNTS)
+
+
+async def test_api_key_secret_is_referenced_not_copied(cluster: Cluster, operator: Any) -> None:
+    """The operator never reads the keys: the Deployment references the user's Secret, the admin token
+    (the operator's own channel to the agents) is unchanged, and switching auth off drops the reference."""
+    cluster.add_llmservice("keyed", {"auth": {"secretName": "keyed-api", "key": "keys"}})
+    deployment = await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "keyed")))
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    ref = {"secretKeyRef": {"name": "keyed-api", "key": "keys"}}
+    assert {"name": "DRIFT_API_KEY", "valueFrom": ref} in env
+    assert not cluster.exists(SECRETS, "keyed-api")  # the user's Secret: neither created nor read
+    assert not cluster.requests("GET", SECRETS, "keyed-api")
+    assert len(_token(cluster, "keyed")) >= 32
+    await cluster.patch_llmservice("keyed", {"spec": {"auth": None}})
+
+    def dropped() -> Any:
+        containers = _must(cluster.get(DEPLOYMENTS, "keyed"))["spec"]["template"]["spec"]["containers"]
+        return all(e["name"] != "DRIFT_API_KEY" for e in containers[0]["env"]) or None
+
+    await eventually(dropped)

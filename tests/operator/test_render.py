@@ -383,3 +383,27 @@ def test_an_engine_rule_the_agent_refuses_reads_cleanly() -> None:
     assert str(caught.value) == (
         "engine settings rejected by the agent: max_num_batched_tokens must be at least block_size"
     )
+
+
+def test_api_keys_come_from_the_secret_by_reference() -> None:
+    """spec.auth.secretName: the agents read DRIFT_API_KEY through a secretKeyRef; no key is in the pod spec."""
+    assert "DRIFT_API_KEY" not in str(_children({}).deployment)  # no auth unless asked for
+    deployment = _children({"auth": {"secretName": "chat-keys"}}).deployment
+    env = {e["name"]: e for e in _container(deployment)["env"]}
+    assert env["DRIFT_API_KEY"] == {
+        "name": "DRIFT_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "chat-keys", "key": "api-keys"}},
+    }
+    custom = _children({"auth": {"secretName": "chat-keys", "key": "keys.txt"}}).deployment
+    assert {"name": "chat-keys", "key": "keys.txt"} in [
+        e.get("valueFrom", {}).get("secretKeyRef") for e in _container(custom)["env"]
+    ]
+    assert all("value" not in e for e in _container(custom)["env"] if e["name"] == "DRIFT_API_KEY")
+
+
+@pytest.mark.parametrize(
+    "auth", [{"secretName": "Bad_Name"}, {"secretName": "keys", "key": ""}, {"secretName": "k", "key": "a/b"}]
+)
+def test_bad_auth_is_refused(auth: dict[str, Any]) -> None:
+    with pytest.raises(SpecError, match="auth"):
+        parse_spec({"auth": auth})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..core.config import POLICIES, EngineConfig
@@ -35,7 +34,32 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         metavar="DIR",
-        help="local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)",
+        help="local Hugging Face model directory, or a Hugging Face id (org/name) already in the local "
+        "Hugging Face cache, never downloaded (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        metavar="DIR_OR_ID",
+        help="tokenizer directory or cached Hugging Face id (default: the model's own)",
+    )
+    g.add_argument(
+        "--generation-config",
+        metavar="auto|vllm|DIR",
+        help=_with_default(
+            "default temperature, top_p, top_k, min_p, repetition_penalty and max_tokens (max_new_tokens) "
+            "of requests that leave them unset: auto reads the model's generation_config.json, vllm "
+            "ignores it, DIR reads DIR/generation_config.json",
+            "generation_config",
+        ),
+    )
+    g.add_argument(
+        "--max-logprobs",
+        type=int,
+        metavar="N",
+        help=_with_default(
+            "most logprobs (completions) or top_logprobs (chat) a request may ask for; more is a 400",
+            "max_logprobs",
+        ),
     )
     g.add_argument(
         "--config",
@@ -141,6 +165,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         name: getattr(args, name, None)
         for name in (
             "model",
+            "tokenizer",
+            "generation_config",
+            "max_logprobs",
             "dtype",
             "device",
             "max_model_len",
@@ -182,10 +209,19 @@ def check_before_loading(config: EngineConfig) -> None:
             raise PreflightError(
                 f"device 'cuda' requested but no CUDA GPU is visible{build}; use --device cpu"
             )
-    from ..models.loader import read_config, resolve_max_model_len
+    from ..models.loader import (
+        load_generation_defaults,
+        read_config,
+        resolve_max_model_len,
+        resolve_model_path,
+    )
 
+    if config.tokenizer is not None:
+        resolve_model_path(config.tokenizer, "tokenizer")
+    if config.generation_config not in ("auto", "vllm"):  # auto needs the model dir: checked at load
+        load_generation_defaults(config.generation_config, ".")
     if config.model is not None:
-        model_dir = Path(config.model).expanduser()
+        model_dir = resolve_model_path(config.model)
     else:
         from ..models.embedded import embedded_model_dir, gguf_path
 

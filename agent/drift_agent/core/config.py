@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
+from .sampling_params import MAX_LOGPROBS
 from .sequence import SLO
 
 PolicyName = Literal["prefill-first", "chunked", "static-split", "drift"]
@@ -73,10 +74,27 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: str | None = Field(
-        None, description="Hugging Face model directory; None serves the embedded default"
+        None,
+        description="Hugging Face model directory, or a Hugging Face id (org/name) already in the local "
+        "Hugging Face cache (never downloaded); None serves the embedded default",
     )
     served_model_name: str | None = Field(
         None, description="model id clients send and metrics carry; None: the model path (or embedded name)"
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer directory or cached Hugging Face id; None: the model's own"
+    )
+    generation_config: str = Field(
+        "auto",
+        min_length=1,
+        description="default sampling values of requests that leave them unset: auto reads the model's "
+        "generation_config.json, vllm ignores it, else a directory holding a generation_config.json",
+    )
+    max_logprobs: int = Field(
+        MAX_LOGPROBS,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="most logprobs (completions) or top_logprobs (chat) a request may ask for; more is a 400",
     )
     dtype: Dtype = Field(
         "auto", description="weights and KV cache dtype; auto: float32 on CPU, bfloat16 on GPU"
@@ -150,7 +168,7 @@ class EngineConfig(BaseModel):
                 raise ValueError(f"{yaml_path}: expected a mapping of engine options")
             data.update({k.replace("-", "_"): v for k, v in loaded.items()})
         for key, value in (env or {}).items():
-            if key.startswith("DRIFT_") and key != "DRIFT_ADMIN_TOKEN":
+            if key.startswith("DRIFT_") and key not in ("DRIFT_ADMIN_TOKEN", "DRIFT_API_KEY"):
                 name = key[len("DRIFT_") :].lower()
                 if name in cls.model_fields:
                     data[name] = value

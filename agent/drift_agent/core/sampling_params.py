@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from .errors import InvalidRequestError
 
@@ -11,6 +12,46 @@ MAX_LOGPROBS = 20
 # What torch.Generator.manual_seed accepts (an int64 or a uint64); anything else fails when the request is
 # sampled, long after it was accepted.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+
+StructuredKind = Literal["json", "json_schema", "regex", "choice", "grammar"]
+STRUCTURED_KINDS: tuple[str, ...] = ("json", "json_schema", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output, enforced by token masks (engine/structured.py).
+
+    json: any JSON object (`spec` unused); json_schema: a dict schema; regex: a pattern the whole output
+    matches; choice: a list of strings, the output is one of them; grammar: a Lark (or GBNF) grammar.
+    `param` names the request field it came from, so a compile error can name it in its 400.
+    """
+
+    kind: StructuredKind
+    spec: Any = None
+    param: str | None = None
+
+    def validate(self) -> None:
+        """What can be checked without the tokenizer; compiling (engine/structured.py) checks the rest."""
+        where = self.param or "structured"
+
+        def bad(msg: str) -> InvalidRequestError:
+            err = InvalidRequestError(f"{where}: {msg}")
+            err.param = self.param  # type: ignore[attr-defined]  # read by the server's param_of
+            return err
+
+        if self.kind not in STRUCTURED_KINDS:
+            raise bad(f"unknown structured output kind {self.kind!r}")
+        spec = self.spec
+        if self.kind == "json_schema" and not isinstance(spec, dict):
+            raise bad("a JSON schema must be an object")
+        if self.kind in ("regex", "grammar") and (not isinstance(spec, str) or not spec):
+            raise bad(f"the {self.kind} must be a non-empty string")
+        if self.kind == "choice" and (
+            not isinstance(spec, (list, tuple))
+            or not spec
+            or any(not isinstance(c, str) or not c for c in spec)
+        ):
+            raise bad("choice must be a non-empty list of non-empty strings")
 
 
 @dataclass
@@ -32,6 +73,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token (0: only the chosen one)
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # output constrained by a grammar (engine/structured.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -86,6 +128,10 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise bad(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
+            self.structured.validate()
 
     @property
     def greedy(self) -> bool:

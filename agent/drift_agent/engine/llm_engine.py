@@ -45,6 +45,7 @@ from .model_runner import (
 from .mux_executor import ModelMuxExecutor
 from .outputs import EngineStats, RequestOutput, StepCosts
 from .sampler import TokenLogprobs
+from .structured import StructuredOutputs
 from .trace import DecisionTrace
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class _Request:
     num_reported_logprobs: int = 0
     text: str = ""
     error: Exception | None = None  # set when the request failed; its final output carries it
+    grammar_done: bool = False  # its grammar ended it: the last token is text, not a stop token
 
 
 def request_error(exc: Exception, what: str) -> Exception:
@@ -77,7 +79,7 @@ def request_error(exc: Exception, what: str) -> Exception:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **overrides: object) -> None:
-        from ..models.loader import load_model, load_tokenizer, resolve_max_model_len
+        from ..models.loader import load_model, load_tokenizer, resolve_max_model_len, resolve_model_path
 
         config = config or EngineConfig()
         if overrides:
@@ -91,7 +93,11 @@ class LLMEngine:
             config.model if config.model else "SmolLM2-135M-Instruct"
         )
         self.device = resolve_device(config.device)
-        self.tokenizer = load_tokenizer(self.model_dir)
+        tokenizer_dir = (
+            resolve_model_path(config.tokenizer, "tokenizer") if config.tokenizer else self.model_dir
+        )
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.generation_defaults = self._generation_defaults(config.generation_config)
         dtype_name = config.dtype
         if dtype_name == "auto":
             # bf16 matmuls are slow on CPUs without AMX; the model's own dtype on GPUs.
@@ -113,6 +119,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, self.device, self.dtype, config.block_size, num_blocks, self.eos_token_ids
         )
+        # Grammars of structured outputs are built over the model's whole vocabulary (the logits' width).
+        self.runner.structured = StructuredOutputs(self.tokenizer, model.vocab_size, self.eos_token_ids)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(
             block_size=config.block_size,
@@ -161,12 +169,23 @@ class LLMEngine:
             from ..models.embedded import embedded_model_dir
 
             return embedded_model_dir()
-        path = Path(model).expanduser()
-        if not path.is_dir():
-            raise ModelLoadError(
-                f"model directory not found: {model} (Drift loads local Hugging Face directories)"
-            )
-        return path
+        from ..models.loader import resolve_model_path
+
+        return resolve_model_path(model)
+
+    def _generation_defaults(self, source: str) -> dict[str, object]:
+        """`--generation-config`'s request defaults, checked now: a bad value in the file stops the start
+        instead of failing every request that leaves the field unset."""
+        from ..models.loader import load_generation_defaults
+
+        defaults = load_generation_defaults(source, self.model_dir)
+        try:
+            SamplingParams(**defaults)
+        except (InvalidRequestError, TypeError) as exc:
+            raise ModelLoadError(f"generation config ({source}): {exc}") from None
+        if defaults:
+            log.info("default sampling parameters from the generation config: %s", defaults)
+        return defaults
 
     def _eos_ids(self, hf_config: object) -> frozenset[int]:
         ids: set[int] = set()
@@ -287,6 +306,10 @@ class LLMEngine:
         params.validate()  # again: the fields of a dataclass may have changed since it was built
         if params.n != 1:
             raise InvalidRequestError("the engine runs one sequence per request; fan out n>1 as n requests")
+        if params.structured is not None:
+            # Compiled (and cached) now, so a grammar that cannot compile is refused before the request
+            # enters the batch; raises InvalidRequestError naming the request field.
+            self.runner.structured.compile(params.structured)
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=self.tokenize(prompt),
@@ -408,9 +431,27 @@ class LLMEngine:
             lp = logprobs.get(seq.seq_id)
             if lp is not None:
                 req.logprobs.append(lp)
+            if seq.params.structured is not None and not seq.is_finished and req.error is None:
+                self._end_if_grammar_done(req)
             out = self._advance(req, now)
             if out is not None:
                 outputs.append(out)
+
+    def _end_if_grammar_done(self, req: _Request) -> None:
+        """Advance the sequence's grammar matcher by its new tokens; end it ("stop") once the grammar is
+        complete, fail it alone if the matcher rejected a token."""
+        seq = req.seq
+        try:
+            state = self.runner.structured.advance(seq)
+        except Exception as exc:
+            self._fail_request(req, exc, "structured output matching failed")
+            return
+        if state == "stopped":
+            req.grammar_done = True
+            self.scheduler.finish(seq, FinishReason.STOP)
+        elif state == "error":
+            err = RuntimeError(f"the grammar rejected a sampled token: {self.runner.structured.error(seq)}")
+            self._fail_request(req, err, "structured output matching failed")
 
     def _step_multiplexed(self, now: float, outputs: list[RequestOutput]) -> None:
         """Launch on the free lanes, wait for the first lane to finish, post it (`multiplex.mux_loop`). The
@@ -654,6 +695,7 @@ class LLMEngine:
                 seq.is_finished
                 and seq.finish_reason is FinishReason.STOP
                 and not isinstance(seq.stop_reason, str)
+                and not req.grammar_done
             )
             stop = req.detok.update(new_ids, stop_terminated=by_token)
             if stop is not None and not seq.is_finished:

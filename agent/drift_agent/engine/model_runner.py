@@ -7,6 +7,7 @@ comes from the scheduler's `Batch`; this module only turns it into flat tensors.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from ..core.scheduler import Batch
 from ..core.sequence import Sequence
 from ..models.attention_metadata import AttentionMetadata
 from .sampler import Sampler, SampleRequest, TokenLogprobs
+from .structured import MaskBatch, StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,10 @@ class ModelRunner:
         # engine fails them alone. A side list rather than a `StepResult` field, because the multiplexed
         # executor samples through `sample` too and hands back only the tokens.
         self.failed: list[tuple[Sequence, Exception]] = []
+        # Grammar masks of structured outputs (set by the engine, which has the tokenizer), and the masks in
+        # flight per batch: started before its forward pass, taken when it samples.
+        self.structured: StructuredOutputs | None = None
+        self._mask_jobs: dict[int, Future] = {}
         shape = (2, model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_pool = torch.zeros(shape, dtype=dtype, device=device)
         model.bind_kv_cache([(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(model.num_layers)])
@@ -122,11 +128,35 @@ class ModelRunner:
     # ---- execution -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward_logits(self, batch: Batch) -> torch.Tensor:
-        input_ids, positions, meta, rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
+        self.start_masks(batch)
+        try:
+            input_ids, positions, meta, rows = self.prepare(batch)
+            hidden = self.model(input_ids, positions, meta)
+        except BaseException:
+            self._mask_jobs.pop(id(batch), None)
+            raise
         if not rows:
             return hidden.new_empty((0, 0))
         return self.model.compute_logits(hidden[rows])
+
+    def start_masks(self, batch: Batch) -> None:
+        """Start computing the grammar masks of the batch's structured rows, to overlap the forward pass."""
+        if self.structured is None:
+            return
+        sampling = [i.seq for i in batch.items if i.samples]
+        job = self.structured.start_masks(sampling, self.device)
+        if job is not None:
+            self._mask_jobs[id(batch)] = job
+
+    def _take_masks(self, batch: Batch, sampling: list[Sequence]) -> MaskBatch | None:
+        job = self._mask_jobs.pop(id(batch), None)
+        if job is None and self.structured is not None:  # not started with the forward (a prefill block)
+            job = self.structured.start_masks(sampling, self.device)
+        if job is None:
+            return None
+        masks: MaskBatch = job.result()
+        self.failed.extend(masks.failed)  # a grammar that failed for its sequence fails that request alone
+        return masks
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult:
@@ -137,6 +167,7 @@ class ModelRunner:
         sampling = [i.seq for i in batch.items if i.samples]
         if not sampling:
             return StepResult({}, {})
+        masks = self._take_masks(batch, sampling)
         requests: list[SampleRequest] = []
         failed_rows: list[int] = []
         for row, seq in enumerate(sampling):
@@ -153,7 +184,15 @@ class ModelRunner:
             if not sampling:
                 return StepResult({}, {})
             logits = logits[keep]
-        result = self.sampler(logits.float(), requests)
+            if masks is not None:
+                masks = masks.select(keep)
+        token_mask = None if masks is None or masks.empty else (masks.rows, masks.disallowed)
+        # (Two arguments when no row has a grammar: the sampler seen by callers and tests is unchanged.)
+        result = (
+            self.sampler(logits.float(), requests)
+            if token_mask is None
+            else self.sampler(logits.float(), requests, token_mask)
+        )
         tokens = {seq.seq_id: tok for seq, tok in zip(sampling, result.token_ids, strict=True)}
         logprobs = {
             seq.seq_id: lp for seq, lp in zip(sampling, result.logprobs, strict=True) if lp is not None
@@ -175,7 +214,9 @@ class ModelRunner:
                 gen.manual_seed(params.seed)
                 self.generators[seq.seq_id] = gen
         suppress: frozenset[int] = frozenset()
-        if seq.num_output_tokens < params.min_tokens:
+        # With a grammar, the grammar decides where the output ends (suppressing the EOS it demands would
+        # leave a row with no allowed token).
+        if seq.num_output_tokens < params.min_tokens and params.structured is None:
             suppress = frozenset(params.stop_token_ids) | (
                 frozenset() if params.ignore_eos else seq.eos_token_ids
             )
@@ -189,6 +230,8 @@ class ModelRunner:
 
     def release(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
+        if self.structured is not None:
+            self.structured.release(seq_id)
 
 
 def num_kv_blocks_for_budget(

@@ -1,6 +1,7 @@
 """Next-token selection for a batch of logit rows, with vLLM semantics.
 
-Order per row: penalties -> min_tokens suppression -> (greedy: argmax) -> temperature -> top-k -> top-p
+Order per row: grammar mask (structured outputs, only the rows that have one) -> penalties -> min_tokens
+suppression -> (greedy: argmax) -> temperature -> top-k -> top-p
 -> min-p -> sample. Logprobs are those of the *raw* model distribution (log_softmax of the logits before
 any penalty, suppression or temperature), like vLLM V1's default ``logprobs_mode="raw_logprobs"``.
 
@@ -52,17 +53,31 @@ class SampleResult:
 class Sampler:
     """Stateless; callable on a [S, V] logits tensor and S requests. Modifies ``logits`` in place."""
 
-    def __call__(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        requests: list[SampleRequest],
+        token_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> SampleResult:
+        """`token_mask`: (rows [R] long, disallowed [R, V] bool), the grammar masks of the rows with a
+        structured output; the other rows are untouched."""
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(requests)} requests")
         if not requests:
             return SampleResult([], [])
+        raw_logprobs = None
+        if token_mask is not None:
+            logits = logits.float()
+            # Logprobs stay those of the raw distribution: taken before the mask edits the rows.
+            raw_logprobs = self._raw_logprobs(logits, requests)
+            apply_token_mask(logits, *token_mask)
         # Hot path of decode benchmarks: one kernel, one device->host copy, no per-row tensor work.
         if all(r.plain_greedy for r in requests):
             return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(requests))
 
-        logits = logits.float()
-        raw_logprobs = self._raw_logprobs(logits, requests)
+        if token_mask is None:
+            logits = logits.float()
+            raw_logprobs = self._raw_logprobs(logits, requests)
         apply_penalties(logits, requests)
         apply_suppression(logits, requests)
 
@@ -184,6 +199,25 @@ def apply_penalties(logits: torch.Tensor, requests: list[SampleRequest]) -> None
         counts = counts[:, :vocab]
         sub = sub - frequency * counts - presence * (counts > 0).to(logits.dtype)
     logits[row_idx] = sub
+
+
+def apply_token_mask(logits: torch.Tensor, rows: torch.Tensor, disallowed: torch.Tensor) -> None:
+    """Set the disallowed tokens of the given rows to -inf, in place. A mask narrower than the logits (a
+    tokenizer smaller than the embedding) disallows the extra columns too."""
+    vocab = logits.shape[1]
+    if disallowed.shape[1] < vocab:
+        pad = disallowed.new_ones((disallowed.shape[0], vocab - disallowed.shape[1]))
+        disallowed = torch.cat([disallowed, pad], dim=1)
+    elif disallowed.shape[1] > vocab:
+        disallowed = disallowed[:, :vocab]
+    if rows.numel() == logits.shape[0] and bool(
+        (rows == torch.arange(rows.numel(), device=rows.device)).all()
+    ):
+        logits.masked_fill_(disallowed, float("-inf"))
+        return
+    sub = logits.index_select(0, rows)
+    sub.masked_fill_(disallowed, float("-inf"))
+    logits.index_copy_(0, rows, sub)
 
 
 def apply_suppression(logits: torch.Tensor, requests: list[SampleRequest]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,18 @@ from drift_agent.models.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM, 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 __all__ = [
+    "GENERATION_DEFAULT_KEYS",
     "MaxModelLenError",
     "build_model",
     "load_config",
+    "load_generation_defaults",
     "load_model",
     "load_tokenizer",
     "load_weights",
     "model_max_len",
     "read_config",
     "resolve_max_model_len",
+    "resolve_model_path",
 ]
 
 # What the engine assumes when a config states no max_position_embeddings.
@@ -36,6 +40,72 @@ _STRETCHING_ROPE_TYPES = ("linear", "yarn")
 
 class MaxModelLenError(DriftError, ValueError):
     """The requested context window exceeds what the model supports (refused, as vLLM does, not clamped)."""
+
+
+# A Hugging Face id: `name` or `org/name` (letters, digits, `-_.`), never an absolute or relative path.
+_HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+# generation_config.json keys that become request defaults, as vLLM reads them (max_new_tokens: max_tokens).
+GENERATION_DEFAULT_KEYS: dict[str, str] = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def resolve_model_path(name: str, what: str = "model") -> Path:
+    """A local directory as is; otherwise a Hugging Face id resolved in the local Hugging Face cache
+    (HF_HUB_CACHE / HF_HOME), as vLLM loads it, but never downloaded: a server must not fetch gigabytes
+    at start-up behind the operator's back. Raises `ModelLoadError` with one line when neither fits."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{what} {name!r} is a file, not a Hugging Face model directory")
+    if name.startswith((".", "/", "~")) or not _HF_ID.fullmatch(name):
+        raise ModelLoadError(f"{what} directory {str(path)!r} does not exist or is not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover - transformers depends on it
+        raise ModelLoadError(f"{what} {name!r} is not a local directory (huggingface_hub missing)") from None
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError, or a cache entry without a snapshot
+        raise ModelLoadError(
+            f"{what} {name!r} is neither a local directory nor in the Hugging Face cache ({HF_HUB_CACHE}); "
+            f"Drift never downloads: fetch it first (hf download {name}) or pass a directory"
+        ) from None
+
+
+def load_generation_defaults(source: str, model_dir: str | Path) -> dict[str, Any]:
+    """The request defaults of `--generation-config` (vLLM's flag): `vllm`, none; `auto`, the model
+    directory's generation_config.json (none if it has no such file); else that directory's file, which
+    must exist. Only the keys vLLM takes (GENERATION_DEFAULT_KEYS), under the request's names."""
+    if source == "vllm":
+        return {}
+    if source == "auto":
+        file = Path(model_dir) / "generation_config.json"
+        if not file.is_file():
+            return {}
+    else:
+        folder = Path(source).expanduser()
+        file = folder / "generation_config.json"
+        if not file.is_file():
+            raise ModelLoadError(
+                f"--generation-config {source!r}: no generation_config.json there "
+                "(give auto, vllm, or a directory holding one)"
+            )
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{file}: unreadable ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{file}: not a JSON object")
+    return {ours: raw[key] for key, ours in GENERATION_DEFAULT_KEYS.items() if raw.get(key) is not None}
 
 
 def _check_dir(model_dir: str | Path) -> Path:

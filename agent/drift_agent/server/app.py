@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from .. import __version__
 from ..engine.async_engine import AsyncLLMEngine
 from . import admin, agent_state, openai_routes
+from .auth import APIKeyMiddleware, is_protected
 from .body_limit import BodyLimitMiddleware
 from .errors import error_body, error_responses, install_handlers
 from .metrics import ServerMetrics
@@ -46,6 +47,32 @@ def _documented(app: FastAPI) -> Callable[[], dict[str, Any]]:
         return schema
 
     return openapi
+
+
+def _document_api_keys(app: FastAPI) -> None:
+    """With --api-key, the OpenAPI document shows the bearer scheme and the 401 on the routes it guards."""
+    documented = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = documented()
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes["APIKey"] = {"type": "http", "scheme": "bearer", "description": "--api-key / DRIFT_API_KEY"}
+        for path, operations in schema["paths"].items():
+            if is_protected(path):
+                for op in operations.values():
+                    op.setdefault("security", []).append({"APIKey": []})
+                    op.setdefault("responses", {})["401"] = {
+                        "description": "Missing or wrong API key (`code: invalid_api_key`)",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                        },
+                    }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class AdminPortMiddleware:
@@ -103,6 +130,10 @@ def build_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.admin_port is not None and settings.admin_port != settings.port:
         app.add_middleware(AdminPortMiddleware, admin_port=settings.admin_port)
+    if settings.api_keys:
+        # Added last, so outermost: a request without a valid key is refused before its body is read.
+        app.add_middleware(APIKeyMiddleware, keys=settings.api_key_values())
+        _document_api_keys(app)
     app.state.drift = state
     install_handlers(app)
     app.include_router(openai_routes.build_router())

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from . import chat_template
+from . import chat_template, tool_calls
 from .errors import APIError, error_body, from_engine_error
 from .generation import Aborted, GenerationGroup
 from .logprobs import chat_logprobs
@@ -21,6 +21,7 @@ from .protocol import (
     ChatMessageIn,
     ChatMessageOut,
     ChatStreamChoice,
+    ToolCall,
     UsageInfo,
 )
 from .sampling import check_context, sampling_params
@@ -40,6 +41,30 @@ from .serving import (
     usage_flags,
 )
 from .state import ServerState
+from .tool_calls import ToolPlan, parse_output, parser_for
+
+# Structured-output fields of a request (sampling.structured_output_of): one constraint per request.
+_CONSTRAINT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
+def _apply_tool_plan(req: ChatCompletionRequest, plan: ToolPlan) -> None:
+    """What a tool plan changes in the request before its sampling parameters are built."""
+    if plan.mode == "auto":
+        # The parsers' markers (<|python_tag|>, [TOOL_CALLS], <tool_call>) are special tokens in some
+        # tokenizers: they must reach the parser, as vLLM's parsers ask for.
+        req.skip_special_tokens = False
+    elif plan.schema is not None:
+        # "required" / a named function: structured outputs guarantee a parseable call (vLLM does the same).
+        fmt = (req.response_format or {}).get("type", "text")
+        others = [f for f in _CONSTRAINT_FIELDS if getattr(req, f, None) is not None]
+        if fmt != "text" or others:
+            raise APIError(
+                400,
+                f"tool_choice {plan.mode!r} constrains the output itself; it cannot be combined with "
+                f"{others[0] if others else 'response_format'}",
+                param="tool_choice",
+            )
+        req.guided_json = plan.schema
 
 
 def chat_prompt(
@@ -51,6 +76,7 @@ def chat_prompt(
     template: str | None,
     template_kwargs: dict[str, Any] | None,
     max_model_len: int | None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """The token ids of the rendered conversation; on the tokenizer thread (see serving.off_loop)."""
     tokenizer = state.engine.tokenizer
@@ -61,6 +87,7 @@ def chat_prompt(
         continue_final_message=continue_final_message,
         template_kwargs=template_kwargs,
         chat_template=template or state.settings.chat_template,
+        tools=tools,
     )
     check_text(tokenizer, text, param="messages", add_special_tokens=False, max_model_len=max_model_len)
     # The template already wrote BOS and the other special tokens.
@@ -73,7 +100,14 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     template = chat_template.request_template(
         req.chat_template, req.chat_template_kwargs, trusted=state.settings.trust_request_chat_template
     )
-    params0 = sampling_params(req, 0)
+    plan = tool_calls.plan_tools(
+        req.tools, req.tool_choice, state.settings.tool_call_parser, req.parallel_tool_calls
+    )
+    _apply_tool_plan(req, plan)
+    try:
+        params0 = sampling_params(req, 0)
+    except APIError as exc:
+        raise plan.blame(exc) from None
     ids = await off_loop(
         chat_prompt,
         state,
@@ -83,6 +117,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
         template=template,
         template_kwargs=req.chat_template_kwargs,
         max_model_len=state.engine.max_model_len,
+        tools=plan.tools,
     )
     try:
         if not ids:
@@ -94,9 +129,13 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     if req.echo and req.messages[-1].role == "assistant":
         echo = chat_template.message_text(req.messages[-1], len(req.messages) - 1)
     job = Job(state, req, rid, [ids], slo, arrival, [echo], prompt_param="messages")
-    group = await job.start()
+    try:
+        group = await job.start()
+    except APIError as exc:
+        raise plan.blame(exc) from None
+    parser = state.settings.tool_call_parser
     if req.stream:
-        return stream_response(job, group, _chat_stream(job, group))
+        return stream_response(job, group, _chat_stream(job, group, plan, parser))
     items = await collect_tracked(job, group, request)
     num_top = req.top_logprobs or 0
     choices: list[ChatChoice] = []
@@ -109,7 +148,13 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
             logprobs = ChatChoiceLogprobs(
                 content=chat_logprobs(last.logprobs or [], job.decode_token, num_top)
             )
-        message = ChatMessageOut(content=echo + (last.text if last else ""))
+        content, calls = parse_output(plan, parser, last.text if last else "")
+        if calls and finish == "stop":
+            finish = "tool_calls"
+        message = ChatMessageOut(
+            content=echo + (content or "") if content is not None or echo else None,
+            tool_calls=[ToolCall.model_validate(c) for c in calls],
+        )
         choices.append(
             ChatChoice(
                 index=index, message=message, logprobs=logprobs, finish_reason=finish, stop_reason=stop
@@ -126,12 +171,15 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
 
 
-async def _chat_stream(job: Job, group: GenerationGroup) -> AsyncIterator[str]:
+async def _chat_stream(
+    job: Job, group: GenerationGroup, plan: ToolPlan, parser: str | None
+) -> AsyncIterator[str]:
     req = job.req
     assert isinstance(req, ChatCompletionRequest)
     include_usage, continuous = usage_flags(req)
     tokens = [0] * job.num_choices
     num_top = req.top_logprobs or 0
+    parsers = [parser_for(plan, parser) for _ in range(job.num_choices)]
 
     def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
         return sse(
@@ -158,13 +206,23 @@ async def _chat_stream(job: Job, group: GenerationGroup) -> AsyncIterator[str]:
                 content=chat_logprobs(item.delta_logprobs, job.decode_token, num_top)
             )
         tokens[index] = item.num_output_tokens
-        if not item.delta_text and not item.finished and logprobs is None:
+        delta: dict[str, Any] = {"content": item.delta_text} if item.delta_text else {}
+        finish = item.finish_reason if item.finished else None
+        tool_parser = parsers[index]
+        if tool_parser is not None:
+            parsed = tool_parser.feed(item.delta_text)
+            if item.finished:
+                parsed.extend(tool_parser.finish())
+                if tool_parser.num_calls and finish == "stop":
+                    finish = "tool_calls"
+            delta = parsed.as_delta()
+        if not delta and not item.finished and logprobs is None:
             continue
         choice = ChatStreamChoice(
             index=index,
-            delta={"content": item.delta_text} if item.delta_text else {},
+            delta=delta,
             logprobs=logprobs,
-            finish_reason=item.finish_reason if item.finished else None,
+            finish_reason=finish,
             stop_reason=item.stop_reason if item.finished else None,
         )
         yield chunk([choice], job.usage(tokens) if continuous else None)

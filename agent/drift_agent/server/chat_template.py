@@ -13,6 +13,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import APIError
 from .protocol import ChatMessageIn
+from .tool_calls import template_messages
 
 # vLLM's rule for `--chat-template VALUE`: an existing file is read; a value with one of these characters is
 # the template itself; anything else is a path that could not be opened.
@@ -85,6 +86,19 @@ def message_text(msg: ChatMessageIn, index: int) -> str:
     return "".join(texts)
 
 
+def _template_message(msg: ChatMessageIn, index: int) -> dict[str, Any]:
+    """What the template sees of a message; tool-calling fields only when set, so templates that test for
+    them (`message.tool_calls is defined`) see the same messages as before."""
+    out: dict[str, Any] = {"role": msg.role, "content": message_text(msg, index)}
+    if msg.tool_calls is not None:
+        out["tool_calls"] = template_messages([{"tool_calls": msg.tool_calls}])[0]["tool_calls"]
+    if msg.tool_call_id is not None:
+        out["tool_call_id"] = msg.tool_call_id
+    if msg.name is not None:
+        out["name"] = msg.name
+    return out
+
+
 def _reserved_kwargs(tokenizer: Any) -> frozenset[str]:
     """`apply_chat_template`'s own parameters: as template variables they would change what the call does
     (tokenize=True, return_dict=True, ...) instead of reaching the template."""
@@ -100,6 +114,7 @@ def render(
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
     chat_template: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The prompt text; `chat_template` (the request's or the server's) wins over the tokenizer's. Runs on the
     tokenizer worker thread: Jinja is plain Python, a long conversation must not hold up the event loop."""
@@ -119,7 +134,7 @@ def render(
             f"chat_template_kwargs may not set {', '.join(reserved)} (parameters of the server's rendering)",
             param="chat_template_kwargs",
         )
-    conversation = [{"role": m.role, "content": message_text(m, i)} for i, m in enumerate(messages)]
+    conversation = [_template_message(m, i) for i, m in enumerate(messages)]
     try:
         text = tokenizer.apply_chat_template(
             conversation,
@@ -127,6 +142,7 @@ def render(
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            tools=tools,
             **extra,
         )
     except Exception as exc:  # jinja TemplateError, raise_exception() in templates, bad kwargs

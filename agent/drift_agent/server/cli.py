@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve the OpenAI-compatible API, /metrics and the admin API",
         description="Engine options: flags > DRIFT_* environment > --config YAML. "
-        "Set DRIFT_ADMIN_TOKEN to enable PUT /admin/policy.",
+        "Set DRIFT_ADMIN_TOKEN to enable PUT /admin/policy, --api-key (DRIFT_API_KEY) to require a key.",
     )
     s = p.add_argument_group("server")
     s.add_argument("--host", default=_server_default("host"), help="listen address (default: %(default)s)")
@@ -133,6 +133,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "they are code the server runs (default: refused with 400)",
     )
     s.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json", "mistral"],
+        help="read tool calls from chat replies in this model family's format and allow tool_choice "
+        '"auto" (vLLM\'s names; default: none, only "required" and named functions)',
+    )
+    s.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="accepted for vLLM compatibility: --tool-call-parser alone enables tool_choice auto (default: off)",
+    )
+    s.add_argument(
         "--admin-port",
         type=int,
         metavar="PORT",
@@ -144,6 +155,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="honour request priorities ahead of the default (x-slo-priority or `priority` < 0); env "
         "DRIFT_ALLOW_CLIENT_PRIORITY (default: refused with 403, so anonymous clients cannot jump the queue)",
+    )
+    s.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize (401 otherwise); "
+        "repeat or comma-separate for several keys; env DRIFT_API_KEY (comma-separated) "
+        "(default: none, the routes are open)",
+    )
+    s.add_argument(
+        "--disable-log-requests",
+        action="store_true",
+        help="accepted for vLLM compatibility: drift serve never logs request contents (default: off)",
     )
     s.add_argument(
         "--log-level",
@@ -224,8 +248,10 @@ def run(args: argparse.Namespace) -> int:
             max_request_body_bytes=args.max_request_body_bytes,
             chat_template=load_chat_template(args.chat_template),
             trust_request_chat_template=args.trust_request_chat_template or None,
+            tool_call_parser=args.tool_call_parser,
             admin_port=args.admin_port,
             allow_client_priority=args.allow_client_priority or None,
+            api_keys=args.api_key,
         )
     except (ValueError, OSError) as exc:
         print(f"drift serve: invalid configuration: {config_error_message(exc)}", file=sys.stderr)

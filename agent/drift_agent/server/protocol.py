@@ -70,6 +70,14 @@ class SamplingRequest(_Request):
     priority: int | None = None
     # Part of the response id and the x-request-id response header: visible ASCII only.
     request_id: str | None = Field(None, pattern=r"^[!-~]{1,256}$")
+    # Structured outputs (vLLM's extras; at most one of them, or `response_format`): see docs/api.md.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+    # vLLM's current spelling: {"json": schema, "regex": ..., "choice": [...], "grammar": ..., "json_object": true}
+    structured_outputs: dict[str, Any] | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: one backend (llguidance)
 
 
 def _prompt_kind(value: Any) -> str:
@@ -100,6 +108,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = None
     echo: StrictBool = False
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None  # json_object / json_schema, as vLLM takes on completions
     best_of: int | None = Field(None, description="at least n; greater than n is not supported")
 
 
@@ -116,6 +125,9 @@ class ChatMessageIn(_Request):
     role: Role
     content: str | list[TextContentPart | dict[str, Any]] | None = None
     name: Text | None = None
+    # Tool calling: an assistant message's calls, and the call a `tool` message answers (to the template).
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: Text | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -126,7 +138,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: StrictBool | None = None
     # vLLM extras for the chat template; a template in the request needs --trust-request-chat-template.
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
@@ -205,9 +218,21 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatLogprobEntry] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -229,7 +254,8 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatStreamChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": ...}, {} at the end
+    # {"role": "assistant", "content": ""} first, then {"content": ...} or {"tool_calls": [...]}, {} at the end
+    delta: dict[str, Any]
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
+from typing import Any
 
 from ..core.config import EngineConfig
 from ..core.errors import InvalidRequestError, PromptTooLongError
-from ..core.sampling_params import SamplingParams
+from ..core.sampling_params import SamplingParams, StructuredOutput
 from ..core.sequence import SLO
 from .errors import APIError
 from .protocol import SEED_MAX, ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -83,6 +85,7 @@ def refuse_unsupported(req: SamplingRequest) -> None:
         )
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+    structured_output_of(req)  # its shape errors before anything is tokenized
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
@@ -100,16 +103,115 @@ def refuse_unsupported(req: SamplingRequest) -> None:
                 "echo with logprobs needs prompt logprobs, which this server does not compute",
                 param="echo",
             )
-    if isinstance(req, ChatCompletionRequest):
-        if req.tools and req.tool_choice != "none":
-            raise APIError(400, "tool calling is not supported by this server", param="tools")
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise APIError(
-                400, f"response_format {fmt!r} is not supported (only 'text')", param="response_format"
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+
+
+def apply_model_defaults(req: SamplingRequest, defaults: Mapping[str, Any], max_logprobs: int) -> None:
+    """The server's model settings on `req`, in place, before its sampling parameters are built: the
+    `--generation-config` defaults (GENERATION_DEFAULT_KEYS' names) fill only the fields the request left
+    unset (absent or null), as vLLM applies them; a request asking for more logprobs than `--max-logprobs`
+    is a 400 naming the field."""
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        if name in defaults and getattr(req, name) is None:
+            setattr(req, name, defaults[name])
+    if "max_tokens" in defaults:
+        if isinstance(req, ChatCompletionRequest):
+            unset = req.max_tokens is None and req.max_completion_tokens is None
+        else:  # completions' 16 is OpenAI's default, not the client's choice
+            unset = req.max_tokens is None or "max_tokens" not in req.model_fields_set
+        if unset:
+            req.max_tokens = defaults["max_tokens"]
+    asked = logprobs_of(req)
+    if isinstance(asked, int) and asked > max_logprobs:
+        param = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
+        raise APIError(
+            400,
+            f"{param} {asked} is more than this server allows (--max-logprobs {max_logprobs})",
+            param=param,
+        )
+
+
+def _json_spec(value: Any, param: str) -> dict[str, Any]:
+    """A schema given as an object or as JSON text (vLLM takes both)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise APIError(400, f"{param} is not valid JSON: {exc}", param=param) from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"{param} must be a JSON schema object", param=param)
+    return value
+
+
+def structured_output_of(req: SamplingRequest) -> StructuredOutput | None:
+    """The request's output constraint: `response_format` (json_object / json_schema), vLLM's `guided_*`
+    extras or their `structured_outputs` spelling; at most one. Shape errors are a 400 naming the field; a
+    grammar that cannot compile is refused by the engine when the request is validated (also naming it)."""
+    given: list[StructuredOutput] = []
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None:
+        kind = fmt.get("type", "text") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            given.append(StructuredOutput("json", None, "response_format"))
+        elif kind == "json_schema":
+            inner = fmt.get("json_schema")
+            if not isinstance(inner, dict) or "schema" not in inner and "json_schema" not in inner:
+                raise APIError(
+                    400, "response_format json_schema needs json_schema.schema", param="response_format"
+                )
+            schema = inner.get("schema", inner.get("json_schema"))
+            given.append(
+                StructuredOutput("json_schema", _json_spec(schema, "response_format"), "response_format")
             )
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        elif kind != "text":
+            raise APIError(
+                400,
+                f"response_format {kind!r} is not supported (text, json_object, json_schema)",
+                param="response_format",
+            )
+    if req.guided_json is not None:
+        given.append(
+            StructuredOutput("json_schema", _json_spec(req.guided_json, "guided_json"), "guided_json")
+        )
+    if req.guided_regex is not None:
+        given.append(StructuredOutput("regex", req.guided_regex, "guided_regex"))
+    if req.guided_choice is not None:
+        given.append(StructuredOutput("choice", list(req.guided_choice), "guided_choice"))
+    if req.guided_grammar is not None:
+        given.append(StructuredOutput("grammar", req.guided_grammar, "guided_grammar"))
+    so = req.structured_outputs
+    if so is not None:
+        keys = [
+            k for k in ("json", "regex", "choice", "grammar", "json_object") if so.get(k) not in (None, False)
+        ]
+        if len(keys) != 1:
+            raise APIError(
+                400,
+                "structured_outputs must set exactly one of json, regex, choice, grammar, json_object",
+                param="structured_outputs",
+            )
+        key, value = keys[0], so[keys[0]]
+        if key == "json_object":
+            given.append(StructuredOutput("json", None, "structured_outputs"))
+        elif key == "json":
+            given.append(
+                StructuredOutput("json_schema", _json_spec(value, "structured_outputs"), "structured_outputs")
+            )
+        else:
+            given.append(StructuredOutput(key, value, "structured_outputs"))  # type: ignore[arg-type]
+    if len(given) > 1:
+        names = ", ".join(g.param or "" for g in given)
+        raise APIError(
+            400, f"at most one structured output constraint per request, got {names}", param=given[1].param
+        )
+    if not given:
+        return None
+    try:
+        given[0].validate()
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), param=given[0].param) from None
+    return given[0]
 
 
 def max_tokens_of(req: SamplingRequest) -> int | None:
@@ -146,7 +248,10 @@ _ENGINE_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 def param_of(exc: BaseException, req: SamplingRequest) -> str | None:
     """The request field an engine validation error is about. The engine's messages start with the name of
-    its parameter (`top_p must be in (0, 1]`); chat names two of them differently."""
+    its parameter (`top_p must be in (0, 1]`); chat names two of them differently. A structured-output
+    error carries the request field it is about as its `param`."""
+    if getattr(exc, "param", None):
+        return exc.param  # type: ignore[attr-defined]
     name = str(exc).split(" ", 1)[0]
     if name not in _ENGINE_FIELDS:
         return None
@@ -180,6 +285,7 @@ def sampling_params(req: SamplingRequest, choice: int) -> SamplingParams:
             include_stop_str_in_output=req.include_stop_str_in_output,
             logprobs=logprobs_of(req),
             skip_special_tokens=req.skip_special_tokens,
+            structured=structured_output_of(req),
         )
     except InvalidRequestError as exc:
         raise APIError(400, str(exc), param=param_of(exc, req)) from None

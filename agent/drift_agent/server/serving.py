@@ -32,7 +32,14 @@ from ..engine.outputs import RequestOutput
 from .errors import APIError, error_body, from_engine_error
 from .generation import Aborted, GenerationGroup, Item
 from .protocol import PromptTokensDetails, SamplingRequest, UsageInfo, now_s
-from .sampling import check_context, param_of, refuse_unsupported, sampling_params, slo_from_headers
+from .sampling import (
+    apply_model_defaults,
+    check_context,
+    param_of,
+    refuse_unsupported,
+    sampling_params,
+    slo_from_headers,
+)
 from .state import ServerState
 
 T = TypeVar("T")
@@ -160,6 +167,9 @@ class Job:
     async def start(self) -> GenerationGroup:
         group = self.state.new_group()
         try:
+            structured = sampling_params(self.req, 0).structured
+            if structured is not None:  # compile (or find cached) off the event loop; the engine reuses it
+                await off_loop(self.state.engine.runner.structured.compile, structured)
             for p, ids in enumerate(self.prompts):
                 for i in range(self.n):
                     await group.add(p * self.n + i, ids, sampling_params(self.req, i), self.slo, self.arrival)
@@ -184,6 +194,7 @@ def prepare(
     state.check_accepting()
     state.check_model(req.model)
     refuse_unsupported(req)
+    apply_model_defaults(req, state.engine.generation_defaults, state.engine.config.max_logprobs)
     slo = slo_from_headers(
         request.headers, state.engine.config, req.priority, state.settings.allow_client_priority
     )

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 # Environment variables read for server options; flags override them.
 ENV_VARS: dict[str, str] = {
     "admin_token": "DRIFT_ADMIN_TOKEN",
+    "api_keys": "DRIFT_API_KEY",
     "slo_window_s": "DRIFT_SLO_WINDOW_S",
     "shutdown_timeout_s": "DRIFT_SHUTDOWN_TIMEOUT_S",
     "max_request_body_bytes": "DRIFT_MAX_REQUEST_BODY_BYTES",
@@ -50,6 +51,28 @@ class ServerSettings(BaseModel):
     admin_port: int | None = Field(None, ge=1, le=65535)
     # Priorities ahead of the default (< 0, lower goes first) jump the queue: only where the server allows it.
     allow_client_priority: bool = False
+    # How chat replies are read for tool calls (tool_calls.PARSERS, vLLM's names); None: tool_choice "auto" is
+    # refused, "required" and named functions (schema-constrained) still work.
+    tool_call_parser: str | None = Field(None, pattern=r"^(hermes|llama3_json|mistral)$")
+    # Bearer keys of the OpenAI routes (auth.py): any one is accepted; None leaves them open, as vLLM does.
+    api_keys: tuple[SecretStr, ...] | None = None
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        """`--api-key` repeated or comma-separated, DRIFT_API_KEY comma-separated; an empty key is refused
+        rather than leaving the server open by accident."""
+        if value is None:
+            return None
+        items = [value] if isinstance(value, (str, SecretStr)) else list(value)
+        keys: list[str] = []
+        for item in items:
+            raw = item.get_secret_value() if isinstance(item, SecretStr) else str(item)
+            parts = [part.strip() for part in raw.split(",")]
+            if not all(parts):
+                raise ValueError("an API key is empty (check for stray commas or blank values)")
+            keys.extend(parts)
+        return tuple(dict.fromkeys(keys))
 
     @classmethod
     def from_sources(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
@@ -70,3 +93,6 @@ class ServerSettings(BaseModel):
 
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token is not None else None
+
+    def api_key_values(self) -> tuple[str, ...]:
+        return tuple(key.get_secret_value() for key in self.api_keys or ())
