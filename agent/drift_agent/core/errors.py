@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 
 class DriftError(Exception):
@@ -59,3 +60,39 @@ def is_fatal_error(exc: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+# OpenAI's error `type` per HTTP status, for `drift serve` and `drift router` alike.
+OPENAI_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    502: "api_error",
+    503: "service_unavailable_error",
+    504: "api_error",
+}
+
+
+def _printable(text: str | None) -> str | None:
+    """A message may quote client input; a lone surrogate in it would make the error response itself fail."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`."""
+    return {
+        "error": {
+            "message": _printable(message),
+            "type": OPENAI_ERROR_TYPES.get(status, "api_error"),
+            "param": _printable(param),
+            "code": code,
+        }
+    }

@@ -17,23 +17,10 @@ from ..core.errors import (
     InvalidRequestError,
     ModelLoadError,
     PromptTooLongError,
+    error_body,
 )
 
 log = logging.getLogger(__name__)
-
-# OpenAI's error `type` per HTTP status.
-_TYPES: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "internal_error",
-    503: "service_unavailable_error",
-}
 
 
 class APIError(Exception):
@@ -54,24 +41,6 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
-
-
-def _printable(text: str | None) -> str | None:
-    """A message may quote client input; a lone surrogate in it would make the error response itself fail."""
-    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": _printable(message),
-            "type": _TYPES.get(status, "api_error"),
-            "param": _printable(param),
-            "code": code,
-        }
-    }
 
 
 # ---- OpenAPI ---------------------------------------------------------------------------------------------
