@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from drift_agent.engine.async_engine import AsyncLLMEngine
-from drift_agent.server.auth import bearer_token, is_protected, key_matches
+from drift_agent.server.auth import bearer_token, is_protected, key_index
 from drift_agent.server.settings import ServerSettings
 
 from .conftest import MODEL, LiveServer, start_server
@@ -121,6 +121,6 @@ def test_keys_from_flags_and_environment() -> None:
 
 def test_matching_helpers() -> None:
     assert bearer_token(b"Bearer  k ") == b"k" and bearer_token(b"Token k") is None
-    assert key_matches(b"k2", [b"k1", b"k2"]) and not key_matches(b"k", [b"k1", b"k2"])
+    assert key_index(b"k2", [b"k1", b"k2"]) == 1 and key_index(b"k", [b"k1", b"k2"]) is None
     assert is_protected("/v1/models") and is_protected("/tokenize") and not is_protected("/state")
     assert not is_protected("/v10") and not is_protected("/metrics")

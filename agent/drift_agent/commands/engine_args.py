@@ -132,6 +132,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         ),
     )
     g.add_argument(
+        "--fairness",
+        choices=["none", "vtc"],
+        help=_with_default(
+            "fair scheduling across clients (x-client-id header, or the API key): none (priority, then "
+            "FCFS) or vtc (the least-served client first, by a virtual token counter)",
+            "fairness",
+        ),
+    )
+    g.add_argument(
         "--no-prefix-caching",
         action="store_true",
         help="do not reuse the KV blocks of shared prompt prefixes (default: prefix caching on)",
@@ -178,6 +187,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             "max_num_seqs",
             "max_num_batched_tokens",
             "policy",
+            "fairness",
             "attention_backend",
             "num_threads",
             "seed",

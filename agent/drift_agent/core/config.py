@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
+from .fairness import Fairness
 from .sampling_params import MAX_LOGPROBS
 from .sequence import SLO
 
@@ -121,6 +122,11 @@ class EngineConfig(BaseModel):
     max_waiting_requests: int = Field(1024, ge=1, description="bounded queue; past it requests get 429")
     policy: PolicyName = Field(
         "chunked", description="scheduling policy: prefill-first, chunked, static-split or drift"
+    )
+    fairness: Fairness = Field(
+        "none",
+        description="fair scheduling across clients: none (priority, then FCFS) or vtc (priority, then the "
+        "least-served client's oldest request first, by a virtual token counter)",
     )
     partition: PartitionConfig = Field(
         default_factory=PartitionConfig, description="SM split between prefill and decode"

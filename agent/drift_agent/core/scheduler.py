@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .errors import PromptTooLongError
+from .fairness import VirtualTokenCounter
 from .sequence import FinishReason, Sequence, SequenceStatus
 
 Phase = Literal["prefill", "decode", "mixed"]
@@ -33,6 +34,9 @@ class SchedulerConfig:
     # (vLLM's watermark): without it an admission-first policy under overload fills the pool with prompts
     # and then preempts them again one decode step later, over and over.
     kv_watermark: float = 0.01
+    # "vtc": the waiting queue orders by (priority, the client's virtual token counter, arrival) instead of
+    # (priority, arrival), so a client flooding the queue cannot starve the others.
+    fairness: str = _ENGINE["fairness"].default
 
 
 @dataclass(slots=True)
@@ -92,6 +96,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.watermark_blocks = int(config.kv_watermark * block_manager.num_blocks)
+        self.vtc: VirtualTokenCounter | None = VirtualTokenCounter() if config.fairness == "vtc" else None
 
     # ---- request lifecycle ---------------------------------------------------------------------------
     def check_fits(self, seq: Sequence) -> None:
@@ -111,6 +116,11 @@ class Scheduler:
         """Queue `seq` behind every waiting sequence of the same or a more urgent priority (lower value first,
         as vLLM's `priority`; FCFS within a priority, so with all priorities 0 this is plain FCFS)."""
         self.check_fits(seq)
+        if self.vtc is not None:
+            active = [s.slo.client for s in self.waiting]
+            active += [s.slo.client for s in self.running]
+            if seq.slo.client not in active:
+                self.vtc.lift(seq.slo.client, active)
         seq.status = SequenceStatus.WAITING
         waiting, p = self.waiting, seq.slo.priority
         i = len(waiting)
@@ -153,7 +163,19 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    def order_waiting(self) -> None:
+        """With fairness, put the least-served clients' requests first (within a priority); a stable sort, so
+        each client's requests keep their order (FCFS, preempted ones first). Counters change as tokens are
+        served, hence once per decision rather than at insertion. Nothing without fairness."""
+        vtc = self.vtc
+        if vtc is None or len(self.waiting) < 2:
+            return
+        ordered = sorted(self.waiting, key=lambda s: (s.slo.priority, vtc.counter(s.slo.client)))
+        self.waiting.clear()
+        self.waiting.extend(ordered)
+
     def schedule(self, now: float) -> SchedulerOutput:
+        self.order_waiting()
         out = self.policy.schedule(self, now)
         self.stamp_scheduled(out.batches, now)
         return out
@@ -222,6 +244,8 @@ class Scheduler:
         if seq.num_cached_tokens < 0:  # count each request's lookup once, not again after a preemption
             seq.num_cached_tokens = n_cached
             self.bm.record_prefix_lookup(seq.num_prompt_tokens, n_cached)
+            if self.vtc is not None:  # VTC charges the prompt when the request is first admitted
+                self.vtc.charge(seq.slo.client, prompt_tokens=seq.num_prompt_tokens)
         seq.num_computed_tokens = n_cached
         self.waiting.remove(seq)
         self.running.append(seq)
@@ -313,6 +337,7 @@ class Scheduler:
         touch, get = touched.append, sampled.get
         register = self.bm.register_full_blocks if self.bm.enable_prefix_caching else None
         finished = SequenceStatus.FINISHED
+        vtc = self.vtc
         for item in batch.items:
             seq = item.seq
             seq.in_flight = False
@@ -329,6 +354,8 @@ class Scheduler:
             if token is not None:
                 token_ids = seq.token_ids
                 token_ids.append(token)
+                if vtc is not None:
+                    vtc.charge(seq.slo.client, output_tokens=1)
                 # Unless a token can stop it, a sequence can only end at its length: no call before then.
                 can_end = seq.stops_on_token or len(token_ids) - seq.num_prompt_tokens >= seq.max_tokens
                 if can_end and seq.check_stop_token():

@@ -30,6 +30,8 @@ class SLO:
     ttft: float | None = None
     tpot: float | None = None
     priority: int = 0
+    # Who sent it, for fair scheduling (`fairness: vtc`) and per-client metrics; "" is the anonymous client.
+    client: str = ""
 
     @classmethod
     def from_ms(cls, ttft_ms: float | None, tpot_ms: float | None, priority: int = 0) -> SLO:

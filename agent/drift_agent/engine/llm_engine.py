@@ -127,6 +127,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=max_model_len,
+            fairness=config.fairness,
         )
         self._mux: tuple[MuxContext, ModelMuxExecutor] | None = None  # built on first use
         self.trace = DecisionTrace(config.trace_path)

@@ -132,6 +132,9 @@ class PrefillRequest:
     ttft_deadline_s: float  # absolute time the first token is due
     kv_blocks: int  # KV blocks its prefill must allocate
     priority: int = 0  # lower goes first (vLLM's `priority`); EDF within a priority
+    # Fair scheduling (`fairness: vtc`): the client's virtual token counter, lower first within a priority and
+    # EDF within it; 0 for every request without fairness, so the order is plain priority-then-EDF.
+    fair_share: float = 0.0
 
     @cached_property
     def shape(self) -> PrefillShape:
@@ -667,14 +670,14 @@ class Dispatcher:
         return now + self._alone_s(r) > r.ttft_deadline_s
 
     def _prefill_order(self, waiting: Sequence[PrefillRequest], now: float) -> list[PrefillRequest]:
-        """The prefill order: priority, hopeless last, then EDF. The key runs for every waiting request, every
+        """The prefill order: priority, the client's fair share (fairness only), hopeless last, then EDF. The key runs for every waiting request, every
         decision, so it reads the memo of `_alone_s` itself (`_hopeless` inlined)."""
         memo, alone_s = self._alone.get, self._alone_s
 
         def key(r: PrefillRequest) -> tuple:
             t = memo((r.new_tokens, r.cached_tokens))
             late = now + (alone_s(r) if t is None else t) > r.ttft_deadline_s
-            return (r.priority, late, r.ttft_deadline_s, r.arrival_s, r.request_id)
+            return (r.priority, r.fair_share, late, r.ttft_deadline_s, r.arrival_s, r.request_id)
 
         return sorted(waiting, key=key)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..core.config import MULTIPLEX_POLICIES, POLICIES, EngineConfig, PartitionConfig
@@ -177,6 +177,15 @@ class MultiplexPolicy:
             out.append(m[1])
         return out
 
+    @staticmethod
+    def _fair(sched: Scheduler, reqs: list[PrefillRequest], seqs: list[Sequence]) -> list[PrefillRequest]:
+        """With fairness, each request carries its client's counter now (the dispatcher orders by it, EDF
+        within a client); the memo keeps the counter-free request, since counters change every step."""
+        vtc = sched.vtc
+        if vtc is None:
+            return reqs
+        return [replace(r, fair_share=vtc.counter(s.slo.client)) for r, s in zip(reqs, seqs, strict=True)]
+
     def _prefill_request(self, sched: Scheduler, seq: Sequence) -> PrefillRequest:
         bm = sched.bm
         cached = bm.find_cached_prefix(seq)
@@ -204,12 +213,14 @@ class MultiplexPolicy:
         if decode_busy and self.active is None and self.paused is None and (not sched.waiting or slots <= 0):
             # No prefill work can start: the decision could only be taken back.
             return MuxSchedule(deferred=True)
+        # With fairness the window the dispatcher sees holds the least-served clients' requests first.
+        sched.order_waiting()
         waiting = list(itertools.islice(sched.waiting, max(0, min(slots, MAX_WAITING_CONSIDERED))))
         state = DispatchState(
             now_s=now,
             splits=self.splits,
             decode=self._decode_load(sched.running, now),
-            waiting=self._prefill_requests(sched, waiting),
+            waiting=self._fair(sched, self._prefill_requests(sched, waiting), waiting),
             free_kv_blocks=sched.bm.num_free_blocks - sched.admission_reserve,
             in_flight=self.active.as_in_flight() if self.active else None,
             paused=self.paused.as_in_flight() if self.paused else None,

@@ -24,13 +24,19 @@ def is_protected(path: str) -> bool:
     return path in PROTECTED_PATHS or path.startswith(PROTECTED_PREFIXES)
 
 
-def key_matches(presented: bytes, keys: Iterable[bytes]) -> bool:
-    """Constant time in the key's content, and every key is compared, so timing tells neither how much of a
-    key was right nor which key matched."""
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(presented, key)
-    return found
+# Where the middleware leaves the index of the key a request authenticated with (`request.state`), the
+# client id of fair scheduling: the index, never the key, so neither logs nor metric labels carry a secret.
+API_KEY_INDEX = "drift_api_key_index"
+
+
+def key_index(presented: bytes, keys: Iterable[bytes]) -> int | None:
+    """The index of the key `presented` matches. Constant time in the key's content, and every key is
+    compared, so timing tells neither how much of a key was right nor which key matched."""
+    index = None
+    for i, key in enumerate(keys):
+        if hmac.compare_digest(presented, key) and index is None:
+            index = i
+    return index
 
 
 def bearer_token(authorization: bytes | None) -> bytes | None:
@@ -57,7 +63,9 @@ class APIKeyMiddleware:
             return
         headers = dict(scope.get("headers") or ())
         token = bearer_token(headers.get(b"authorization"))
-        if token is not None and key_matches(token, self.keys):
+        index = key_index(token, self.keys) if token is not None else None
+        if index is not None:
+            scope.setdefault("state", {})[API_KEY_INDEX] = index
             await self.app(scope, receive, send)
             return
         message = (

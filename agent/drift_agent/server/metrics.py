@@ -83,6 +83,10 @@ def live_partition(stats: Any) -> tuple[tuple[int, int] | None, tuple[int, int] 
     return stats.split, stats.realized_split, stats.total_sms
 
 
+# Distinct client label values at most (clients choose their id: unbounded labels would exhaust the scrape).
+MAX_CLIENT_LABELS = 100
+
+
 class ServerMetrics:
     def __init__(
         self, async_engine: AsyncLLMEngine, model_name: str, slo_window_s: float, gpu: bool = True
@@ -153,6 +157,14 @@ class ServerMetrics:
         for phase in PHASES:
             for outcome in ("met", "missed"):
                 self.slo_requests.labels(phase, outcome)
+        self.client_served = Counter(
+            "drift_client_served_tokens",
+            "Tokens served per client (x-client-id header or API key index): prompt tokens when the first "
+            f"token comes, then every output token; the first {MAX_CLIENT_LABELS} clients, then 'other'",
+            ["client"],
+            registry=r,
+        )
+        self._client_labels: dict[str, Any] = {}  # engine thread only: client -> its bound counter
         r.register(_StateCollector(self))
         if gpu:
             r.register(GpuCollector())
@@ -168,6 +180,8 @@ class ServerMetrics:
             t = out.times
             if n_new:
                 self.generation_tokens.inc(n_new)
+                served = n_new + (out.num_prompt_tokens if out.num_output_tokens == n_new else 0)
+                self._client_counter(out.slo.client).inc(served)
                 if (
                     out.num_output_tokens == n_new and t.first_token is not None
                 ):  # this step made the first token
@@ -188,6 +202,14 @@ class ServerMetrics:
         if live is not None and len(self._last_step) > 2 * len(live) + 64:
             for rid in [rid for rid in self._last_step if rid not in live]:
                 del self._last_step[rid]
+
+    def _client_counter(self, client: str) -> Any:
+        counter = self._client_labels.get(client)
+        if counter is None:
+            if len(self._client_labels) >= MAX_CLIENT_LABELS:  # not remembered: the map stays bounded too
+                return self.client_served.labels("other")
+            counter = self._client_labels[client] = self.client_served.labels(client or "anonymous")
+        return counter
 
     def _observe_finished(self, out: RequestOutput) -> None:
         t = out.times

@@ -17,6 +17,8 @@ from .protocol import SEED_MAX, ChatCompletionRequest, CompletionRequest, Sampli
 TTFT_HEADER = "x-slo-ttft-ms"
 TPOT_HEADER = "x-slo-tpot-ms"
 PRIORITY_HEADER = "x-slo-priority"
+CLIENT_HEADER = "x-client-id"
+MAX_CLIENT_ID_LEN = 128
 # The most choices one request may fan out to (each is one engine request).
 MAX_N = 64
 
@@ -44,6 +46,7 @@ def slo_from_headers(
     config: EngineConfig,
     body_priority: int | None = None,
     allow_client_priority: bool = False,
+    api_key_index: int | None = None,
 ) -> SLO:
     """The request's targets: its headers, else the server's current defaults (which /admin/policy may change).
     A priority ahead of the default (< 0) is honoured only where the server allows it (403 otherwise), so an
@@ -70,7 +73,17 @@ def slo_from_headers(
         ttft=default.ttft if given.ttft is None else given.ttft,
         tpot=default.tpot if given.tpot is None else given.tpot,
         priority=priority,
+        client=client_id(headers, api_key_index),
     )
+
+
+def client_id(headers: Mapping[str, str], api_key_index: int | None = None) -> str:
+    """Who sent the request, for fair scheduling and per-client metrics. With API keys on, the index of the key
+    it authenticated with (never the key itself), so a client cannot pose as another by a header; otherwise
+    the x-client-id header (cut to a bounded length), else "" (the anonymous client)."""
+    if api_key_index is not None:
+        return f"key-{api_key_index}"
+    return (headers.get(CLIENT_HEADER) or "").strip()[:MAX_CLIENT_ID_LEN]
 
 
 def refuse_unsupported(req: SamplingRequest) -> None:

@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..core.sequence import SLO
 from ..engine.outputs import RequestOutput
+from .auth import API_KEY_INDEX
 from .errors import APIError, error_body, from_engine_error
 from .generation import Aborted, GenerationGroup, Item
 from .protocol import PromptTokensDetails, SamplingRequest, UsageInfo, now_s
@@ -196,7 +197,11 @@ def prepare(
     refuse_unsupported(req)
     apply_model_defaults(req, state.engine.generation_defaults, state.engine.config.max_logprobs)
     slo = slo_from_headers(
-        request.headers, state.engine.config, req.priority, state.settings.allow_client_priority
+        request.headers,
+        state.engine.config,
+        req.priority,
+        state.settings.allow_client_priority,
+        api_key_index=request.scope.get("state", {}).get(API_KEY_INDEX),
     )
     rid = request.headers.get("x-request-id") or req.request_id or uuid.uuid4().hex
     return f"{prefix}-{rid}", slo, arrival

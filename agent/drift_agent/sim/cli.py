@@ -24,6 +24,7 @@ from ..argtypes import (
 from ..bench.metrics import goodput_item
 from ..bench.workloads import WORKLOADS
 from ..core.config import POLICIES
+from ..core.fairness import FAIRNESS
 from ..routing.policies import ROUTERS
 from .instance import InstanceConfig
 
@@ -87,6 +88,21 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
         type=_policies,
         default=["chunked"] if not many_policies else list(POLICIES),
         help="policy, a comma list, or 'all' (prefill-first, chunked, static-split, drift)",
+    )
+    e.add_argument(
+        "--fairness",
+        choices=list(FAIRNESS),
+        default="none",
+        help="fair scheduling across clients: none (priority, then FCFS) or vtc (virtual token counter); "
+        "see --clients",
+    )
+    e.add_argument(
+        "--clients",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="spread the workload's sessions over N clients (by a hash of the session id) for --fairness; "
+        "default 1 (one anonymous client)",
     )
     e.add_argument("--block-size", type=positive_int, default=16)
     e.add_argument(
@@ -286,6 +302,7 @@ def _setup(args: argparse.Namespace, specs: list[Any]) -> Any:
         disaggregated=args.disagg if isinstance(args.disagg, tuple) else None,
         kv_bandwidth=args.kv_bandwidth * 1e9,
         migration=MigrationConfig(args.migration_high, args.migration_low) if args.migration else None,
+        clients=getattr(args, "clients", 1),
     )
     setup = SimSetup.build(
         args.model,
@@ -307,6 +324,7 @@ def _setup(args: argparse.Namespace, specs: list[Any]) -> Any:
         model_error=args.model_error,
         slo_ttft_ms=slo.ttft_ms or InstanceConfig.slo_ttft_ms,
         slo_tpot_ms=slo.tpot_ms or InstanceConfig.slo_tpot_ms,
+        fairness=getattr(args, "fairness", "none"),
         cluster=cluster,
     )
     return setup.with_instance(fast_forward=not args.no_fast_forward)

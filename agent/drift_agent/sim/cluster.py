@@ -24,8 +24,9 @@ from __future__ import annotations
 import heapq
 import math
 import time
+import zlib
 from collections import abc, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..bench.arrivals import arrival_times
@@ -58,6 +59,9 @@ class ClusterConfig:
     kv_latency_s: float = 1e-4  # fixed cost of one transfer (connection/handshake)
     migration: MigrationConfig | None = None
     sample_interval_s: float = 0.25
+    # Clients the workload's sessions are spread over (by a stable hash of the session id), for fair
+    # scheduling; 1: every request is the one anonymous client.
+    clients: int = 1
 
     def __post_init__(self) -> None:
         if self.disaggregated is not None:
@@ -68,6 +72,8 @@ class ClusterConfig:
             raise ValueError(f"need at least one instance, got {self.instances}")
         if not self.kv_bandwidth > 0 or self.kv_latency_s < 0 or not self.sample_interval_s > 0:
             raise ValueError("KV bandwidth and the sample interval must be > 0, the latency >= 0")
+        if self.clients < 1:
+            raise ValueError(f"need at least one client, got {self.clients}")
 
     @property
     def num_instances(self) -> int:
@@ -254,9 +260,10 @@ class Cluster:
             req.prompt = self._tokens.first_turn(spec.prompt_len)
         disagg = bool(self.decode_pool)
         params = SamplingParams(max_tokens=1 if disagg else spec.output_len, ignore_eos=True)
-        seq = Sequence(
-            spec.request_id, req.prompt, params, slo=self._slo or SLO(), times=RequestTimes(arrival=t)
-        )
+        slo = self._slo or SLO()
+        if self.config.clients > 1:
+            slo = replace(slo, client=f"client-{zlib.crc32(spec.session_id.encode()) % self.config.clients}")
+        seq = Sequence(spec.request_id, req.prompt, params, slo=slo, times=RequestTimes(arrival=t))
         key: object | None = None
         if spec.session_id in self._multi_turn:
             key = spec.session_id

@@ -412,6 +412,7 @@ class FastForward:
         block_size = bm.block_size
         register = bm.register_full_blocks if bm.enable_prefix_caching else None
         finished_status = SequenceStatus.FINISHED
+        vtc = sched.vtc
         finished: list[tuple[int, int, Sequence]] = []
         starts = span.starts
         for pos, (seq, (rest, context)) in enumerate(zip(span.seqs, span.after, strict=True)):
@@ -434,6 +435,8 @@ class FastForward:
                 assert ok, "span KV was checked when it started"
             seq.num_computed_tokens = computed
             seq.token_ids += [OUTPUT_TOKEN] * (last - first)
+            if vtc is not None:  # as `on_batch_done` charges each token (fair scheduling)
+                vtc.charge(seq.slo.client, output_tokens=last - first)
             if register is not None:
                 register(seq)
             if whole or ending:

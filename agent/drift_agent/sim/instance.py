@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from ..core.block_manager import BlockManager
 from ..core.config import POLICIES, EngineConfig, PartitionConfig
+from ..core.fairness import FAIRNESS
 from ..core.scheduler import Batch, Policy, Scheduler, SchedulerConfig
 from ..core.sequence import Sequence
 from ..multiplex.mux_loop import MuxLanes
@@ -60,6 +61,7 @@ class InstanceConfig:
     model_error: float = 1.0
     slo_ttft_ms: float = _ENGINE["slo_ttft_ms"].default  # for requests without their own targets
     slo_tpot_ms: float = _ENGINE["slo_tpot_ms"].default
+    fairness: str = _ENGINE["fairness"].default  # "vtc": fair scheduling across the requests' clients
     fast_forward: bool = True  # apply runs of identical decode steps at once (exact; see `fast_forward.py`)
 
     def __post_init__(self) -> None:
@@ -71,6 +73,8 @@ class InstanceConfig:
             raise ValueError(f"fold_max_tokens must be >= 0, got {self.fold_max_tokens}")
         if not -0.5 <= self.tpot_margin <= 1.0:  # `PartitionConfig.tpot_margin`'s range
             raise ValueError(f"tpot_margin must be in [-0.5, 1], got {self.tpot_margin}")
+        if self.fairness not in FAIRNESS:
+            raise ValueError(f"unknown fairness {self.fairness!r}; choose one of {', '.join(FAIRNESS)}")
         if not self.model_error > 0:
             raise ValueError(f"model_error must be positive, got {self.model_error}")
 
@@ -89,6 +93,7 @@ class InstanceConfig:
             ),
             slo_ttft_ms=self.slo_ttft_ms,
             slo_tpot_ms=self.slo_tpot_ms,
+            fairness=self.fairness,
         )
 
 
@@ -132,6 +137,7 @@ class SimInstance:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,
+            fairness=config.fairness,
         )
         self.policy = make_instance_policy(config, perf, splits)
         self.sched = Scheduler(sched_cfg, self.bm, self.policy)

@@ -60,6 +60,7 @@ class SimSetup:
         model_error: float = 1.0,
         slo_ttft_ms: float = InstanceConfig.slo_ttft_ms,
         slo_tpot_ms: float = InstanceConfig.slo_tpot_ms,
+        fairness: str = InstanceConfig.fairness,
         cluster: ClusterConfig | None = None,
     ) -> SimSetup:
         """From the built-in presets; with `profile_path`, step latencies come from that measured profile
@@ -97,6 +98,7 @@ class SimSetup:
             model_error=model_error,
             slo_ttft_ms=slo_ttft_ms,
             slo_tpot_ms=slo_tpot_ms,
+            fairness=fairness,
         )
         return cls(
             perf=perf,
