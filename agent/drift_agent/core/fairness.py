@@ -6,10 +6,10 @@ first and a client flooding the queue only gets its share."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, get_args
 
 Fairness = Literal["none", "vtc"]
-FAIRNESS: tuple[str, ...] = ("none", "vtc")
+FAIRNESS: tuple[str, ...] = get_args(Fairness)
 
 # VTC's default weights: an output token costs about twice a prompt token (decode is memory-bound).
 PROMPT_WEIGHT = 1.0

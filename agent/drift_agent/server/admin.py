@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 
 from ..commands.engine_args import config_error_message
 from ..core.config import SLO_SETTINGS, EngineConfig, PartitionConfig, PolicyName, field_bounds
+from .auth import bearer_token
 from .errors import APIError, error_responses
 
 
@@ -80,10 +81,10 @@ def check_token(authorization: str | None, expected: str | None) -> None:
         raise APIError(
             403, "run-time changes are disabled: the server has no admin token (DRIFT_ADMIN_TOKEN)"
         )
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token((authorization or "").encode())
+    if token is None:
         raise APIError(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    if not hmac.compare_digest(token, expected.encode()):
         raise APIError(403, "invalid admin token")
 
 

@@ -24,7 +24,7 @@ from .protocol import (
     ToolCall,
     UsageInfo,
 )
-from .sampling import check_context, sampling_params
+from .sampling import check_context, sampling_params, structured_output_of
 from .serving import (
     SSE_DONE,
     Job,
@@ -43,9 +43,6 @@ from .serving import (
 from .state import ServerState
 from .tool_calls import ToolPlan, parse_output, parser_for
 
-# Structured-output fields of a request (sampling.structured_output_of): one constraint per request.
-_CONSTRAINT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
-
 
 def _apply_tool_plan(req: ChatCompletionRequest, plan: ToolPlan) -> None:
     """What a tool plan changes in the request before its sampling parameters are built."""
@@ -55,13 +52,12 @@ def _apply_tool_plan(req: ChatCompletionRequest, plan: ToolPlan) -> None:
         req.skip_special_tokens = False
     elif plan.schema is not None:
         # "required" / a named function: structured outputs guarantee a parseable call (vLLM does the same).
-        fmt = (req.response_format or {}).get("type", "text")
-        others = [f for f in _CONSTRAINT_FIELDS if getattr(req, f, None) is not None]
-        if fmt != "text" or others:
+        other = structured_output_of(req)
+        if other is not None:
             raise APIError(
                 400,
                 f"tool_choice {plan.mode!r} constrains the output itself; it cannot be combined with "
-                f"{others[0] if others else 'response_format'}",
+                f"{other.param}",
                 param="tool_choice",
             )
         req.guided_json = plan.schema

@@ -21,6 +21,7 @@ import re
 import secrets
 import string
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -269,7 +270,7 @@ class Delta:
         return out
 
 
-class ToolCallParser:
+class ToolCallParser(ABC):
     """Incremental parser of one choice's output: `feed` each delta (the text so far grows), `finish` at the
     end. `eager` (streaming) sends a call's name and arguments as they arrive; otherwise a call is sent only
     once complete, and what never parses is content."""
@@ -296,8 +297,9 @@ class ToolCallParser:
         return self._take()
 
     # -- for subclasses
+    @abstractmethod
     def _scan(self, final: bool) -> None:
-        raise NotImplementedError
+        """Consume `self.text` from `self.pos`: emit content and calls; `final` at the end of the output."""
 
     def _take(self) -> Delta:
         out, self._out = self._out, Delta()

@@ -92,7 +92,7 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
     e.add_argument(
         "--fairness",
         choices=list(FAIRNESS),
-        default="none",
+        default=InstanceConfig.fairness,
         help="fair scheduling across clients: none (priority, then FCFS) or vtc (virtual token counter); "
         "see --clients",
     )
@@ -302,7 +302,7 @@ def _setup(args: argparse.Namespace, specs: list[Any]) -> Any:
         disaggregated=args.disagg if isinstance(args.disagg, tuple) else None,
         kv_bandwidth=args.kv_bandwidth * 1e9,
         migration=MigrationConfig(args.migration_high, args.migration_low) if args.migration else None,
-        clients=getattr(args, "clients", 1),
+        clients=args.clients,
     )
     setup = SimSetup.build(
         args.model,
@@ -324,7 +324,7 @@ def _setup(args: argparse.Namespace, specs: list[Any]) -> Any:
         model_error=args.model_error,
         slo_ttft_ms=slo.ttft_ms or InstanceConfig.slo_ttft_ms,
         slo_tpot_ms=slo.tpot_ms or InstanceConfig.slo_tpot_ms,
-        fairness=getattr(args, "fairness", "none"),
+        fairness=args.fairness,
         cluster=cluster,
     )
     return setup.with_instance(fast_forward=not args.no_fast_forward)
