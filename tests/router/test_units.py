@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import time
 
 import pytest
 from multidict import CIMultiDict
@@ -181,3 +183,33 @@ def test_only_chat_openings_are_held_back() -> None:
     assert not _only_openings(b'data: {"id": "cmpl-1", "choices": [{"index": 0, "text": "x"}]}\n\n')
     assert not _only_openings(b'data: {"error": {"message": "boom"}}\n\n')
     assert not _only_openings(b"data: [DONE]\n\n")
+
+
+def test_a_refusal_during_a_poll_is_not_the_polls_transition() -> None:
+    """The forwarder counts a refusal as the backend leaves the rotation; a poll in flight at that moment
+    must not report the same transition again (it was counted twice)."""
+    b = Backend("http://a", 0)
+    b.apply_state(AgentState.from_json(_state()), issued_at=0.0)
+    changes: list[tuple[str | None, str | None]] = []
+    pool = BackendPool(0.05, 1.0, lambda _b, before, after: changes.append((before, after)))
+
+    class Response:
+        status = 200
+
+        async def __aenter__(self) -> Response:
+            b.refused_until = time.monotonic() + 30  # the forwarder's refusal, while the poll is in flight
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+        async def json(self, content_type: str | None = None) -> dict:
+            return _state()
+
+    class Session:
+        def get(self, url: str, timeout: object) -> Response:
+            return Response()
+
+    asyncio.run(pool.poll_once(b, Session()))  # type: ignore[arg-type]
+    assert b.unroutable_reason(time.monotonic()) == "refused"
+    assert changes == []

@@ -335,8 +335,9 @@ class BackendPool:
             )
 
     async def poll_once(self, backend: Backend, session: aiohttp.ClientSession) -> None:
-        before = backend.unroutable_reason(time.monotonic())
         issued = time.monotonic()
+        state: AgentState | None = None
+        error: Exception | None = None
         try:
             async with session.get(
                 backend.url + "/state", timeout=aiohttp.ClientTimeout(total=self.poll_timeout_s)
@@ -344,16 +345,23 @@ class BackendPool:
                 if resp.status != 200:
                     raise ValueError(f"GET /state answered {resp.status}")
                 state = AgentState.from_json(await resp.json(content_type=None))
-            backend.apply_state(state, issued)
         except asyncio.CancelledError:
             raise
         except (
             Exception
         ) as exc:  # any failure (refused, timeout, bad JSON) makes it unroutable until it recovers
+            error = exc
+        # Only what this poll changes is its transition: a refusal recorded while it was in flight is the
+        # forwarder's own (and counted there).
+        now = time.monotonic()
+        before = backend.unroutable_reason(now)
+        if state is not None:
+            backend.apply_state(state, issued)
+        else:
             if backend.poll_error is None:
-                log.warning("backend %s: GET /state failed: %r", backend.url, exc)
-            backend.poll_failed(repr(exc))
-        after = backend.unroutable_reason(time.monotonic())
+                log.warning("backend %s: GET /state failed: %r", backend.url, error)
+            backend.poll_failed(repr(error))
+        after = backend.unroutable_reason(now)
         if after != before and self._on_change is not None:
             self._on_change(backend, before, after)
 
