@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import httpx
 import numpy as np
 import pytest
 
 from drift_agent.bench import ServerUnreachableError
 from drift_agent.bench.arrivals import arrival_times
-from drift_agent.bench.client import ClientConfig, OpenAIClient, SSEDecoder
+from drift_agent.bench.client import ClientConfig, OpenAIClient, SSEDecoder, sse_lines
 from drift_agent.bench.metrics import GoodputTargets, RequestRecord
 from drift_agent.bench.runner import LoadConfig, probe, run_load, run_sweep, warm_up
 from drift_agent.bench.sweep import Bisection
@@ -35,6 +37,16 @@ def test_sse_decoder() -> None:
     assert d.feed("") == '{"a":\n1}'
     assert d.feed("") is None
     assert d.feed("data: [DONE]\r") is None and d.flush() == "[DONE]"
+
+
+async def test_sse_lines_split_at_newlines_only() -> None:
+    # A server may send U+2028, U+2029 or U+0085 raw inside an event's JSON; they are not line breaks in SSE.
+    event = json.dumps({"text": "a\u2028b\u2029c\x85d"}, ensure_ascii=False)
+    resp = httpx.Response(200, content=f"data: {event}\r\n\r\ndata: [DONE]\n\n".encode())
+    lines = [line async for line in sse_lines(resp)]
+    assert lines == [f"data: {event}\r", "\r", "data: [DONE]", ""]
+    d = SSEDecoder()
+    assert [data for line in lines if (data := d.feed(line))] == [event, "[DONE]"]
 
 
 async def test_completions_timing_and_request_shape(mock: MockServer) -> None:

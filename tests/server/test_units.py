@@ -4,6 +4,7 @@ the drain, and `drift serve` refusing bad configuration before loading anything.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -16,6 +17,7 @@ from drift_agent.server.logprobs import chat_logprobs, completion_logprobs
 from drift_agent.server.metrics import partition_shares, token_buckets
 from drift_agent.server.protocol import ChatCompletionRequest, CompletionRequest
 from drift_agent.server.sampling import check_context, sampling_params, slo_from_headers
+from drift_agent.server.serving import sse
 from drift_agent.server.settings import ServerSettings
 
 
@@ -37,6 +39,16 @@ def test_partition_shares() -> None:
 
 def test_token_buckets() -> None:
     assert token_buckets(512) == [1, 2, 5, 10, 20, 50, 100, 200, 500]
+
+
+def test_sse_events_stay_on_one_line_for_splitlines_clients() -> None:
+    # Generated text may hold U+2028, U+2029 or U+0085; clients such as httpx's iter_lines split lines there.
+    text = "a\u2028b\u2029c\x85d\ne"
+    for payload in ({"text": text}, ChatCompletionRequest(messages=[{"role": "user", "content": text}])):
+        event = sse(payload)
+        assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+        body = json.loads(event.removeprefix("data: "))
+        assert (body.get("text") or body["messages"][0]["content"]) == text
 
 
 def test_settings_from_env_and_flags() -> None:

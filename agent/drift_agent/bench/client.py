@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,6 +67,18 @@ class SSEDecoder:
             return None
         data, self._data = "\n".join(self._data), []
         return data
+
+
+async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines split at "\\n" only: httpx's aiter_lines also splits at U+2028, U+0085 and others,
+    which servers may send raw inside an event's JSON."""
+    buf = ""
+    async for text in resp.aiter_text():
+        *lines, buf = (buf + text).split("\n")
+        for line in lines:
+            yield line
+    if buf:
+        yield buf
 
 
 def _chunk_text(choice: dict[str, Any], endpoint: str) -> tuple[str, bool]:
@@ -163,7 +176,7 @@ class OpenAIClient:
                     record.error = f"HTTP {resp.status_code}: {detail[:300]}"
                     return record
                 decoder = SSEDecoder()
-                async for line in resp.aiter_lines():
+                async for line in sse_lines(resp):
                     data = decoder.feed(line)
                     if data is None:
                         continue

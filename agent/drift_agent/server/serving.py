@@ -119,9 +119,14 @@ class SSEResponse(StreamingResponse):
                     await aclose()
 
 
+# Valid JSON, but line breaks to clients that split like str.splitlines (httpx's iter_lines does): escaping
+# them keeps every SSE event on one line for any client.
+_LINE_BREAKS_IN_JSON = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: BaseModel | dict[str, Any]) -> str:
     body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {body}\n\n"
+    return f"data: {body.translate(_LINE_BREAKS_IN_JSON)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
