@@ -29,7 +29,7 @@ def admin_live(async_engine) -> Iterator[LiveServer]:
 def test_get_shape(admin_live: LiveServer) -> None:
     with admin_live.client() as http:
         body = http.get("/admin/policy").json()
-    assert set(body) == {"policy", "partition", "slo"}
+    assert set(body) == {"policy", "partition", "slo", "fairness", "preemption_mode"}
     assert set(body["partition"]) == {"mode", "prefill_sm_share", "backend", "fold_max_tokens", "tpot_margin"}
     assert body["partition"]["tpot_margin"] == 0.0
     assert set(body["slo"]) == {"ttft_ms", "tpot_ms"}
@@ -74,6 +74,8 @@ def test_apply_and_metrics(admin_live: LiveServer) -> None:
                 "tpot_margin": 0.0,
             },
             "slo": {"ttft_ms": 500.0, "tpot_ms": 40.0},
+            "fairness": "none",
+            "preemption_mode": "auto",
         }
         assert http.get("/admin/policy").json() == r.json()
         assert admin_live.async_engine.engine.config.policy == "prefill-first"
@@ -85,6 +87,37 @@ def test_apply_and_metrics(admin_live: LiveServer) -> None:
     assert m[("drift_policy_info", frozenset({("policy", "chunked")}))] == 0
     assert m[("drift_slo_target_seconds", frozenset({("phase", "ttft")}))] == 0.5
     assert m[("drift_slo_target_seconds", frozenset({("phase", "tpot")}))] == 0.04
+
+
+def test_fairness_and_preemption_mode_change_at_run_time(admin_live: LiveServer) -> None:
+    engine = admin_live.async_engine.engine
+    with admin_live.client() as http:
+        r = http.put("/admin/policy", headers=AUTH, json={"fairness": "vtc", "preemption_mode": "recompute"})
+        assert r.status_code == 200, r.text
+        assert r.json()["fairness"] == "vtc" and r.json()["preemption_mode"] == "recompute"
+        assert engine.scheduler.vtc is not None and engine.scheduler.config.preemption_mode == "recompute"
+        ok = http.post(
+            "/v1/completions",
+            json={"prompt": "Hello", "max_tokens": 3, "ignore_eos": True},
+            headers={"x-client-id": "tenant-a"},
+        )
+        assert ok.status_code == 200
+        assert engine.scheduler.vtc.counter("tenant-a") > 0
+        bad = http.put("/admin/policy", headers=AUTH, json={"fairness": "lottery"})
+        assert bad.status_code == 422 and "fairness" in bad.json()["error"]["message"]
+        r = http.put("/admin/policy", headers=AUTH, json={"fairness": "none", "preemption_mode": "auto"})
+        assert r.status_code == 200 and engine.scheduler.vtc is None
+
+
+def test_kv_cache_view_shows_both_tiers(admin_live: LiveServer) -> None:
+    with admin_live.client() as http:
+        body = http.get("/admin/kv-cache").json()
+    engine = admin_live.async_engine.engine
+    assert body["device"]["blocks"] == engine.block_manager.num_blocks
+    assert body["device"]["bytes"] == body["device"]["blocks"] * body["block_bytes"] > 0
+    assert body["host"] == {"blocks": 0, "free_blocks": 0, "tokens": 0, "bytes": 0}  # no swap space
+    assert set(body["copies"]) == {"out", "in"} and body["preemption_mode"] == engine.config.preemption_mode
+    assert set(body["blocks_moved"]) == {"demoted", "promoted", "swapped_out", "swapped_in", "reused"}
 
 
 def test_switch_to_multiplexing_policy(admin_live: LiveServer) -> None:
@@ -178,6 +211,8 @@ def test_update_models_are_the_engine_configs_fields_optional() -> None:
     update = PolicyUpdate.model_validate({"partition": {"tpot_margin": 0.2}, "slo": {"ttft_ms": 500}})
     assert update.engine_settings() == {
         "policy": None,
+        "fairness": None,
+        "preemption_mode": None,
         "partition": {"tpot_margin": 0.2},
         "slo_ttft_ms": 500,
         "slo_tpot_ms": None,

@@ -9,6 +9,8 @@ from typing import Any
 
 from ..core.config import POLICIES, EngineConfig
 from ..core.errors import DriftError
+from ..core.fairness import FAIRNESS
+from ..core.preemption import PREEMPTION_MODES
 
 
 class PreflightError(DriftError):
@@ -133,11 +135,41 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--fairness",
-        choices=["none", "vtc"],
+        choices=list(FAIRNESS),
         help=_with_default(
             "fair scheduling across clients (x-client-id header, or the API key): none (priority, then "
             "FCFS) or vtc (the least-served client first, by a virtual token counter)",
             "fairness",
+        ),
+    )
+    g.add_argument(
+        "--fairness-preempt-gap",
+        type=float,
+        metavar="TOKENS",
+        help=_with_default(
+            "vtc: preempt a running request for a waiting one that cannot start when its client was served "
+            "this many weighted tokens more (prompt tokens count 1, output tokens 2)",
+            "fairness_preempt_gap",
+        ),
+    )
+    g.add_argument(
+        "--swap-space-gb",
+        type=float,
+        metavar="GIB",
+        help=_with_default(
+            "host-memory KV tier (pinned on CUDA): keeps the cached blocks the KV pool lets go, for prefix "
+            "hits by copy instead of recompute, and the KV of swapped-out requests; 0: none",
+            "swap_space_gb",
+        ),
+    )
+    g.add_argument(
+        "--preemption-mode",
+        choices=list(PREEMPTION_MODES),
+        help=_with_default(
+            "a preempted request's KV: recompute it later, swap it to the host tier and back, or auto (per "
+            "request, whichever is cheaper by the measured copy and prefill rates); swap needs "
+            "--swap-space-gb",
+            "preemption_mode",
         ),
     )
     g.add_argument(
@@ -188,6 +220,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             "max_num_batched_tokens",
             "policy",
             "fairness",
+            "fairness_preempt_gap",
+            "swap_space_gb",
+            "preemption_mode",
             "attention_backend",
             "num_threads",
             "seed",

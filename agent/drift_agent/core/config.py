@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
 from .fairness import Fairness
+from .preemption import PreemptionMode
 from .sampling_params import MAX_LOGPROBS
 from .sequence import SLO
 
@@ -127,6 +128,24 @@ class EngineConfig(BaseModel):
         "none",
         description="fair scheduling across clients: none (priority, then FCFS) or vtc (priority, then the "
         "least-served client's oldest request first, by a virtual token counter)",
+    )
+    fairness_preempt_gap: float = Field(
+        4096.0,
+        gt=0,
+        description="vtc: preempt a running request for a waiting one that cannot start when its client was "
+        "served this many weighted tokens (prompt 1, output 2 each) more",
+    )
+    swap_space_gb: float = Field(
+        0.0,
+        ge=0,
+        description="host-memory KV tier in GiB (pinned on CUDA): holds the cached blocks the device pool lets "
+        "go and the KV of swapped-out requests; 0: none",
+    )
+    preemption_mode: PreemptionMode = Field(
+        "auto",
+        description="what a preempted request does with its KV: recompute it later, swap it to the host tier "
+        "and back, or auto (per request, whichever the performance model says is cheaper); needs "
+        "swap_space_gb for swap",
     )
     partition: PartitionConfig = Field(
         default_factory=PartitionConfig, description="SM split between prefill and decode"

@@ -16,6 +16,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .errors import PromptTooLongError
 from .fairness import VirtualTokenCounter
+from .preemption import SwapCosts
 from .sequence import FinishReason, Sequence, SequenceStatus
 
 Phase = Literal["prefill", "decode", "mixed"]
@@ -37,6 +38,12 @@ class SchedulerConfig:
     # "vtc": the waiting queue orders by (priority, the client's virtual token counter, arrival) instead of
     # (priority, arrival), so a client flooding the queue cannot starve the others.
     fairness: str = _ENGINE["fairness"].default
+    # With fairness: a running request of a client served this many weighted tokens more than the client of
+    # the oldest waiting request, which cannot start, is preempted for it (one per step).
+    fairness_preempt_gap: float = _ENGINE["fairness_preempt_gap"].default
+    # recompute: a victim's KV is dropped; swap: copied to the host tier and back; auto: per victim, whichever
+    # `swap_costs` says is cheaper. Without a host tier every mode recomputes.
+    preemption_mode: str = _ENGINE["preemption_mode"].default
 
 
 @dataclass(slots=True)
@@ -94,9 +101,25 @@ class Scheduler:
         self.policy = policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Swapped out, in arrival order; and those whose KV is on its way back, per submission of copies.
+        self.swapped: deque[Sequence] = deque()
+        self.resuming: dict[int, list[Sequence]] = {}
+        self.num_resuming = 0
+        # A swapped-out sequence cannot come back for lack of blocks: new admissions wait, or it would starve.
+        self.admission_blocked = False
+        self.swap_costs = SwapCosts()
         self.num_preemptions = 0
+        self.num_swap_preemptions = 0
+        self.num_fairness_preemptions = 0
+        self.num_recomputed_tokens = 0  # KV tokens computed again after recompute preemptions
         self.watermark_blocks = int(config.kv_watermark * block_manager.num_blocks)
         self.vtc: VirtualTokenCounter | None = VirtualTokenCounter() if config.fairness == "vtc" else None
+
+    def set_fairness(self, fairness: str) -> None:
+        """Switch fair scheduling at run time; switching it on starts every client's counter at zero."""
+        if fairness != self.config.fairness:
+            self.config.fairness = fairness
+            self.vtc = VirtualTokenCounter() if fairness == "vtc" else None
 
     # ---- request lifecycle ---------------------------------------------------------------------------
     def check_fits(self, seq: Sequence) -> None:
@@ -147,13 +170,21 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.SWAPPED and seq in self.swapped:
+            self.swapped.remove(seq)
+            self.bm.free_host_blocks(seq)
         self.bm.free_seq(seq)
         seq.status = SequenceStatus.FINISHED
         seq.abort_pending = False
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped or self.num_resuming)
+
+    @property
+    def num_active(self) -> int:
+        """Sequences holding a sequence slot: running, or on their way back from the host tier."""
+        return len(self.running) + self.num_resuming
 
     @property
     def num_waiting(self) -> int:
@@ -174,8 +205,19 @@ class Scheduler:
         self.waiting.clear()
         self.waiting.extend(ordered)
 
-    def schedule(self, now: float) -> SchedulerOutput:
+    def begin_step(self) -> None:
+        """What every policy's step starts with: order the waiting queue (fairness), bring swapped-out
+        sequences back while the pool has room, and preempt for an under-served client."""
         self.order_waiting()
+        if self.swapped:
+            self.resume_swapped()
+        else:
+            self.admission_blocked = False
+        if self.vtc is not None and self.waiting and self.running:
+            self.preempt_for_fairness()
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        self.begin_step()
         out = self.policy.schedule(self, now)
         self.stamp_scheduled(out.batches, now)
         return out
@@ -196,8 +238,31 @@ class Scheduler:
         and the engine after a failed step). Raises AssertionError."""
         self.bm.check_invariants()
         queued: set[int] = set()
-        refs: dict[int, int] = {}
+        refs, host_refs = self.bm.held_by_copies()
         bs = self.bm.block_size
+        for seq in self.swapped:
+            if seq.status is not SequenceStatus.SWAPPED or seq.block_table or seq.in_flight:
+                raise AssertionError(
+                    f"swapped {seq} is {seq.status.value}, holds device blocks or is in flight"
+                )
+            if len(seq.host_block_table) != self.bm.blocks_needed(seq.num_computed_tokens):
+                raise AssertionError(f"swapped {seq} has {len(seq.host_block_table)} host blocks for its KV")
+            if id(seq) in queued:
+                raise AssertionError(f"{seq} is queued twice")
+            queued.add(id(seq))
+            for hb in seq.host_block_table:
+                host_refs[hb] = host_refs.get(hb, 0) + 1
+        resuming = [seq for seqs in self.resuming.values() for seq in seqs]
+        if len(resuming) != self.num_resuming:
+            raise AssertionError(f"{len(resuming)} sequences resuming, {self.num_resuming} counted")
+        for seq in resuming:
+            if seq.status is not SequenceStatus.SWAPPED or not seq.in_flight or seq.host_block_table:
+                raise AssertionError(f"resuming {seq} is {seq.status.value}, idle or still holds host blocks")
+            if id(seq) in queued:
+                raise AssertionError(f"{seq} is queued twice")
+            queued.add(id(seq))
+            for bid in seq.block_table:
+                refs[bid] = refs.get(bid, 0) + 1
         for seq in self.waiting:
             if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.in_flight:
                 raise AssertionError(f"waiting {seq} is {seq.status.value}, holds blocks or is in flight")
@@ -218,7 +283,13 @@ class Scheduler:
             if block.ref_count != refs.get(block.block_id, 0):
                 raise AssertionError(
                     f"block {block.block_id} has refcount {block.ref_count} but "
-                    f"{refs.get(block.block_id, 0)} running sequences hold it"
+                    f"{refs.get(block.block_id, 0)} sequences and copies hold it"
+                )
+        for block in self.bm.host.blocks if self.bm.host is not None else ():
+            if block.ref_count != host_refs.get(block.block_id, 0):
+                raise AssertionError(
+                    f"host block {block.block_id} has refcount {block.ref_count} but "
+                    f"{host_refs.get(block.block_id, 0)} swapped sequences and copies hold it"
                 )
 
     # ---- mechanics shared by policies ----------------------------------------------------------------
@@ -226,26 +297,29 @@ class Scheduler:
     def admission_reserve(self) -> int:
         """KV blocks an admission must leave free now (none when nothing runs, so any prompt that fits the
         pool can always start)."""
-        return self.watermark_blocks if self.running else 0
+        return self.watermark_blocks if self.running or self.num_resuming else 0
 
     def try_admit(self, seq: Sequence, max_new_tokens: int, whole_only: bool = False) -> ScheduledSeq | None:
         """Move waiting `seq` into running with up to `max_new_tokens` of its prompt scheduled (all of it
         or nothing when `whole_only`). Prefix-cache hits are skipped over. Returns None, changing nothing,
         if it does not fit with the watermark left free."""
-        if len(self.running) >= self.config.max_num_seqs or max_new_tokens <= 0:
+        if self.num_active >= self.config.max_num_seqs or max_new_tokens <= 0 or self.admission_blocked:
             return None
-        cached = self.bm.find_cached_prefix(seq)
-        n_cached = len(cached) * self.bm.block_size
+        hit = self.bm.lookup_prefix(seq)
+        n_cached = hit.num_blocks * self.bm.block_size
         if whole_only and seq.num_tokens - n_cached > max_new_tokens:
             return None
         n_new = min(seq.num_tokens - n_cached, max_new_tokens)
-        if not self.bm.allocate(seq, n_new, cached, reserve=self.admission_reserve):
+        if not self.bm.allocate(seq, n_new, hit, reserve=self.admission_reserve):
             return None
         if seq.num_cached_tokens < 0:  # count each request's lookup once, not again after a preemption
             seq.num_cached_tokens = n_cached
-            self.bm.record_prefix_lookup(seq.num_prompt_tokens, n_cached)
+            self.bm.record_prefix_lookup(seq.num_prompt_tokens, n_cached, len(hit.host) * self.bm.block_size)
             if self.vtc is not None:  # VTC charges the prompt when the request is first admitted
                 self.vtc.charge(seq.slo.client, prompt_tokens=seq.num_prompt_tokens)
+        if seq.num_dropped_tokens:
+            self.num_recomputed_tokens += max(0, seq.num_dropped_tokens - n_cached)
+            seq.num_dropped_tokens = 0
         seq.num_computed_tokens = n_cached
         self.waiting.remove(seq)
         self.running.append(seq)
@@ -267,11 +341,98 @@ class Scheduler:
         return ScheduledSeq(seq, seq.num_computed_tokens, num_new_tokens)
 
     def preempt(self, seq: Sequence) -> None:
-        """Recompute-style preemption: drop the KV (it stays in the prefix cache until evicted) and requeue
-        at the front, so the request resumes before newer ones."""
+        """Give back the blocks of running, not in-flight `seq`: swap its KV out to the host tier (see
+        `preemption_mode`), or drop it (it stays in the prefix cache until evicted, and goes to the host
+        tier if there is one) and requeue it at the front to recompute, so it resumes before newer ones."""
         assert not seq.in_flight, "cannot preempt a sequence whose batch is running"
+        if self._swaps(seq) and self.bm.swap_out(seq):
+            self.running.remove(seq)
+            seq.status = SequenceStatus.SWAPPED
+            seq.num_preemptions += 1
+            self.num_preemptions += 1
+            self.num_swap_preemptions += 1
+            # In arrival order: the oldest comes back first.
+            i = len(self.swapped)
+            while i and self.swapped[i - 1].times.arrival > seq.times.arrival:
+                i -= 1
+            self.swapped.insert(i, seq)
+            return
+        seq.num_dropped_tokens = seq.num_computed_tokens
         self.release(seq)
         self.requeue(seq)
+
+    def _swaps(self, seq: Sequence) -> bool:
+        mode = self.config.preemption_mode
+        if mode == "recompute" or self.bm.host is None or not seq.num_computed_tokens:
+            return False
+        if mode == "swap":
+            return True
+        return self.swap_costs.prefers_swap(
+            self.bm.blocks_needed(seq.num_computed_tokens), seq.num_computed_tokens
+        )
+
+    def resume_swapped(self) -> None:
+        """Start copying swapped-out sequences back, oldest first, while sequence slots and blocks (above the
+        watermark) last; they run once their copies are done (`copies_done`). The oldest one that cannot come
+        back blocks new admissions until it can."""
+        self.admission_blocked = False
+        while self.swapped and self.num_active < self.config.max_num_seqs:
+            seq = self.swapped[0]
+            ticket = self.bm.swap_in(seq, reserve=self.admission_reserve)
+            if ticket is None:
+                self.admission_blocked = True
+                return
+            self.swapped.popleft()
+            if not ticket:  # the device held all its KV still
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                self.bm.register_full_blocks(seq)
+                continue
+            seq.in_flight = True  # nothing may run or free it before its KV is back
+            self.resuming.setdefault(ticket, []).append(seq)
+            self.num_resuming += 1
+
+    def copies_done(self, ticket: int) -> list[Sequence]:
+        """A submission of copies landed: free what it held, and run the sequences it brought back. Returns
+        those that were aborted meanwhile (now finished)."""
+        self.bm.copies_done(ticket)
+        ended: list[Sequence] = []
+        for seq in self.resuming.pop(ticket, ()):
+            self.num_resuming -= 1
+            seq.in_flight = False
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if seq.abort_pending:
+                self._retire(seq)
+                ended.append(seq)
+            else:
+                self.bm.register_full_blocks(seq)
+        return ended
+
+    def preempt_for_fairness(self) -> None:
+        """VTC with preemption (FastSwitch's priority adjustment): when the oldest request of the least-served
+        waiting client cannot start (no sequence slot, or no blocks for its first chunk) and a running request's
+        client was served `fairness_preempt_gap` weighted tokens more, preempt that request (the newest of the
+        most-served client's). One per step, so a swap's copies can overlap the next."""
+        vtc, seq = self.vtc, self.waiting[0]
+        assert vtc is not None
+        first = min(seq.num_tokens, self.config.max_num_batched_tokens)
+        if self.num_active < self.config.max_num_seqs and self.bm.can_allocate(
+            seq, first, self.bm.lookup_prefix(seq), reserve=self.admission_reserve
+        ):
+            return
+        floor = vtc.counter(seq.slo.client) + self.config.fairness_preempt_gap
+        victims = [
+            s
+            for s in self.running
+            if not s.in_flight and s.slo.priority >= seq.slo.priority and vtc.counter(s.slo.client) > floor
+        ]
+        if victims:
+            top = max(vtc.counter(s.slo.client) for s in victims)
+            victim = [s for s in victims if vtc.counter(s.slo.client) == top][-1]
+            self.preempt(victim)
+            self.num_fairness_preemptions += 1
+            self.order_waiting()  # a recomputing victim was requeued at the front: it waits its turn
 
     # ---- sequences that move between instances (migration, disaggregated hand-off) --------------------------
     def adopt(self, seq: Sequence, *, reserved: bool = False) -> bool:

@@ -13,6 +13,7 @@ from .sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its KV in the host tier (or on its way back)
     FINISHED = "finished"
 
 
@@ -81,7 +82,9 @@ class Sequence:
     num_computed_tokens: int = field(init=False, default=0)
     num_cached_tokens: int = field(init=False, default=-1)  # prefix-cache hit at first admission
     num_preemptions: int = field(init=False, default=0)
+    num_dropped_tokens: int = field(init=False, default=0)  # KV dropped by its last recompute preemption
     block_table: list[int] = field(init=False, default_factory=list)
+    host_block_table: list[int] = field(init=False, default_factory=list)  # its KV while swapped out
     block_hashes: list[int] = field(init=False, default_factory=list)  # chained hash per full block
     num_registered_blocks: int = field(init=False, default=0)  # leading blocks published to the prefix cache
     in_flight: bool = field(init=False, default=False)  # part of a batch that has not completed yet

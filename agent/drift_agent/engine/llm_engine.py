@@ -33,6 +33,7 @@ from ..multiplex.policies import MuxContext, make_policy
 from ..partition import make_partitioner
 from ..partition.base import Split
 from .detokenizer import IncrementalDetokenizer
+from .kv_swap import KVCopier, allocate_host_pool, block_nbytes, host_blocks_for_budget
 from .model_runner import (
     CPU_DEFAULT_KV_GB,
     DTYPES,
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 # Steps in a row that may fail (each failing only its batch) before the engine counts as unusable: a fault
 # that hits every step would otherwise fail every request while the process looks alive.
 MAX_CONSECUTIVE_FAILED_STEPS = 8
+# Until measured: host <-> device KV copy rates (pinned PCIe on CUDA, memcpy on CPU) and seconds per prefill
+# token, for the `auto` preemption mode's first choices.
+NOMINAL_HOST_COPY_BYTES_PER_S = {"cuda": 20e9, "cpu": 5e9}
+NOMINAL_PREFILL_S_PER_TOKEN = {"cuda": 1e-4, "cpu": 1e-3}
 
 
 @dataclass
@@ -121,19 +126,35 @@ class LLMEngine:
         )
         # Grammars of structured outputs are built over the model's whole vocabulary (the logits' width).
         self.runner.structured = StructuredOutputs(self.tokenizer, model.vocab_size, self.eos_token_ids)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # The host KV tier and the copier that moves blocks to and from it (none without swap space).
+        self.kv_block_bytes = block_bytes = block_nbytes(self.runner.kv_pool)
+        num_host_blocks = host_blocks_for_budget(config.swap_space_gb, block_bytes)
+        self.copier: KVCopier | None = None
+        if num_host_blocks:
+            host_pool = allocate_host_pool(self.runner.kv_pool, num_host_blocks)
+            self.copier = KVCopier(self.runner.kv_pool, host_pool)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks
+        )
         sched_cfg = SchedulerConfig(
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=max_model_len,
             fairness=config.fairness,
+            fairness_preempt_gap=config.fairness_preempt_gap,
+            preemption_mode=config.preemption_mode,
         )
         self._mux: tuple[MuxContext, ModelMuxExecutor] | None = None  # built on first use
         self.trace = DecisionTrace(config.trace_path)
         self.scheduler = Scheduler(
             sched_cfg, self.block_manager, make_policy(config.policy, config, self._mux_context)
         )
+        # `auto` preemption starts from nominal rates (host link, a prefill token on this device) and follows
+        # the measured ones.
+        nominal_bw = NOMINAL_HOST_COPY_BYTES_PER_S[self.device.type]
+        self.scheduler.swap_costs.copy_s_per_block = block_bytes / nominal_bw
+        self.scheduler.swap_costs.recompute_s_per_token = NOMINAL_PREFILL_S_PER_TOKEN[self.device.type]
         self.requests: dict[str, _Request] = {}
         self._decisions: dict[str, int] = {}
         self._split: tuple[int, int] | None = None
@@ -357,7 +378,13 @@ class LLMEngine:
         self.runner.release(req.seq.seq_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self._pending_outputs)
+        return self.scheduler.has_unfinished or bool(self._pending_outputs) or self.copies_busy
+
+    @property
+    def copies_busy(self) -> bool:
+        """KV copies collected or in flight: steps must go on until they land and free their blocks."""
+        bm = self.block_manager
+        return bm.copies_outstanding > 0 or not bm.pending.is_empty
 
     # ---- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -389,11 +416,17 @@ class LLMEngine:
         return outputs
 
     def _step_sequential(self, now: float, outputs: list[RequestOutput]) -> None:
+        self._land_copies(outputs)
         sched_out = self.scheduler.schedule(now)
+        ticket = self._submit_copies()
         if sched_out.is_empty:
-            if self.scheduler.has_unfinished:
+            if self.copies_busy:  # waiting for KV to come back (or to be saved) is progress
+                self._land_copies(outputs, wait=True)
+            elif self.scheduler.has_unfinished:
                 raise EngineDeadError("scheduler made no progress with unfinished requests (a bug)")
             return
+        if ticket is not None:
+            self.copier.before_forward(ticket)
         self._in_flight = list(sched_out.batches)
         for batch in sched_out.batches:
             prompt_tokens = sum(i.num_new_tokens for i in batch.items if i.seq.is_prefilling)
@@ -462,7 +495,11 @@ class LLMEngine:
         if self._lanes is None:
             self._lanes = MuxLanes(self.scheduler)
         lanes = self._lanes
+        self._land_copies(outputs)
         launch = lanes.launch(now)
+        ticket = self._submit_copies()
+        if ticket is not None:  # the lanes run on their own streams: the host waits for the copies in
+            self.copier.wait(ticket)
         perf = self._mux[0].perf_model
         if launch.new_job is not None:
             executor.start_prefill(launch.new_job)
@@ -498,7 +535,9 @@ class LLMEngine:
                     decode_seqs=launch.decode.num_seqs if launch.decode is not None else 0,
                 )
         if not lanes.busy:
-            if self.scheduler.has_unfinished and not self.scheduler.running:
+            if self.copies_busy:
+                self._land_copies(outputs, wait=True)
+            elif self.scheduler.has_unfinished and not self.scheduler.running:
                 raise EngineDeadError(
                     f"multiplexed scheduler made no progress: {decision and decision.reason}"
                 )
@@ -542,6 +581,44 @@ class LLMEngine:
         step."""
         while self._lanes is not None and self._lanes.busy:
             self._post_lanes(self._mux[1].wait(), self._pending_outputs)
+
+    # ---- the host KV tier -----------------------------------------------------------------------------
+    def _submit_copies(self) -> int | None:
+        """Start the KV copies the step's scheduling asked for; the ticket a forward pass must wait for when
+        it reads blocks they copy in (prefix hits promoted from the host tier), else None."""
+        copies = self.block_manager.take_copies()
+        if copies is None:
+            return None
+        assert self.copier is not None, "KV copies without a host tier"
+        self.copier.submit(copies)
+        return copies.ticket if copies.blocking else None
+
+    def _land_copies(self, outputs: list[RequestOutput], wait: bool = False) -> None:
+        """Free what landed copies held and let the sequences they brought back run (`wait`: first submit
+        what is collected and block until everything in flight landed). A copy that failed leaves KV that
+        cannot be trusted anywhere it went: the engine is unusable."""
+        copier = self.copier
+        if copier is None or not self.copies_busy:
+            return
+        try:
+            if wait:
+                self._submit_copies()
+                copier.wait_all()
+            landed = copier.poll()
+        except Exception as exc:
+            self._die(exc)
+        for ticket in landed:
+            for seq in self.scheduler.copies_done(ticket):  # aborted while on its way back
+                req = self.requests.get(seq.request_id)
+                out = self._advance(req, time.monotonic()) if req is not None else None
+                if out is not None:
+                    outputs.append(out)
+        costs = self.scheduler.swap_costs
+        rate = copier.stats.rate_gbps("in")
+        if rate:
+            costs.copy_s_per_block = copier.block_bytes / (rate * 1e9)
+        if self.costs.prefill_s_per_token is not None:
+            costs.recompute_s_per_token = self.costs.prefill_s_per_token
 
     # ---- failures -------------------------------------------------------------------------------------
     def _fail_sampling(self) -> None:
@@ -642,7 +719,8 @@ class LLMEngine:
         its state says (tests, and after a failed step). Raises AssertionError."""
         sched = self.scheduler
         sched.check_invariants()
-        queued = {id(seq) for seq in sched.waiting} | {id(seq) for seq in sched.running}
+        queued = {id(seq) for seq in (*sched.waiting, *sched.running, *sched.swapped)}
+        queued |= {id(seq) for seqs in sched.resuming.values() for seq in seqs}
         for rid, req in self.requests.items():
             seq = req.seq
             if seq.is_finished or id(seq) not in queued:
@@ -736,10 +814,16 @@ class LLMEngine:
         partition: dict | None = None,
         slo_ttft_ms: float | None = None,
         slo_tpot_ms: float | None = None,
+        fairness: str | None = None,
+        preemption_mode: str | None = None,
     ) -> None:
-        """Change the policy, partition settings or default SLO targets at run time (between steps).
-        Validated as a whole first, so a bad value changes nothing."""
+        """Change the policy, partition settings, default SLO targets, fairness or preemption mode at run time
+        (between steps). Validated as a whole first, so a bad value changes nothing."""
         update: dict = {}
+        if fairness is not None:
+            update["fairness"] = fairness
+        if preemption_mode is not None:
+            update["preemption_mode"] = preemption_mode
         if policy is not None:
             update["policy"] = policy
         if partition is not None:
@@ -760,6 +844,8 @@ class LLMEngine:
             self._requeue_prefill_jobs()
             self._lanes = None
         self.config = new
+        self.scheduler.config.preemption_mode = new.preemption_mode
+        self.scheduler.set_fairness(new.fairness)
         if new_policy is not None:
             self.scheduler.policy = new_policy
         elif hasattr(self.scheduler.policy, "reconfigure"):
@@ -796,7 +882,31 @@ class LLMEngine:
             prefill_s_per_token=costs.prefill_s_per_token,
             decode_step_s=costs.decode_step_s,
             decode_batch=costs.decode_batch,
+            **self._tier_stats(),
         )
+
+    def _tier_stats(self) -> dict[str, Any]:
+        bm, sched = self.block_manager, self.scheduler
+        copies = self.copier.stats if self.copier is not None else None
+        return {
+            "num_host_kv_blocks": bm.num_host_blocks,
+            "num_free_host_kv_blocks": bm.num_free_host_blocks,
+            "num_swapped": len(sched.swapped) + sched.num_resuming,
+            "prefix_cache_host_hits": bm.prefix_host_hits,
+            "num_swap_preemptions": sched.num_swap_preemptions,
+            "num_fairness_preemptions": sched.num_fairness_preemptions,
+            "recomputed_tokens": sched.num_recomputed_tokens,
+            "kv_blocks_moved": {
+                "demoted": bm.demoted_blocks,
+                "promoted": bm.promoted_blocks,
+                "swapped_out": bm.swapped_out_blocks,
+                "swapped_in": bm.swapped_in_blocks,
+                "reused": bm.reused_blocks,
+            },
+            "kv_copies": dict(copies.copies) if copies else {},
+            "kv_copy_bytes": dict(copies.bytes) if copies else {},
+            "kv_copy_seconds": dict(copies.seconds) if copies else {},
+        }
 
     # ---- offline convenience ------------------------------------------------------------------------
     def generate(
@@ -832,6 +942,8 @@ class LLMEngine:
                         final[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
+            while self.copies_busy:  # blocks the last requests freed are still being saved to the host tier
+                self.step()
         finally:
             if bar is not None:
                 bar.close()

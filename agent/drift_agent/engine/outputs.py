@@ -65,6 +65,21 @@ class EngineStats:
     prefill_s_per_token: float | None = None
     decode_step_s: float | None = None
     decode_batch: int = 0
+    # The host KV tier (`swap_space_gb`; 0 blocks without one) and what preemption and fairness did.
+    num_host_kv_blocks: int = 0
+    num_free_host_kv_blocks: int = 0
+    num_swapped: int = 0  # preempted requests whose KV is in the host tier or on its way back
+    prefix_cache_host_hits: int = 0  # of the prefix-cache hits, tokens promoted from the host tier
+    num_swap_preemptions: int = 0
+    num_fairness_preemptions: int = 0
+    recomputed_tokens: int = 0  # KV computed again after recompute preemptions
+    # Blocks moved between the tiers, by why: demoted (cached blocks the pool let go), promoted (host prefix
+    # hits), swapped_out, swapped_in, reused (a swap that found the other tier holding the block already).
+    kv_blocks_moved: dict[str, int] = field(default_factory=dict)
+    # Per direction ("out": device to host, "in"): copies (runs of contiguous blocks), bytes, seconds.
+    kv_copies: dict[str, int] = field(default_factory=dict)
+    kv_copy_bytes: dict[str, int] = field(default_factory=dict)
+    kv_copy_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class StepCosts:

@@ -188,15 +188,15 @@ class MultiplexPolicy:
 
     def _prefill_request(self, sched: Scheduler, seq: Sequence) -> PrefillRequest:
         bm = sched.bm
-        cached = bm.find_cached_prefix(seq)
-        revived = sum(1 for b in cached if bm.blocks[b].ref_count == 0)
+        hit = bm.lookup_prefix(seq)  # host hits are copied in, not computed, but need device blocks
+        revived = sum(1 for b in hit.device if bm.blocks[b].ref_count == 0)
         return PrefillRequest(
             request_id=seq.request_id,
-            new_tokens=seq.num_tokens - len(cached) * bm.block_size,
-            cached_tokens=len(cached) * bm.block_size,
+            new_tokens=seq.num_tokens - hit.num_blocks * bm.block_size,
+            cached_tokens=hit.num_blocks * bm.block_size,
             arrival_s=seq.times.arrival,
             ttft_deadline_s=seq.times.arrival + (seq.slo.ttft or self.ctx.default_ttft_s),
-            kv_blocks=bm.blocks_needed(seq.num_tokens) - len(cached) + revived,
+            kv_blocks=bm.blocks_needed(seq.num_tokens) - len(hit.device) + revived,
             priority=seq.slo.priority,
         )
 
@@ -209,12 +209,12 @@ class MultiplexPolicy:
         the current `split`; otherwise nothing changes and the schedule is `deferred` (the lanes sync
         first)."""
         # Only as many as there are sequence slots: the rest wait for decodes to finish, not for prefill.
-        slots = sched.config.max_num_seqs - len(sched.running)
+        slots = sched.config.max_num_seqs - sched.num_active
         if decode_busy and self.active is None and self.paused is None and (not sched.waiting or slots <= 0):
             # No prefill work can start: the decision could only be taken back.
             return MuxSchedule(deferred=True)
         # With fairness the window the dispatcher sees holds the least-served clients' requests first.
-        sched.order_waiting()
+        sched.begin_step()
         waiting = list(itertools.islice(sched.waiting, max(0, min(slots, MAX_WAITING_CONSIDERED))))
         state = DispatchState(
             now_s=now,

@@ -1,4 +1,5 @@
-"""GET/PUT /admin/policy: the scheduling policy, partition settings and default SLO targets at run time.
+"""GET/PUT /admin/policy: the scheduling policy, partition settings, default SLO targets, fairness and
+preemption mode at run time; GET /admin/kv-cache: the KV tiers' sizes and what moved between them.
 
 PUT needs `Authorization: Bearer <DRIFT_ADMIN_TOKEN>` (401 without, 403 when wrong, 403 when the server has no
 token: run-time changes are then disabled). The body is checked against `EngineConfig`'s own types and bounds
@@ -21,6 +22,8 @@ from pydantic.fields import FieldInfo
 
 from ..commands.engine_args import config_error_message
 from ..core.config import SLO_SETTINGS, EngineConfig, PartitionConfig, PolicyName, field_bounds
+from ..core.fairness import Fairness
+from ..core.preemption import PreemptionMode
 from .auth import bearer_token
 from .errors import APIError, error_responses
 
@@ -57,10 +60,16 @@ class PolicyUpdate(BaseModel):
     policy: PolicyName | None = None
     partition: PartitionUpdate | None = None
     slo: SloUpdate | None = None
+    fairness: Fairness | None = None
+    preemption_mode: PreemptionMode | None = None
 
     def engine_settings(self) -> dict[str, Any]:
         """The change as `LLMEngine.update_settings` keywords (EngineConfig's names; None: unchanged)."""
-        settings: dict[str, Any] = {"policy": self.policy}
+        settings: dict[str, Any] = {
+            "policy": self.policy,
+            "fairness": self.fairness,
+            "preemption_mode": self.preemption_mode,
+        }
         if self.partition is not None:
             settings["partition"] = self.partition.model_dump(exclude_none=True)
         if self.slo is not None:
@@ -73,6 +82,51 @@ def policy_view(config: EngineConfig) -> dict[str, Any]:
         "policy": config.policy,
         "partition": config.partition.model_dump(),
         "slo": {name: getattr(config, key) for name, key in SLO_SETTINGS.items()},
+        "fairness": config.fairness,
+        "preemption_mode": config.preemption_mode,
+    }
+
+
+def kv_cache_view(engine: Any) -> dict[str, Any]:
+    """Both KV tiers' sizes and use, and what preemption and the host tier did."""
+    stats = engine.stats()
+    block_bytes, block_size = engine.kv_block_bytes, engine.config.block_size
+
+    def tier(blocks: int, free: int) -> dict[str, Any]:
+        return {
+            "blocks": blocks,
+            "free_blocks": free,
+            "tokens": blocks * block_size,
+            "bytes": blocks * block_bytes,
+        }
+
+    return {
+        "block_size": block_size,
+        "block_bytes": block_bytes,
+        "device": tier(stats.num_kv_blocks, stats.num_free_kv_blocks),
+        "host": tier(stats.num_host_kv_blocks, stats.num_free_host_kv_blocks),
+        "preemption_mode": engine.config.preemption_mode,
+        "swapped_requests": stats.num_swapped,
+        "preemptions": {
+            "total": stats.num_preemptions,
+            "swap": stats.num_swap_preemptions,
+            "fairness": stats.num_fairness_preemptions,
+        },
+        "recomputed_tokens": stats.recomputed_tokens,
+        "prefix_cache": {
+            "queries": stats.prefix_cache_queries,
+            "hits": stats.prefix_cache_hits,
+            "host_hits": stats.prefix_cache_host_hits,
+        },
+        "blocks_moved": stats.kv_blocks_moved,
+        "copies": {
+            direction: {
+                "copies": stats.kv_copies.get(direction, 0),
+                "bytes": stats.kv_copy_bytes.get(direction, 0),
+                "seconds": stats.kv_copy_seconds.get(direction, 0.0),
+            }
+            for direction in ("out", "in")
+        },
     }
 
 
@@ -109,6 +163,10 @@ def build_router() -> APIRouter:
     @router.get("/admin/policy")
     async def get_policy(request: Request) -> dict[str, Any]:
         return policy_view(request.app.state.drift.async_engine.engine.config)
+
+    @router.get("/admin/kv-cache")
+    async def get_kv_cache(request: Request) -> dict[str, Any]:
+        return kv_cache_view(request.app.state.drift.async_engine.engine)
 
     # The body is read by hand (authentication comes before validation), so FastAPI is told its schema.
     @router.put(

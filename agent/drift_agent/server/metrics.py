@@ -258,6 +258,65 @@ class _StateCollector(Collector):
     def describe(self) -> list:
         return []
 
+    @staticmethod
+    def _kv_tiers(stats: Any, name: str, dead: bool, gauge: Any, counter: Any) -> Iterator[Any]:
+        """The host KV tier, swap preemption and the copies between the tiers."""
+        yield gauge(
+            "drift_host_kv_cache_blocks_total", "Blocks in the host KV tier", stats.num_host_kv_blocks
+        )
+        if not dead:
+            yield gauge(
+                "drift_host_kv_cache_blocks_free",
+                "Free blocks in the host KV tier (cached prefixes count as free)",
+                stats.num_free_host_kv_blocks,
+            )
+            yield gauge(
+                "drift_num_requests_swapped",
+                "Preempted requests whose KV is in the host tier or on its way back",
+                stats.num_swapped,
+            )
+        yield counter(
+            "drift_prefix_cache_host_hits",
+            "Prompt tokens found in the host KV tier (copied back instead of recomputed)",
+            stats.prefix_cache_host_hits,
+        )
+        yield counter(
+            "drift_swap_preemptions", "Preemptions that swapped the KV out", stats.num_swap_preemptions
+        )
+        yield counter(
+            "drift_fairness_preemptions",
+            "Preemptions for a waiting request of an under-served client (fairness vtc)",
+            stats.num_fairness_preemptions,
+        )
+        yield counter(
+            "drift_recomputed_tokens",
+            "Tokens whose KV was computed again after a recompute preemption",
+            stats.recomputed_tokens,
+        )
+        moved = CounterMetricFamily(
+            "drift_kv_blocks_moved",
+            "KV blocks moved between the tiers, by reason: demoted (cached blocks the pool let go), promoted "
+            "(host prefix hits), swapped_out, swapped_in, reused (a swap found the block in the other tier)",
+            labels=["model_name", "reason"],
+        )
+        for reason, n in sorted(stats.kv_blocks_moved.items()):
+            moved.add_metric([name, reason], n)
+        yield moved
+        families = (
+            ("drift_kv_copies", "Copies between the tiers (runs of contiguous blocks)", stats.kv_copies),
+            ("drift_kv_copy_bytes", "Bytes copied between the tiers", stats.kv_copy_bytes),
+            ("drift_kv_copy_seconds", "Seconds spent copying between the tiers", stats.kv_copy_seconds),
+        )
+        for metric, doc, values in families:
+            family = CounterMetricFamily(
+                metric,
+                f"{doc}; direction out: device to host, in: host to device",
+                labels=["model_name", "direction"],
+            )
+            for direction in ("out", "in"):
+                family.add_metric([name, direction], values.get(direction, 0))
+            yield family
+
     def collect(self) -> Iterator[Any]:
         m, name = self.m, self.m.model_name
         stats = m.async_engine.stats()
@@ -313,6 +372,7 @@ class _StateCollector(Collector):
                 "Free blocks in the KV pool (cached prefixes count as free)",
                 stats.num_free_kv_blocks,
             )
+        yield from self._kv_tiers(stats, name, dead, gauge, counter)
         yield counter(
             "drift_prompt_tokens_computed",
             "Prompt tokens run through the model (cache hits excluded)",
