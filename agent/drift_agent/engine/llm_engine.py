@@ -614,7 +614,7 @@ class LLMEngine:
                 if out is not None:
                     outputs.append(out)
         costs = self.scheduler.swap_costs
-        rate = copier.stats.rate_gbps("in")
+        rate = copier.stats.rate_gbps("in") or copier.stats.rate_gbps("out")
         if rate:
             costs.copy_s_per_block = copier.block_bytes / (rate * 1e9)
         if self.costs.prefill_s_per_token is not None:
