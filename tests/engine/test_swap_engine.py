@@ -3,6 +3,7 @@ from the host tier, give exactly the outputs of an undisturbed run (greedy and s
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -52,16 +53,21 @@ def run(eng: LLMEngine, ps: list[list[int]], disturb: random.Random | None = Non
     return done
 
 
+@functools.cache
+def reference(seed: int, count: int) -> dict[str, list[int]]:
+    """The undisturbed outputs, computed once per prompt set."""
+    return run(engine(), prompts(seed, count))
+
+
 @pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
 @pytest.mark.parametrize("policy", ["chunked", "drift"])
 def test_outputs_survive_random_preemptions(mode: str, policy: str) -> None:
     ps = prompts(1, 4)
-    reference = run(engine(), ps)
     eng = engine(policy=policy, swap_space_gb=0.01, preemption_mode=mode)
     if mode == "auto":  # long requests swap, short ones recompute
         eng.scheduler.swap_costs.copy_s_per_block, eng.scheduler.swap_costs.recompute_s_per_token = 1.0, 0.6
         eng.copier.stats.rate_gbps = lambda direction: None  # keep those costs, whatever the copies measure
-    assert run(eng, ps, random.Random(3)) == reference
+    assert run(eng, ps, random.Random(3)) == reference(1, 4)
     sched, bm = eng.scheduler, eng.block_manager
     assert sched.num_preemptions > 5
     if mode == "swap":
@@ -77,10 +83,9 @@ def test_outputs_survive_random_preemptions(mode: str, policy: str) -> None:
 
 
 def test_a_tiny_pool_swaps_instead_of_recomputing() -> None:
-    ps = prompts(2, 4)
-    reference = run(engine(), ps)
+    ps = prompts(2, 3)
     eng = engine(num_kv_blocks=20, swap_space_gb=0.01, preemption_mode="swap")
-    assert run(eng, ps) == reference
+    assert run(eng, ps) == reference(2, 3)
     assert eng.scheduler.num_swap_preemptions > 0 and eng.scheduler.num_recomputed_tokens == 0
 
 
