@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import yaml
@@ -20,12 +21,14 @@ from drift_agent.core.config import SLO_SETTINGS, EngineConfig
 from drift_agent.server.settings import ServerSettings
 
 from . import constants as c
+from .diff import parse_quantity
 from .partition import Steering
 from .spec import LLMServiceSpec, SpecError
 
 # Settings the agent accepts live through PUT /admin/policy: changing them must not restart pods, so they
 # are left out of the config hash (the ConfigMap still carries them, for pods that start later).
-RUNTIME_KEYS = frozenset({"policy", "partition", "slo_ttft_ms", "slo_tpot_ms"})
+RUNTIME_KEYS = frozenset({"policy", "partition", "slo_ttft_ms", "slo_tpot_ms", "fairness", "preemption_mode"})
+_GIB = Decimal(2) ** 30
 
 _POD_SECURITY_CONTEXT: dict[str, Any] = {
     "runAsNonRoot": True,
@@ -107,6 +110,8 @@ def render_engine_config(spec: LLMServiceSpec) -> dict[str, Any]:
     config.update(
         policy=state["policy"],
         partition={**state["partition"], "backend": spec.partition.backend},
+        fairness=state["fairness"],
+        preemption_mode=state["preemption_mode"],
         **{SLO_SETTINGS[name]: value for name, value in state["slo"].items()},
     )
     if spec.model.served_model_name:
@@ -137,6 +142,8 @@ def runtime_state(spec: LLMServiceSpec, steering: Steering) -> dict[str, Any]:
             "fold_max_tokens": spec.partition.fold_max_tokens,
         },
         "slo": {name: getattr(spec.slo, name) for name in SLO_SETTINGS},
+        "fairness": spec.engine.fairness,
+        "preemption_mode": spec.engine.preemption_mode,
     }
 
 
@@ -214,9 +221,34 @@ def _quantities(values: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in values.items()}
 
 
+def _format_bytes(value: Decimal) -> str:
+    """Bytes as a quantity, in the largest binary unit that holds them exactly (fractions round up)."""
+    total = math.ceil(value)
+    for suffix, unit in (("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if total % unit == 0:
+            return f"{total // unit}{suffix}"
+    return str(total)
+
+
+def _plus_host_tier(spec: LLMServiceSpec, values: dict[str, str], kind: str, *, add_if_unset: bool) -> None:
+    """Add the host KV tier (`engine.swapSpaceGb`; pinned on CUDA, so it counts against the cgroup) to the
+    container's memory `kind` ("requests"/"limits"): the user's value is what everything else needs."""
+    tier = Decimal(str(spec.engine.swap_space_gb)) * _GIB
+    if tier <= 0 or ("memory" not in values and not add_if_unset):
+        return
+    base = parse_quantity(values.get("memory", 0))
+    if base is None:
+        raise SpecError(f"spec.resources.{kind}.memory: {values['memory']!r} is not a quantity")
+    values["memory"] = _format_bytes(base + tier)
+
+
 def _container_resources(spec: LLMServiceSpec) -> dict[str, Any]:
     requests = _quantities(spec.resources.requests)
     limits = _quantities(spec.resources.limits)
+    # The request always reserves the tier; a limit grows only where there is one (none: unbounded). An
+    # unset request defaults to the limit, so with only a limit the request is the limit, tier included.
+    _plus_host_tier(spec, limits, "limits", add_if_unset=False)
+    _plus_host_tier(spec, requests, "requests", add_if_unset="memory" not in limits)
     if spec.resources.gpus_per_replica > 0:
         # Extended resources are requested through limits (requests default to them and must be equal).
         limits[spec.resources.gpu_resource_name] = str(spec.resources.gpus_per_replica)

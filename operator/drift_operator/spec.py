@@ -26,6 +26,8 @@ from drift_agent.core.config import (
     PolicyName,
     field_bounds,
 )
+from drift_agent.core.fairness import Fairness
+from drift_agent.core.preemption import PreemptionMode
 from drift_agent.routing.policies import DEFAULT_ROUTER
 
 from .constants import ANNOTATION_REPLICAS_OWNER, DEFAULT_IMAGE
@@ -107,6 +109,12 @@ class EngineSpec(_CRModel):
     block_size: int = _engine("block_size")
     num_kv_blocks: int | None = _engine("num_kv_blocks")
     kv_cache_memory_gb: float | None = _engine("kv_cache_memory_gb")
+    # Host-memory KV tier: the operator adds it to the container's memory request (and limit, when set).
+    swap_space_gb: float = _engine("swap_space_gb")
+    # Pushed live through PUT /admin/policy (no restart), as the policy is.
+    preemption_mode: PreemptionMode = _engine("preemption_mode")
+    fairness: Fairness = _engine("fairness")
+    fairness_preempt_gap: float = _engine("fairness_preempt_gap")
     gpu_memory_utilization: float = _engine("gpu_memory_utilization")
     max_num_seqs: int = _engine("max_num_seqs")
     max_num_batched_tokens: int = _engine("max_num_batched_tokens")

@@ -72,6 +72,9 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("negative-replicas", {"replicas": -1}, "spec.replicas"),
     ("unknown-router-policy", {"router": {"policy": "hash"}}, 'Unsupported value: "hash"'),
     ("zero-router-replicas", {"router": {"replicas": 0}}, "spec.router.replicas"),
+    ("unknown-preemption-mode", {"engine": {"preemptionMode": "evict"}}, 'Unsupported value: "evict"'),
+    ("unknown-fairness", {"engine": {"fairness": "wfq"}}, 'Unsupported value: "wfq"'),
+    ("negative-swap-space", {"engine": {"swapSpaceGb": -1}}, "spec.engine.swapSpaceGb"),
     # A typo is not silently pruned: kubectl asks the server for strict field validation.
     ("unknown-field", {"scaling": {"maxReplica": 3}}, 'unknown field "spec.scaling.maxReplica"'),
 ]
@@ -116,5 +119,16 @@ def test_valid_minimal_spec_is_defaulted_by_the_api_server(namespace: str) -> No
     assert spec["model"]["source"] == "embedded"
     assert spec["scaling"]["minReplicas"] == 1 and spec["scaling"]["maxReplicas"] == 4
     assert spec["slo"]["window"] == "5m"
+    engine = spec["engine"]
+    assert (engine["swapSpaceGb"], engine["preemptionMode"], engine["fairness"]) == (0, "auto", "none")
     # The router: on by default (maxReplicas 4 > 1) through the operator; the server fills policy and replicas.
     assert spec["router"] == {"policy": "prefix-affinity", "replicas": 2}
+
+
+def test_host_tier_and_fairness_settings_are_accepted(namespace: str) -> None:
+    engine = {"swapSpaceGb": 1.5, "preemptionMode": "swap", "fairness": "vtc", "fairnessPreemptGap": 512}
+    obj = llmservice("tiered", namespace, {"engine": engine})
+    result = run_kubectl("apply", "-f", "-", stdin=yaml.safe_dump(obj))
+    assert result.returncode == 0, result.stderr
+    stored = get_obj(LLMS, "tiered", namespace)["spec"]["engine"]
+    assert {key: stored[key] for key in engine} == engine

@@ -193,6 +193,34 @@ async def test_agents_are_pushed_once_per_change_and_4xx_is_not_retried(
     assert len(cluster.events("AgentRejectedPolicy")) == 1
 
 
+async def test_fairness_and_preemption_mode_are_pushed_live_without_a_restart(
+    cluster: Cluster, operator: Any, agents: Any
+) -> None:
+    cluster.add_llmservice("chat", {"replicas": 1, **FAST})
+    await eventually(lambda: _must(cluster.get(DEPLOYMENTS, "chat")))
+    cluster.mark_deployment_ready("chat", 1)
+    agent = await agents(ttft_met_fraction=1.0, tpot_met_fraction=1.0)
+    cluster.add_agent_pod("chat", agent)
+    await eventually(lambda: _must(agent.policy_puts or None))
+    assert agent.policy_puts[0]["body"]["fairness"] == "none"
+    hash_key = "serving.drift.dev/config-hash"
+    before = _must(cluster.get(DEPLOYMENTS, "chat"))["spec"]["template"]["metadata"]["annotations"][hash_key]
+
+    await cluster.patch_llmservice(
+        "chat", {"spec": {"engine": {"fairness": "vtc", "preemptionMode": "swap"}}}
+    )
+    put = await eventually(lambda: [p for p in agent.policy_puts if p["body"]["fairness"] == "vtc"][0])
+    assert put["body"]["preemption_mode"] == "swap"
+    # engine.yaml follows too (for pods that start later), and the pod template's hash does not.
+    await eventually(
+        lambda: _must(
+            "fairness: vtc" in cluster.get(CONFIGMAPS, "chat-engine")["data"]["engine.yaml"] or None
+        )
+    )
+    deployment = _must(cluster.get(DEPLOYMENTS, "chat"))
+    assert deployment["spec"]["template"]["metadata"]["annotations"][hash_key] == before  # no restart
+
+
 async def test_external_autoscaler_keeps_replicas_and_steers_partition(
     cluster: Cluster, operator: Any, agents: Any
 ) -> None:

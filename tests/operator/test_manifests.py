@@ -92,6 +92,10 @@ def _sample(name: str = "x", **spec: Any) -> dict[str, Any]:
         ({"scaling": {"minReplicas": 0}}, "less than the minimum"),
         ({"monitoring": {"prometheusUrl": "prometheus:9090"}}, "does not match"),
         ({"engine": {"blockSize": 4096}}, "greater than the maximum"),
+        ({"engine": {"preemptionMode": "evict"}}, "is not one of"),
+        ({"engine": {"fairness": "wfq"}}, "is not one of"),
+        ({"engine": {"swapSpaceGb": -1}}, "less than the minimum"),
+        ({"engine": {"fairnessPreemptGap": 0}}, "less than or equal to the minimum"),
         ({"modle": {}}, "unknown field .spec.modle"),
         ({"engine": {"maxBatch": 3}}, "unknown field .spec.engine.maxBatch"),
     ],
@@ -141,6 +145,9 @@ def test_crd_defaults_fill_an_empty_spec(crd: dict[str, Any]) -> None:
     assert spec["slo"] == {"ttftMs": 1000, "tpotMs": 100, "attainmentTarget": 0.9, "window": "5m"}
     assert spec["partition"]["mode"] == "auto" and spec["scaling"]["replicasOwner"] == "operator"
     assert spec["model"] == {"source": "embedded"}
+    engine = spec["engine"]
+    assert (engine["swapSpaceGb"], engine["preemptionMode"]) == (0, "auto")
+    assert (engine["fairness"], engine["fairnessPreemptGap"]) == ("none", 4096)
 
 
 def test_crd_has_scale_status_and_printer_columns(crd: dict[str, Any]) -> None:

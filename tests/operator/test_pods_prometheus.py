@@ -57,6 +57,8 @@ def test_runtime_state_body() -> None:
             "fold_max_tokens": 2048,
         },
         "slo": {"ttft_ms": 300.0, "tpot_ms": 30.0},
+        "fairness": "none",
+        "preemption_mode": "auto",
     }
 
 
@@ -64,8 +66,16 @@ def test_runtime_state_is_what_the_agent_admin_api_accepts() -> None:
     """The agent's PUT /admin/policy model forbids unknown keys: every key the operator pushes must be one."""
     from drift_agent.server.admin import PolicyUpdate
 
-    spec = parse_spec({"policy": "drift", "partition": {"mode": "static", "foldMaxTokens": 0}})
+    spec = parse_spec(
+        {
+            "policy": "drift",
+            "partition": {"mode": "static", "foldMaxTokens": 0},
+            "engine": {"fairness": "vtc", "preemptionMode": "recompute"},
+        }
+    )
     update = PolicyUpdate.model_validate(runtime_state(spec, Steering(0.4, 0.2)))
+    assert update.engine_settings()["fairness"] == "vtc"
+    assert update.engine_settings()["preemption_mode"] == "recompute"
     assert update.partition is not None and update.partition.fold_max_tokens == 0
     assert update.partition.prefill_sm_share == 0.4 and update.policy == "drift"
     assert update.partition.tpot_margin == 0.2

@@ -286,6 +286,73 @@ def test_engine_config_is_what_the_agent_loads(tmp_path: Path) -> None:
     assert loaded.served_model_name == "chat-model"
 
 
+def test_host_tier_preemption_and_fairness_reach_the_agent(tmp_path: Path) -> None:
+    raw = {
+        "engine": {"swapSpaceGb": 8, "preemptionMode": "swap", "fairness": "vtc", "fairnessPreemptGap": 512},
+    }
+    config = _children(raw).configmap["data"]["engine.yaml"]
+    path = tmp_path / "engine.yaml"
+    path.write_text(config)
+    loaded = EngineConfig.from_sources(path)
+    assert (loaded.swap_space_gb, loaded.preemption_mode) == (8, "swap")
+    assert (loaded.fairness, loaded.fairness_preempt_gap) == ("vtc", 512)
+    # The two the agent takes live are in the PUT /admin/policy body too (pods already running get them so).
+    spec = parse_spec(raw)
+    body = runtime_state(spec, Steering(0.5, 0.0))
+    assert (body["fairness"], body["preemption_mode"]) == ("vtc", "swap")
+
+
+@pytest.mark.parametrize(
+    "resources,expected",
+    [
+        # The user's memory is what everything else needs: the host tier comes on top of request and limit.
+        (
+            {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "48Gi"}},
+            {"requests": {"cpu": "4", "memory": "40Gi"}, "limits": {"memory": "56Gi"}},
+        ),
+        # No limit stays no limit; the request still reserves the tier.
+        ({"requests": {"memory": "512Mi"}}, {"requests": {"memory": "8704Mi"}}),
+        ({}, {"requests": {"memory": "8Gi"}}),
+        ({"requests": {"cpu": "2"}}, {"requests": {"cpu": "2", "memory": "8Gi"}}),
+        # Only a limit: the API server defaults the request to it (tier included), so none is added.
+        ({"limits": {"memory": "16Gi"}}, {"limits": {"memory": "24Gi"}}),
+        # Decimal units and plain byte counts are summed exactly.
+        ({"requests": {"memory": "4G"}}, {"requests": {"memory": "12294858Ki"}}),  # 4e9 + 8 * 2^30 bytes
+        ({"requests": {"memory": "100000001"}}, {"requests": {"memory": "8689934593"}}),
+        ({"requests": {"memory": 1073741824}}, {"requests": {"memory": "9Gi"}}),
+    ],
+)
+def test_host_tier_is_added_to_the_container_memory(
+    resources: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    deployment = _children({"engine": {"swapSpaceGb": 8}, "resources": resources}).deployment
+    assert _container(deployment)["resources"] == expected
+    kubernetes_validate.validate(yaml.safe_load(yaml.safe_dump(deployment)), "1.30", strict=True)
+
+
+def test_memory_is_left_alone_without_a_host_tier() -> None:
+    assert _container(_children({}).deployment)["resources"] == {}
+    resources = {"requests": {"memory": "4Gi"}, "limits": {"memory": "6Gi"}}
+    assert _container(_children({"resources": resources}).deployment)["resources"] == resources
+
+
+def test_host_tier_with_gpus_and_fractional_sizes() -> None:
+    raw = {
+        "engine": {"swapSpaceGb": 1.5},
+        "resources": {"gpusPerReplica": 1, "requests": {"memory": "32Gi"}, "limits": {"memory": "48Gi"}},
+    }
+    assert _container(_children(raw).deployment)["resources"] == {
+        "requests": {"memory": "34304Mi"},  # 33.5 GiB
+        "limits": {"memory": "50688Mi", "nvidia.com/gpu": "1"},  # 49.5 GiB
+    }
+
+
+def test_an_unreadable_memory_quantity_with_a_host_tier_is_a_spec_error() -> None:
+    spec = parse_spec({"engine": {"swapSpaceGb": 2}, "resources": {"limits": {"memory": "lots"}}})
+    with pytest.raises(SpecError, match=r"spec.resources.limits.memory: 'lots' is not a quantity"):
+        render_children(OWNER, spec, "operator", True)
+
+
 def test_engine_yaml_starts_where_the_runtime_push_does() -> None:
     """engine.yaml's runtime settings and the PUT /admin/policy body come from one function: a pod that starts
     later runs what the loop would push it at the spec's starting point."""
@@ -295,6 +362,7 @@ def test_engine_yaml_starts_where_the_runtime_push_does() -> None:
     assert config["policy"] == body["policy"]
     assert config["partition"] == {**body["partition"], "backend": spec.partition.backend}
     assert {name: config[key] for name, key in SLO_SETTINGS.items()} == body["slo"]
+    assert (config["fairness"], config["preemption_mode"]) == (body["fairness"], body["preemption_mode"])
 
 
 def test_engine_config_rejections_become_spec_errors() -> None:
@@ -317,8 +385,11 @@ def test_config_hash_ignores_settings_pushed_live() -> None:
     assert digest({"partition": {"prefillSmShare": 0.6}}) == reference
     assert digest({"slo": {"ttftMs": 300}}) == reference
     assert digest({"partition": {"foldMaxTokens": 0}}) == reference
+    assert digest({"engine": {"fairness": "vtc", "preemptionMode": "recompute"}}) == reference
     # Anything the engine reads only at start-up rolls the pods.
     assert digest({"engine": {"maxNumSeqs": 8}}) != reference
+    assert digest({"engine": {"swapSpaceGb": 4}}) != reference  # the host tier is allocated at start-up
+    assert digest({"engine": {"fairnessPreemptGap": 100}}) != reference
     assert digest({"partition": {"backend": "mps"}}) != reference
     assert digest({"model": {"source": "image", "path": "/m"}}) != reference
 

@@ -52,6 +52,44 @@ def test_invalid_specs_give_one_line_reasons(raw: dict[str, Any], fragment: str)
     assert "\n" not in str(info.value)
 
 
+def test_host_tier_preemption_and_fairness_settings() -> None:
+    spec = parse_spec(
+        {
+            "engine": {
+                "swapSpaceGb": 8.5,
+                "preemptionMode": "swap",
+                "fairness": "vtc",
+                "fairnessPreemptGap": 1024,
+            }
+        }
+    )
+    engine = spec.engine
+    assert (engine.swap_space_gb, engine.preemption_mode) == (8.5, "swap")
+    assert (engine.fairness, engine.fairness_preempt_gap) == ("vtc", 1024)
+    # Unset: the agent's defaults (no host tier, auto preemption, no fairness).
+    default = parse_spec({}).engine
+    assert (default.swap_space_gb, default.preemption_mode, default.fairness) == (0, "auto", "none")
+
+
+@pytest.mark.parametrize(
+    "engine,fragment",
+    [
+        (
+            {"preemptionMode": "evict"},
+            "spec.engine.preemptionMode: Input should be 'recompute', 'swap' or 'auto'",
+        ),
+        ({"fairness": "wfq"}, "spec.engine.fairness: Input should be 'none' or 'vtc'"),
+        ({"swapSpaceGb": -1}, "spec.engine.swapSpaceGb: Input should be greater than or equal to 0"),
+        ({"fairnessPreemptGap": 0}, "spec.engine.fairnessPreemptGap: Input should be greater than 0"),
+        ({"swapSpaceGB": 4}, "spec.engine.swapSpaceGB: Extra inputs are not permitted"),  # camelCase is Gb
+    ],
+)
+def test_bad_host_tier_and_fairness_settings_name_the_field(engine: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({"engine": engine})
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
 def test_duration_parsing() -> None:
     assert parse_duration("90s") == 90 and parse_duration("5m") == 300 and parse_duration("2h") == 7200
     with pytest.raises(ValueError):
