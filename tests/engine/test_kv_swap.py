@@ -9,13 +9,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from drift_agent.core.kv_copies import CopyRun, KVCopies
+from drift_agent.core.kv_copies import CopyRun, KVCopies, host_blocks_for_budget
 from drift_agent.engine.kv_swap import (
     CopyStats,
     KVCopier,
     allocate_host_pool,
     block_nbytes,
-    host_blocks_for_budget,
 )
 
 SHAPE = (2, 3, 16, 4, 2, 8)  # (k/v, layers, blocks, block_size, kv_heads, head_dim)

@@ -47,8 +47,15 @@ class _Holds:
 
 class BlockManager:
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        num_host_blocks: int = 0,
+        host_prefix_cache: bool = True,
     ) -> None:
+        """`host_prefix_cache=False`: the host tier only holds swapped-out sequences (released blocks are not
+        saved there and prefix lookups stop at the device), to tell its two uses apart in a study."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         if num_host_blocks < 0:
@@ -57,6 +64,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.device = BlockPool(num_blocks, "device")
         self.host: BlockPool | None = BlockPool(num_host_blocks, "host") if num_host_blocks else None
+        self.host_prefix_cache = host_prefix_cache and self.host is not None
         self.num_blocks = num_blocks
         self.blocks = self.device.blocks
         self.pending = KVCopies()  # collected since the engine last took them
@@ -125,7 +133,7 @@ class BlockManager:
             h = seq.block_hashes[i]
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             bid = tier.lookup(h, parent, tokens)
-            if bid is None and tier is self.device and self.host is not None:
+            if bid is None and tier is self.device and self.host_prefix_cache:
                 tier, found = self.host, hit.host
                 bid = tier.lookup(h, parent, tokens)
             if bid is None:
@@ -232,7 +240,7 @@ class BlockManager:
         """Drop the sequence's references. Tail blocks are freed first so they are evicted first: a later
         request is likelier to share the head of a prompt than its tail. With a host tier, cached blocks this
         frees are copied there first (they are free once the copy is done)."""
-        device, host = self.device, self.host
+        device, host = self.device, self.host if self.host_prefix_cache else None
         demote: list[int] = []
         for bid in reversed(seq.block_table):
             block = device.blocks[bid]

@@ -70,11 +70,14 @@ class BlockPool:
             del empty[:k]
         else:
             taken = []
-        popitem = self.cached.popitem
-        for _ in range(n - k):
-            bid = popitem(last=False)[0]
-            self.drop_content(blocks[bid])
-            taken.append(bid)
+        if n > k:
+            popitem = self.cached.popitem
+            evicted = [popitem(last=False)[0] for _ in range(n - k)]
+            for bid in evicted:
+                self.drop_content(blocks[bid])
+            # In id order: neighbours in the LRU are often neighbours in the pool (released together), and a
+            # request's table in ascending order makes them one run for a copy.
+            taken += sorted(evicted)
         for bid in taken:
             blocks[bid].ref_count = 1
         return taken

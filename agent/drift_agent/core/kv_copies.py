@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Direction = Literal["out", "in"]  # out: device -> host, in: host -> device
+DIRECTIONS: tuple[Direction, Direction] = ("out", "in")  # a submission's order: every copy out first
+
+
+def host_blocks_for_budget(gib: float, block_bytes: int) -> int:
+    """Host-tier blocks of `block_bytes` in `gib` GiB (`--swap-space-gb`), as the engine and the simulator
+    size the tier."""
+    if gib < 0 or block_bytes <= 0:
+        raise ValueError(f"need gib >= 0 and block bytes > 0, got {gib} and {block_bytes}")
+    return int(gib * (1 << 30)) // block_bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -378,6 +378,8 @@ class Scheduler:
         self.admission_blocked = False
         while self.swapped and self.num_active < self.config.max_num_seqs:
             seq = self.swapped[0]
+            if self._yields_to_waiting(seq):
+                return
             ticket = self.bm.swap_in(seq, reserve=self.admission_reserve)
             if ticket is None:
                 self.admission_blocked = True
@@ -391,6 +393,17 @@ class Scheduler:
             seq.in_flight = True  # nothing may run or free it before its KV is back
             self.resuming.setdefault(ticket, []).append(seq)
             self.num_resuming += 1
+
+    def _yields_to_waiting(self, seq: Sequence) -> bool:
+        """With fairness, a swapped-out request of a client served `fairness_preempt_gap` more than the oldest
+        waiting request's client stays out until that one started: it may have been preempted for it, and
+        coming back first would only get it preempted again."""
+        vtc = self.vtc
+        if vtc is None or not self.waiting:
+            return False
+        head = self.waiting[0]
+        gap = self.config.fairness_preempt_gap
+        return vtc.counter(seq.slo.client) > vtc.counter(head.slo.client) + gap
 
     def copies_done(self, ticket: int) -> list[Sequence]:
         """A submission of copies landed: free what it held, and run the sequences it brought back. Returns
@@ -416,10 +429,12 @@ class Scheduler:
         most-served client's). One per step, so a swap's copies can overlap the next."""
         vtc, seq = self.vtc, self.waiting[0]
         assert vtc is not None
+        if self.admission_blocked:  # a swapped-out request comes back first: nothing could start anyway
+            return
         first = min(seq.num_tokens, self.config.max_num_batched_tokens)
-        if self.num_active < self.config.max_num_seqs and self.bm.can_allocate(
-            seq, first, self.bm.lookup_prefix(seq), reserve=self.admission_reserve
-        ):
+        bm, hit = self.bm, self.bm.lookup_prefix(seq)
+        reserve = self.admission_reserve
+        if self.num_active < self.config.max_num_seqs and bm.can_allocate(seq, first, hit, reserve=reserve):
             return
         floor = vtc.counter(seq.slo.client) + self.config.fairness_preempt_gap
         victims = [
@@ -430,6 +445,11 @@ class Scheduler:
         if victims:
             top = max(vtc.counter(s.slo.client) for s in victims)
             victim = [s for s in victims if vtc.counter(s.slo.client) == top][-1]
+            # Only when its blocks (those no one else holds) let the waiting request start: otherwise the
+            # preemption costs the victim its progress and helps no one.
+            freed = sum(1 for b in victim.block_table if bm.blocks[b].ref_count == 1)
+            if not bm.can_allocate(seq, first, hit, reserve=reserve - freed):
+                return
             self.preempt(victim)
             self.num_fairness_preemptions += 1
             self.order_waiting()  # a recomputing victim was requeued at the front: it waits its turn

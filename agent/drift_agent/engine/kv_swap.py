@@ -22,11 +22,9 @@ from typing import Any
 
 import torch
 
-from ..core.kv_copies import CopyRun, Direction, KVCopies
+from ..core.kv_copies import DIRECTIONS, CopyRun, Direction, KVCopies
 
 log = logging.getLogger(__name__)
-
-DIRECTIONS: tuple[Direction, Direction] = ("out", "in")
 
 
 def block_nbytes(pool: torch.Tensor) -> int:
@@ -48,13 +46,6 @@ def allocate_host_pool(device_pool: torch.Tensor, num_blocks: int) -> torch.Tens
                 e,
             )
     return torch.empty(shape, dtype=device_pool.dtype)
-
-
-def host_blocks_for_budget(gib: float, per_block_bytes: int) -> int:
-    """How many blocks of `per_block_bytes` fit in `gib` GiB of host memory."""
-    if gib < 0 or per_block_bytes <= 0:
-        raise ValueError(f"need gib >= 0 and per_block_bytes > 0, got {gib} and {per_block_bytes}")
-    return int(gib * (1 << 30)) // per_block_bytes
 
 
 def _per_direction(factory: Any) -> Any:

@@ -22,6 +22,7 @@ from ..core.errors import (
     RequestFailedError,
     is_fatal_error,
 )
+from ..core.kv_copies import host_blocks_for_budget
 from ..core.sampling_params import SamplingParams
 from ..core.scheduler import Batch, Scheduler, SchedulerConfig
 from ..core.sequence import SLO, FinishReason, RequestTimes, Sequence
@@ -33,7 +34,7 @@ from ..multiplex.policies import MuxContext, make_policy
 from ..partition import make_partitioner
 from ..partition.base import Split
 from .detokenizer import IncrementalDetokenizer
-from .kv_swap import KVCopier, allocate_host_pool, block_nbytes, host_blocks_for_budget
+from .kv_swap import KVCopier, allocate_host_pool, block_nbytes
 from .model_runner import (
     CPU_DEFAULT_KV_GB,
     DTYPES,

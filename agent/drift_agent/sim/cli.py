@@ -25,6 +25,7 @@ from ..bench.metrics import goodput_item
 from ..bench.workloads import WORKLOADS
 from ..core.config import POLICIES
 from ..core.fairness import FAIRNESS
+from ..core.preemption import PREEMPTION_MODES
 from ..routing.policies import ROUTERS
 from .instance import InstanceConfig
 
@@ -103,6 +104,44 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
         metavar="N",
         help="spread the workload's sessions over N clients (by a hash of the session id) for --fairness; "
         "default 1 (one anonymous client)",
+    )
+    e.add_argument(
+        "--fairness-preempt-gap",
+        type=positive_float,
+        default=InstanceConfig.fairness_preempt_gap,
+        metavar="TOKENS",
+        help="vtc: preempt a running request for a waiting one that cannot start when its client was served "
+        "this many weighted tokens more",
+    )
+    e.add_argument(
+        "--swap-space-gb",
+        type=non_negative_float,
+        default=InstanceConfig.swap_space_gb,
+        metavar="GIB",
+        help="host KV tier per GPU (swap preemption, and a host prefix cache of the blocks the GPU lets go); "
+        "copies cost time over the device's host link; default 0 (none)",
+    )
+    e.add_argument(
+        "--preemption-mode",
+        choices=list(PREEMPTION_MODES),
+        default=InstanceConfig.preemption_mode,
+        help="a preempted request's KV: recompute later, swap to the host tier and back, or auto (per "
+        "request, the cheaper by the model); without --swap-space-gb every mode recomputes",
+    )
+    e.add_argument(
+        "--host-bandwidth",
+        type=positive_float,
+        default=None,
+        metavar="GB/S",
+        help="host link per GPU, one way (default: the device's PCIe figure, e.g. 64 for Gen5 x16); the "
+        "copies reach 80%% of it",
+    )
+    e.add_argument(
+        "--host-prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the host tier also keeps the cached blocks the GPU lets go and serves prefix hits from them "
+        "(default); --no-host-prefix-cache: it holds swapped-out requests only (simulator only)",
     )
     e.add_argument("--block-size", type=positive_int, default=16)
     e.add_argument(
@@ -325,6 +364,11 @@ def _setup(args: argparse.Namespace, specs: list[Any]) -> Any:
         slo_ttft_ms=slo.ttft_ms or InstanceConfig.slo_ttft_ms,
         slo_tpot_ms=slo.tpot_ms or InstanceConfig.slo_tpot_ms,
         fairness=args.fairness,
+        fairness_preempt_gap=args.fairness_preempt_gap,
+        swap_space_gb=args.swap_space_gb,
+        preemption_mode=args.preemption_mode,
+        host_bw=args.host_bandwidth * 1e9 if args.host_bandwidth is not None else None,
+        host_prefix_cache=args.host_prefix_cache,
         cluster=cluster,
     )
     return setup.with_instance(fast_forward=not args.no_fast_forward)
@@ -368,6 +412,26 @@ def _workload_config(args: argparse.Namespace, specs: list[Any]) -> dict[str, An
 
 def _fmt(v: Any, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}"
+
+
+def _tier_line(stats: dict[str, Any]) -> str:
+    """Preemptions and the host tier's traffic of one run, where there were any."""
+    parts = []
+    if stats.get("preemptions"):
+        parts.append(
+            f"{stats['preemptions']} preemptions ({stats['swap_preemptions']} swapped, "
+            f"{stats['fairness_preemptions']} for fairness), {stats['recomputed_tokens']} tokens recomputed"
+        )
+    tier = stats.get("host_tier")
+    if tier:
+        out, inn = tier["copies_out"], tier["copies_in"]
+        run = tier["mean_copy_run_blocks"]
+        parts.append(
+            f"host tier: {tier['prefix_host_hit_tokens']} prefix-hit tokens, "
+            f"{(out['bytes'] + inn['bytes']) / 1e9:.2f} GB copied in {out['copy_s'] + inn['copy_s']:.3f} s"
+            + (f" ({run:.1f} blocks a copy)" if run else "")
+        )
+    return "".join(f"; {p}" for p in parts)
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -434,6 +498,8 @@ def run_main(args: argparse.Namespace) -> int:
                     f"  {policy} @ {format_rate(p.rate)} req/s: {len(p.run.records)} requests simulated in "
                     f"{p.run.wall_s:.2f} s"
                     + (f", SLO attainment {100 * att:.1f}%" if att is not None else "")
+                    + _tier_line(p.run.stats),
+                    highlight=False,
                 )
             for p in sorted(points, key=lambda p: p.rate):
                 s = p.summary

@@ -44,6 +44,10 @@ from .migration import MigrationConfig, Migrator
 from .presets import kv_transfer_seconds
 from .requests import SimRequest, SimRun, TokenSource
 
+# Steps in a row in which an instance ran no batch, only waited for KV copies: each lands copies that let
+# swapped sequences run, so a long row of them means preemption and resumption chase each other forever.
+MAX_COPY_WAITS = 1000
+
 
 class SimulationError(RuntimeError):
     """The simulation cannot finish (a request can never be scheduled) or was configured inconsistently."""
@@ -62,6 +66,9 @@ class ClusterConfig:
     # Clients the workload's sessions are spread over (by a stable hash of the session id), for fair
     # scheduling; 1: every request is the one anonymous client.
     clients: int = 1
+    # (session id, client) pairs: the listed sessions' owner, overriding the hash (a workload whose clients
+    # differ in how much they send, e.g. one flooding the queue).
+    session_clients: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.disaggregated is not None:
@@ -97,13 +104,18 @@ class Cluster:
         self.perf = perf
         self.kv_bytes_per_token = kv_bytes_per_token
         self.link_bw = config.kv_bandwidth * tp  # each GPU of a TP group moves its own KV shard
+        kv = {"kv_bytes_per_token": kv_bytes_per_token, "tp": tp}  # sizes and times a host KV tier
         if config.disaggregated:
             p, d = config.disaggregated
-            self.prefill_pool = [SimInstance(i, instance_config, perf, splits, "prefill") for i in range(p)]
-            self.decode_pool = [SimInstance(p + i, instance_config, perf, splits, "decode") for i in range(d)]
+            self.prefill_pool = [
+                SimInstance(i, instance_config, perf, splits, "prefill", **kv) for i in range(p)
+            ]
+            self.decode_pool = [
+                SimInstance(p + i, instance_config, perf, splits, "decode", **kv) for i in range(d)
+            ]
         else:
             self.prefill_pool = [
-                SimInstance(i, instance_config, perf, splits) for i in range(config.instances)
+                SimInstance(i, instance_config, perf, splits, **kv) for i in range(config.instances)
             ]
             self.decode_pool = []
         self.instances = self.prefill_pool + self.decode_pool
@@ -126,12 +138,17 @@ class Cluster:
         self._link_free: dict[int, float] = {i.index: 0.0 for i in self.decode_pool}
         self._incoming: dict[int, int] = {i.index: 0 for i in self.decode_pool}
         self._blocked: deque[SimRequest] = deque()
+        self._multi_turn: set[str] = set()  # sessions with later turns (set per run)
+        self._session_clients = dict(config.session_clients)
         self._in_flight = 0
         self.max_concurrency: int | None = None
         self.now = 0.0
         self.num_finished = 0
         self.num_transfers = 0
         self.transfer_time = 0.0
+        # Later turns: tokens of the conversation so far, and those of them prefilled again (not cached).
+        self.history_tokens = 0
+        self.history_reprefill_tokens = 0
         self._spread_sum = 0.0
         self._spread_n = 0
 
@@ -240,6 +257,14 @@ class Cluster:
         # Migration decides at every step boundary on KV usage that grows with each decode step: no spans.
         horizon = self._horizon() if self.migrator is None else t
         end = inst.start_step(t, horizon, self._coupled)
+        if inst.copy_waits > MAX_COPY_WAITS:
+            s = inst.sched
+            raise SimulationError(
+                f"instance {inst.index} only moved KV between the tiers for {inst.copy_waits} steps in a row "
+                f"at t={t:.3f} s ({s.num_preemptions} preemptions, {s.num_fairness_preemptions} for fairness; "
+                f"{len(s.swapped)} swapped out, {s.num_resuming} resuming, {len(s.waiting)} waiting): the "
+                "scheduler livelocks"
+            )
         if end is not None:
             self.push(end, STEP, inst)
 
@@ -261,7 +286,10 @@ class Cluster:
         disagg = bool(self.decode_pool)
         params = SamplingParams(max_tokens=1 if disagg else spec.output_len, ignore_eos=True)
         slo = self._slo or SLO()
-        if self.config.clients > 1:
+        client = self._session_clients.get(spec.session_id)
+        if client is not None:
+            slo = replace(slo, client=client)
+        elif self.config.clients > 1:
             slo = replace(slo, client=f"client-{zlib.crc32(spec.session_id.encode()) % self.config.clients}")
         seq = Sequence(spec.request_id, req.prompt, params, slo=slo, times=RequestTimes(arrival=t))
         key: object | None = None
@@ -297,6 +325,7 @@ class Cluster:
             else:
                 assert req.seq is not None
                 nxt.prompt = list(req.seq.token_ids) + self._tokens.fresh(max(nxt.spec.new_prompt_len, 1))
+                nxt.history = len(req.seq.token_ids)
                 arrive = t + nxt.spec.think_time_s
                 nxt.scheduled = arrive
                 self.push(arrive, ARRIVAL, nxt)
@@ -352,6 +381,10 @@ class Cluster:
         seq.times.finished = at
         if req.n_out:
             seq.times.last_token = req.last
+        if req.history:  # counted once (a disaggregated request retires from both pools)
+            self.history_tokens += req.history
+            self.history_reprefill_tokens += max(0, req.history - max(seq.num_cached_tokens, 0))
+            req.history = 0
         del self._by_seq[seq.seq_id]
         if inst.role == "prefill" and req.n_out < req.spec.output_len:
             self._hand_off(req, seq, at)
@@ -438,6 +471,7 @@ class Cluster:
                     "splits_used": {f"P{p}/D{d}": n for (p, d), n in sorted(inst.splits_used.items())},
                     "decisions": dict(sorted(inst.decisions.items())),
                 }
+                | _tier_stats([inst])
             )
         queries = sum(i.bm.prefix_queries for i in self.instances)
         hits = sum(i.bm.prefix_hits for i in self.instances)
@@ -448,7 +482,10 @@ class Cluster:
             "preemptions": sum(i.sched.num_preemptions for i in self.instances),
             "prefix_cache_hit_rate": hits / queries if queries else None,
             "kv_usage_spread": self._spread_sum / self._spread_n if self._spread_n else None,
-        }
+        } | _tier_stats(self.instances)
+        if self._multi_turn:
+            out["history_tokens"] = self.history_tokens
+            out["history_reprefill_tokens"] = self.history_reprefill_tokens
         if self.decode_pool:
             out["kv_transfers"] = self.num_transfers
             out["mean_kv_transfer_s"] = (
@@ -457,6 +494,49 @@ class Cluster:
         if self.migrator is not None:
             out["migrations"] = self.migrator.stats()
         return out
+
+
+def _tier_stats(instances: list[SimInstance]) -> dict[str, Any]:
+    """Preemption, host-tier and fairness figures of `instances`, summed: recomputed tokens and preemptions by
+    kind always; the host tier's copies (per direction: runs, blocks, bytes, copy seconds) and blocks moved by
+    reason where there is one; tokens served per client with fair scheduling."""
+    scheds = [i.sched for i in instances]
+    out: dict[str, Any] = {
+        "recomputed_tokens": sum(s.num_recomputed_tokens for s in scheds),
+        "swap_preemptions": sum(s.num_swap_preemptions for s in scheds),
+        "fairness_preemptions": sum(s.num_fairness_preemptions for s in scheds),
+    }
+    tiers = [i for i in instances if i.copier is not None]
+    if tiers:
+        bms = [i.bm for i in tiers]
+        copiers = [i.copier for i in tiers if i.copier is not None]
+        per_dir: dict[str, dict[str, float]] = {}
+        for direction in ("out", "in"):
+            totals = [c.stats[direction].as_dict() for c in copiers]
+            per_dir[direction] = {k: sum(t[k] for t in totals) for k in totals[0]}
+        runs = per_dir["out"]["runs"] + per_dir["in"]["runs"]
+        blocks = per_dir["out"]["blocks"] + per_dir["in"]["blocks"]
+        out["host_tier"] = {
+            "host_blocks": sum(b.num_host_blocks for b in bms),
+            "copies_out": per_dir["out"],  # device -> host: demoted cached blocks and swap-outs
+            "copies_in": per_dir["in"],  # host -> device: promoted prefix hits and swap-ins
+            "mean_copy_run_blocks": blocks / runs if runs else None,
+            "blocking_copy_wait_s": sum(c.blocking_wait_s for c in copiers),
+            "prefix_host_hit_tokens": sum(b.prefix_host_hits for b in bms),
+            "demoted_blocks": sum(b.demoted_blocks for b in bms),
+            "promoted_blocks": sum(b.promoted_blocks for b in bms),
+            "swapped_out_blocks": sum(b.swapped_out_blocks for b in bms),
+            "swapped_in_blocks": sum(b.swapped_in_blocks for b in bms),
+            "reused_blocks": sum(b.reused_blocks for b in bms),
+        }
+    served: dict[str, int] = {}
+    for s in scheds:
+        if s.vtc is not None:
+            for client, n in s.vtc.served.items():
+                served[client] = served.get(client, 0) + n
+    if served:
+        out["served_tokens_per_client"] = dict(sorted(served.items()))
+    return out
 
 
 def _chain(req: SimRequest) -> list[SimRequest]:

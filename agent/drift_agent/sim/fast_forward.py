@@ -18,6 +18,10 @@ Where a span starts:
   to the job's predicted end. Such a span runs on past a layer block's end only where the lanes' decision
   there keeps its decode steps as they are (`continue_span`); after the job's last block it may be extended
   by the decode-alone steps that follow, the job's sequences joining (`join_span`).
+
+No span starts or runs on while the host KV tier has copies in flight or sequences swapped out or on their way
+back (`tier_busy`): copies land, and swapped sequences resume, at step boundaries a span would skip. Nor, with
+fair scheduling, while requests wait (`try_span`): every step may preempt for an under-served client.
 """
 
 from __future__ import annotations
@@ -126,8 +130,10 @@ class FastForward:
         self.max_num_seqs = inst.config.max_num_seqs
         self.max_num_batched_tokens = inst.config.max_num_batched_tokens
         # Spans hold only steps that end before the horizon, so that what the cluster reads there (KV usage,
-        # queued prompt tokens) is what stepping would show; otherwise steps that start before it.
-        self.sync_at_horizon = False
+        # queued prompt tokens) is what stepping would show; otherwise steps that start before it. Fair
+        # scheduling reads the clients' counters at each arrival (`Scheduler.add` lifts a returning client's):
+        # they must hold every token served by then.
+        self.sync_at_horizon = inst.sched.vtc is not None
         # A request's finish can create work (sessions, a concurrency cap): spans then stop at the first one.
         self.finish_is_event = False
         self.span: Span | None = None
@@ -144,7 +150,7 @@ class FastForward:
         or None. It may start with any step of every running sequence in which each samples (decodes, and
         prompts whose last chunk runs): afterwards all of them decode. A prompt cut short would prefill again."""
         batch = out.batches[0]
-        if now + dt >= horizon or out.preempted or sampled.skip:
+        if now + dt >= horizon or out.preempted or sampled.skip or self.tier_busy():
             return None
         if batch.num_seqs != len(self.sched.running) or batch.num_seqs > self.max_num_batched_tokens:
             return None
@@ -176,9 +182,10 @@ class FastForward:
         contended = False
         if not beside_prefill:
             # Requests waiting while every sequence slot is taken cannot be admitted until one finishes: the
-            # span then ends at the first finish (the next step may admit).
+            # span then ends at the first finish (the next step may admit). With fairness each of those steps
+            # may preempt a running request for a waiting one (`Scheduler.preempt_for_fairness`): no span.
             blocked = bool(self.sched.waiting)
-            if blocked and batch.num_seqs < self.max_num_seqs:
+            if blocked and (batch.num_seqs < self.max_num_seqs or self.sched.vtc is not None):
                 return None
             stop = blocked or self.finish_is_event
         else:
@@ -213,6 +220,8 @@ class FastForward:
         batch, split = launch.decode, launch.split
         assert batch is not None and split is not None and lanes is not None
         job = lanes.prefill
+        if self.tier_busy():
+            return None
         if job is not None:
             assert inst.prefill_end is not None
             if launch.preempted:
@@ -240,6 +249,11 @@ class FastForward:
         if span is not None:
             self.span, self.split = span, (split.prefill_sms, split.decode_sms)
         return span
+
+    def tier_busy(self) -> bool:
+        """Copies between the KV tiers collected or in flight, or sequences swapped out or coming back."""
+        bm, sched = self.bm, self.sched
+        return bool(bm.copies_outstanding or not bm.pending.is_empty or sched.swapped or sched.num_resuming)
 
     # ---- how far a span runs -----------------------------------------------------------------------------
     def run_from(
@@ -325,6 +339,7 @@ class FastForward:
             and not launch.preempted
             and not job_finished
             and (launch.new_job is None or self.span_kv_ok(span.seqs, span.after, steps - 1))
+            and not self.tier_busy()
         )
         if ok:
             # Step i > 0 starts when step i - 1 ends.
@@ -346,6 +361,7 @@ class FastForward:
         assert span is not None
         if (
             self.sched.waiting
+            or self.tier_busy()
             or policy.active is not None
             or policy.paused is not None
             or policy.dispatcher.prefill_stall_steps  # (that decision would reset the prefill stall count)
@@ -415,6 +431,8 @@ class FastForward:
         vtc = sched.vtc
         finished: list[tuple[int, int, Sequence]] = []
         starts = span.starts
+        if bm.host is not None:
+            self._allocate_step_by_step(span, done, upto)
         for pos, (seq, (rest, context)) in enumerate(zip(span.seqs, span.after, strict=True)):
             if seq.status is finished_status:
                 seq.in_flight = False
@@ -448,3 +466,33 @@ class FastForward:
         for _, _, seq in sorted(finished, key=lambda f: (f[0], f[1])):
             sched.finish(seq, seq.finish_reason)  # type: ignore[arg-type]
         return span.seqs
+
+    def _allocate_step_by_step(self, span: Span, done: int, upto: int) -> None:
+        """The blocks `post_span` needs, taken one at a time in the order stepping takes them: each step's
+        launch, every sequence in running order (`decode_all`). Which ids a sequence gets only matters to the
+        host tier, whose copies coalesce consecutive ids into runs; elsewhere `post_span` takes a sequence's
+        blocks at once. Exact because nothing frees blocks inside a span with a host tier (it ends at the
+        first finish)."""
+        bm = self.bm
+        bs = bm.block_size
+        rank = {id(s): i for i, s in enumerate(self.sched.running)}
+        whole = upto == len(span.durations)
+        starts = span.starts
+        needs: list[tuple[int, int, Sequence]] = []  # (step whose launch takes the block, rank, sequence)
+        for pos, (seq, (rest, context)) in enumerate(zip(span.seqs, span.after, strict=True)):
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            first = done if starts is None or starts[pos] <= done else starts[pos]
+            last = rest + 1 if rest + 1 < upto else upto
+            if last <= first:
+                continue
+            slots = context - 2 + last + (0 if whole or last == rest + 1 else 1)  # as `post_span`
+            cap = len(seq.block_table) * bs
+            # Step j's launch needs slots for context - 1 + j tokens.
+            needs += [
+                (cap + m * bs - context + 2, rank[id(seq)], seq) for m in range(-(-(slots - cap) // bs))
+            ]
+        needs.sort(key=itemgetter(0, 1))
+        for _, _, seq in needs:
+            ok = bm.allocate(seq, (len(seq.block_table) + 1) * bs - seq.num_computed_tokens)
+            assert ok, "span KV was checked when it started"

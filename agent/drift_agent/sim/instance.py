@@ -12,6 +12,12 @@ does when it polls its lanes.
 
 Where the policy's next decisions are known (the same decode step again and again), the instance's
 `FastForward` (`fast_forward.py`) applies a run of them at once; this module keeps the step-by-step logic.
+
+With a host KV tier (`swap_space_gb`) the block manager asks for copies between the tiers; each step takes them
+after scheduling, as the engine does, and `host_tier.CopyEngine` times them: a step that reads promoted blocks
+starts once they landed, the others overlap compute and are reported done at the first step boundary after
+they complete. With nothing to run but copies in flight, the instance waits for all of them (the engine's
+`wait_all`) as a step without a batch.
 """
 
 from __future__ import annotations
@@ -23,14 +29,18 @@ from typing import Any, Literal
 from ..core.block_manager import BlockManager
 from ..core.config import POLICIES, EngineConfig, PartitionConfig
 from ..core.fairness import FAIRNESS
+from ..core.kv_copies import host_blocks_for_budget
+from ..core.preemption import PREEMPTION_MODES, SwapCosts
 from ..core.scheduler import Batch, Policy, Scheduler, SchedulerConfig
 from ..core.sequence import Sequence
+from ..multiplex.devices import PCIE4_X16
 from ..multiplex.mux_loop import MuxLanes
 from ..multiplex.perf_model import PerfModel, PrefillShape
 from ..multiplex.policies import MuxContext, make_policy
 from ..partition.base import Split
 from .executor import ALL_SAMPLED, Sampled, SimExecutor, SimMuxExecutor, device_model
 from .fast_forward import FastForward
+from .host_tier import CopyEngine
 
 Role = Literal["both", "prefill", "decode"]
 
@@ -62,7 +72,16 @@ class InstanceConfig:
     slo_ttft_ms: float = _ENGINE["slo_ttft_ms"].default  # for requests without their own targets
     slo_tpot_ms: float = _ENGINE["slo_tpot_ms"].default
     fairness: str = _ENGINE["fairness"].default  # "vtc": fair scheduling across the requests' clients
+    fairness_preempt_gap: float = _ENGINE["fairness_preempt_gap"].default
     fast_forward: bool = True  # apply runs of identical decode steps at once (exact; see `fast_forward.py`)
+    # Host KV tier per GPU, GiB (0: none), how preempted requests give their KV back, and the host link of one
+    # GPU (bytes/s one way; `SimSetup.build` takes the device preset's).
+    swap_space_gb: float = _ENGINE["swap_space_gb"].default
+    preemption_mode: str = _ENGINE["preemption_mode"].default
+    host_bw: float = PCIE4_X16
+    # False: the host tier only holds swapped-out requests, no prefix cache (a simulator switch; see
+    # `BlockManager(host_prefix_cache=False)`).
+    host_prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -77,6 +96,12 @@ class InstanceConfig:
             raise ValueError(f"unknown fairness {self.fairness!r}; choose one of {', '.join(FAIRNESS)}")
         if not self.model_error > 0:
             raise ValueError(f"model_error must be positive, got {self.model_error}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"unknown preemption mode {self.preemption_mode!r}; choose one of {', '.join(PREEMPTION_MODES)}"
+            )
+        if not self.swap_space_gb >= 0 or not self.host_bw > 0 or not self.fairness_preempt_gap > 0:
+            raise ValueError("swap_space_gb must be >= 0, host_bw and fairness_preempt_gap > 0")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -94,6 +119,9 @@ class InstanceConfig:
             slo_ttft_ms=self.slo_ttft_ms,
             slo_tpot_ms=self.slo_tpot_ms,
             fairness=self.fairness,
+            fairness_preempt_gap=self.fairness_preempt_gap,
+            swap_space_gb=self.swap_space_gb,
+            preemption_mode=self.preemption_mode,  # type: ignore[arg-type]  # checked in __post_init__
         )
 
 
@@ -125,22 +153,44 @@ class SimInstance:
         perf: PerfModel,
         splits: list[Split],
         role: Role = "both",
+        kv_bytes_per_token: int = 0,
+        tp: int = 1,
     ) -> None:
+        """`kv_bytes_per_token`: the model's KV per token over the whole TP group of `tp` GPUs (sizes and
+        times the host tier; needed with `swap_space_gb`)."""
         self.index = index
         self.config = config
         self.role = role
         self.perf = perf  # what the policy and the router predict with
         self.device = device_model(perf, config.model_error)  # what steps take on the virtual clock
-        self.bm = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        num_host_blocks = 0
+        self.copier: CopyEngine | None = None
+        if config.swap_space_gb > 0:
+            if kv_bytes_per_token <= 0:
+                raise ValueError("a host KV tier (swap_space_gb) needs the model's KV bytes per token")
+            block_bytes = kv_bytes_per_token * config.block_size // tp  # one GPU's shard
+            num_host_blocks = host_blocks_for_budget(config.swap_space_gb, block_bytes)
+            self.copier = CopyEngine(block_bytes, config.host_bw, tp) if num_host_blocks else None
+        self.bm = BlockManager(
+            config.num_kv_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            num_host_blocks,
+            host_prefix_cache=config.host_prefix_cache,
+        )
         sched_cfg = SchedulerConfig(
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,
             fairness=config.fairness,
+            fairness_preempt_gap=config.fairness_preempt_gap,
+            preemption_mode=config.preemption_mode,
         )
         self.policy = make_instance_policy(config, perf, splits)
         self.sched = Scheduler(sched_cfg, self.bm, self.policy)
+        self.waiting_copies = False  # the running "step" only waits for copies to land
+        self.copy_waits = 0  # such steps in a row (the cluster stops a scheduler that only moves KV around)
         self.multiplexing = bool(getattr(self.policy, "multiplexing", False))
         self.executor: Any = SimMuxExecutor(self.device) if self.multiplexing else SimExecutor(self.device)
         self.fast_forward = config.fast_forward
@@ -169,6 +219,10 @@ class SimInstance:
         self.splits_used: dict[tuple[int, int], int] = {}
         self.decisions: dict[str, int] = {}  # dispatcher decisions acted on, by mode (as the engine counts)
         self.ff = FastForward(self)
+        if self.copier is not None:
+            # `auto` preemption weighs the two costs as this simulation charges them: a block over the host
+            # link, a token at the per-token cost of a full prefill chunk.
+            self.sched.swap_costs = SwapCosts(self.copier.block_s, self.prefill_s_per_token)
 
     # ---- load signals ----------------------------------------------------------------------------------
     @property
@@ -203,11 +257,15 @@ class SimInstance:
     def queued_prefill_s(self) -> float:
         """The pending prompt tokens at the per-token cost of a full chunk (`max_num_batched_tokens`) on the
         whole device: queued prompts are prefilled in chunks of that size."""
+        return self.pending_prefill_tokens * self.prefill_s_per_token
+
+    @property
+    def prefill_s_per_token(self) -> float:
         t = self._prefill_per_token
         if t is None:
             n = self.config.max_num_batched_tokens
             t = self._prefill_per_token = self.perf.prefill_time(PrefillShape(n), self.perf.total_sms) / n
-        return self.pending_prefill_tokens * t
+        return t
 
     def prefill_s(self, tokens: int) -> float:
         return self.perf.prefill_time(PrefillShape(tokens), self.perf.total_sms)
@@ -233,17 +291,63 @@ class SimInstance:
         `finish_is_event`: a request's finish can create work (sessions, a concurrency cap), so spans stop at
         the first one."""
         assert not self.busy
+        if self.copier is not None:
+            self._land_copies(now)
         if not self.sched.has_unfinished:
-            return None
+            return self._wait_for_copies(now)
         ff = self.ff
         if self.lanes is None or self.lanes.decode is None:
             ff.span = None  # (a span beside prefill blocks runs on while its decode lane is busy)
-        ff.finish_is_event = finish_is_event
+        # With a host tier a finish starts copies (its cached blocks are saved to the host): a span would
+        # start them late, so spans end at the first finish.
+        ff.finish_is_event = finish_is_event or self.copier is not None
         end = self._start_mux(now, horizon) if self.multiplexing else self._start_sequential(now, horizon)
         if end is None:
-            return None
+            return self._wait_for_copies(now)
+        self.copy_waits = 0
         self.busy = True
         self.busy_time += end - now
+        self.step_end = end
+        return end
+
+    # ---- the host tier's copies ------------------------------------------------------------------------
+    def _land_copies(self, now: float) -> None:
+        """Report the submissions done by `now` to the scheduler: their blocks are freed, the sequences they
+        brought back run from this step on."""
+        assert self.copier is not None
+        for ticket in self.copier.land(now):
+            aborted = self.sched.copies_done(ticket)
+            assert not aborted, "simulated requests are never aborted"
+
+    def _submit_copies(self, now: float) -> float:
+        """Start the copies this step's scheduling (and the last completion's finishes) asked for; when the
+        step's forward pass may start: `now`, or once blocking copies landed (the batch reads blocks they copy
+        in, or reuses blocks they copy out)."""
+        if self.copier is None:
+            return now
+        copies = self.bm.take_copies()
+        if copies is None:
+            return now
+        done = self.copier.submit(copies, now)
+        return done if copies.blocking else now
+
+    def _held_back(self, wait: float) -> None:
+        """A batch launched `wait` seconds late, for blocking copies."""
+        if wait > 0:
+            assert self.copier is not None
+            self.copier.blocking_wait_s += wait
+
+    def _wait_for_copies(self, now: float) -> float | None:
+        """Nothing to run: with copies in flight, a step without a batch that ends when all of them landed
+        (sequences on their way back run then); otherwise idle (None)."""
+        if self.copier is None:
+            return None
+        self._submit_copies(now)
+        end = self.copier.last_done
+        if end is None:
+            return None
+        self.busy = self.waiting_copies = True
+        self.copy_waits += 1
         self.step_end = end
         return end
 
@@ -263,15 +367,17 @@ class SimInstance:
     def _start_sequential(self, now: float, horizon: float) -> float | None:
         """Schedule and launch one batch on the whole device; when it (or the span it starts) ends."""
         out = self.sched.schedule(now)
+        start = self._submit_copies(now)
         if not out.batches:
             return None
+        self._held_back(start - now)
         batch = out.batches[0]
         dt, sampled = self.executor.batch(batch)
         self._batch, self._sampled = batch, sampled
-        span = self.ff.try_step_span(out, sampled, now, dt, horizon) if self.fast_forward else None
+        span = self.ff.try_step_span(out, sampled, start, dt, horizon) if self.fast_forward else None
         if span is None:
             self._count_steps(1)
-            return now + dt
+            return start + dt
         self._count_steps(len(span.durations))
         return span.ends[-1]
 
@@ -281,6 +387,11 @@ class SimInstance:
         lanes, executor, ff = self.lanes, self.executor, self.ff
         assert lanes is not None
         launch = lanes.launch(now)
+        # The lanes launched now wait for blocking copies (the engine's host waits for them before launching).
+        start = self._submit_copies(now)
+        if launch.started:
+            self._held_back(start - now)
+        now = start
         split = launch.split
         decision = launch.decision_taken
         if decision is not None:
@@ -319,6 +430,9 @@ class SimInstance:
         assert self.busy
         self.busy = False
         self.span_advanced = 0
+        if self.waiting_copies:
+            self.waiting_copies = False
+            return []
         if self.multiplexing:
             return self._complete_lanes(now)
         batch, sampled = self._batch, self._sampled

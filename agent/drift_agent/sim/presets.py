@@ -131,6 +131,7 @@ class TensorParallelPerfModel(AnalyticPerfModel):
             peak_flops=gpu.peak_flops * tp,
             mem_bw=gpu.mem_bw * tp,
             source=gpu.source,
+            host_bw=gpu.host_bw * tp,
         )
         extra = 2 * ALLREDUCE_LATENCY_S if tp > 1 else 0.0
         super().__init__(shape, group, overhead_per_layer_s=30e-6 + extra)

@@ -28,6 +28,7 @@ class SimRequest:
         "error",
         "seq",
         "next_turn",
+        "history",
     )
 
     def __init__(self, spec: RequestSpec) -> None:
@@ -43,6 +44,7 @@ class SimRequest:
         self.error = ""
         self.seq: Sequence | None = None
         self.next_turn: SimRequest | None = None
+        self.history = 0  # a later turn: tokens of the conversation before its own
 
     def record(self) -> RequestRecord:
         ok = self.finished and not self.error

@@ -61,12 +61,18 @@ class SimSetup:
         slo_ttft_ms: float = InstanceConfig.slo_ttft_ms,
         slo_tpot_ms: float = InstanceConfig.slo_tpot_ms,
         fairness: str = InstanceConfig.fairness,
+        fairness_preempt_gap: float = InstanceConfig.fairness_preempt_gap,
+        swap_space_gb: float = InstanceConfig.swap_space_gb,
+        preemption_mode: str = InstanceConfig.preemption_mode,
+        host_bw: float | None = None,
+        host_prefix_cache: bool = InstanceConfig.host_prefix_cache,
         cluster: ClusterConfig | None = None,
     ) -> SimSetup:
         """From the built-in presets; with `profile_path`, step latencies come from that measured profile
         (`drift profile` output) instead of the roofline model, and the preset still sizes the KV pool.
         `model_error`: the simulated device takes that many times the model's latencies (see
-        `executor.ScaledDevice`)."""
+        `executor.ScaledDevice`). `swap_space_gb`: a host KV tier of that many GiB per GPU, over the device's
+        host link (`host_bw` bytes/s one way per GPU; default the preset's PCIe figure)."""
         hw = Hardware(model_preset(model), device_preset(device), tp)
         perf: PerfModel = hw.perf_model()
         splits = device_splits(hw.gpu)
@@ -99,6 +105,11 @@ class SimSetup:
             slo_ttft_ms=slo_ttft_ms,
             slo_tpot_ms=slo_tpot_ms,
             fairness=fairness,
+            fairness_preempt_gap=fairness_preempt_gap,
+            swap_space_gb=swap_space_gb,
+            preemption_mode=preemption_mode,
+            host_bw=host_bw if host_bw is not None else hw.gpu.host_bw,
+            host_prefix_cache=host_prefix_cache,
         )
         return cls(
             perf=perf,
