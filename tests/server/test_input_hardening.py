@@ -413,8 +413,8 @@ def test_openapi_documents_real_statuses(live: LiveServer) -> None:
     paths, schemas = doc["paths"], doc["components"]["schemas"]
     error_ref = "#/components/schemas/ErrorResponse"
     expected = {
-        ("/v1/completions", "post"): {"200", "400", "404", "413", "429", "500", "503"},
-        ("/v1/chat/completions", "post"): {"200", "400", "404", "413", "429", "500", "503"},
+        ("/v1/completions", "post"): {"200", "400", "401", "403", "404", "413", "429", "500", "503"},
+        ("/v1/chat/completions", "post"): {"200", "400", "401", "403", "404", "413", "429", "500", "503"},
         ("/tokenize", "post"): {"200", "400", "404", "413"},
         ("/detokenize", "post"): {"200", "400", "404", "413"},
         ("/admin/policy", "put"): {"200", "401", "403", "413", "422", "503"},

@@ -36,7 +36,9 @@ def _generation_responses(body: type, chunk: type) -> dict[int | str, dict[str, 
             "description": f"The {body.__name__}; {sse_doc}",
             "content": {"text/event-stream": {"schema": {"type": "string", "description": sse_doc}}},
         },
-        **error_responses(400, 404, 413, 429, 500, 503),
+        # 401: --api-key and no or a wrong key; 403: a priority ahead of the default without
+        # --allow-client-priority.
+        **error_responses(400, 401, 403, 404, 413, 429, 500, 503),
     }
 
 
