@@ -179,11 +179,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--attention-backend",
-        choices=["auto", "sdpa", "flash-attn", "flashinfer", "flex"],
+        choices=["auto", "sdpa", "flash-attn", "flashinfer", "triton", "flex"],
         help=_with_default(
-            "attention kernels; auto: flash-attn, then flashinfer on CUDA in 16 bits, else sdpa",
+            "attention kernels; auto: flash-attn, then flashinfer, then triton on CUDA in 16 bits, else sdpa",
             "attention_backend",
         ),
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="never replay decode steps from CUDA graphs (default: graphs on CUDA with the triton backend)",
     )
     g.add_argument(
         "--num-threads",
@@ -224,6 +230,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             "swap_space_gb",
             "preemption_mode",
             "attention_backend",
+            "enforce_eager",
             "num_threads",
             "seed",
         )

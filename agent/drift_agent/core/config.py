@@ -22,7 +22,7 @@ PartitionMode = Literal["auto", "static", "off"]
 PartitionBackend = Literal["auto", "green-context", "mps", "shared"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-AttentionBackend = Literal["auto", "sdpa", "flash-attn", "flashinfer", "flex"]
+AttentionBackend = Literal["auto", "sdpa", "flash-attn", "flashinfer", "triton", "flex"]
 # The default SLO targets as the admin API's `slo` object names them (GET/PUT /admin/policy, the operator's
 # push), and as `EngineConfig` (engine.yaml) does; both in ms.
 SLO_SETTINGS: dict[str, str] = {"ttft_ms": "slo_ttft_ms", "tpot_ms": "slo_tpot_ms"}
@@ -153,7 +153,13 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of shared prompt prefixes")
     attention_backend: AttentionBackend = Field(
         "auto",
-        description="attention kernels; auto: flash-attn, then flashinfer on CUDA in 16 bits, else sdpa",
+        description="attention kernels; auto: flash-attn, then flashinfer, then triton on CUDA in 16 bits, "
+        "else sdpa",
+    )
+    enforce_eager: bool = Field(
+        False,
+        description="never replay decode steps from CUDA graphs (graphs need a CUDA device and the triton "
+        "attention backend)",
     )
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads on CPU; None: torch's default (one per core)"

@@ -125,6 +125,12 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, self.device, self.dtype, config.block_size, num_blocks, self.eos_token_ids
         )
+        if not config.enforce_eager:
+            reason = self.runner.enable_cuda_graphs(config.max_num_seqs, max_model_len)
+            if reason is not None:
+                (log.debug if self.device.type == "cpu" else log.info)("decode runs eagerly: %s", reason)
+            elif self.runner.graphs is not None:
+                self.runner.graphs.capture_all()
         # Grammars of structured outputs are built over the model's whole vocabulary (the logits' width).
         self.runner.structured = StructuredOutputs(self.tokenizer, model.vocab_size, self.eos_token_ids)
         # The host KV tier and the copier that moves blocks to and from it (none without swap space).

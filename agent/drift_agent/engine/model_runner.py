@@ -16,6 +16,7 @@ from ..core.errors import is_fatal_error
 from ..core.scheduler import Batch
 from ..core.sequence import Sequence
 from ..models.attention_metadata import AttentionMetadata
+from .cuda_graphs import Capture, DecodeGraphs, unsupported_reason
 from .sampler import Sampler, SampleRequest, TokenLogprobs
 from .structured import MaskBatch, StructuredOutputs
 
@@ -74,6 +75,22 @@ class ModelRunner:
         shape = (2, model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_pool = torch.zeros(shape, dtype=dtype, device=device)
         model.bind_kv_cache([(self.kv_pool[0, i], self.kv_pool[1, i]) for i in range(model.num_layers)])
+        self.graphs: DecodeGraphs | None = None  # set by enable_cuda_graphs()
+
+    def enable_cuda_graphs(
+        self, max_num_seqs: int, max_model_len: int, capture: Capture | None = None
+    ) -> str | None:
+        """Replay decode steps from CUDA graphs; returns why not (and leaves them off), or None when on.
+        `capture` replaces CUDA capture (tests run the same buffers and padding on CPU with a stand-in)."""
+        if capture is None:
+            reason = unsupported_reason(self.model, self.device)
+            if reason is not None:
+                return reason
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(
+            self.model, self.device, self.block_size, max_num_seqs, max_blocks, capture, self.kv_pool
+        )
+        return None
 
     # ---- inputs ---------------------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -131,7 +148,9 @@ class ModelRunner:
         self.start_masks(batch)
         try:
             input_ids, positions, meta, rows = self.prepare(batch)
-            hidden = self.model(input_ids, positions, meta)
+            hidden = None if self.graphs is None else self.graphs.run(input_ids, positions, meta)
+            if hidden is None:
+                hidden = self.model(input_ids, positions, meta)
         except BaseException:
             self._mask_jobs.pop(id(batch), None)
             raise

@@ -61,6 +61,11 @@ class ModelMuxExecutor:
         # CPU: one worker thread per lane (torch releases the GIL inside kernels, so the two overlap).
         self._pool = None if self.on_cuda else ThreadPoolExecutor(2, thread_name_prefix="drift-lane")
         self.lanes: dict[Lane, _InFlight] = {}
+        graphs = getattr(runner, "graphs", None)
+        if graphs is not None and self.on_cuda:
+            # Decode graphs per partition (its stream), captured now rather than by the first steps.
+            for split in partitioner.splits:
+                graphs.capture_all(partitioner.streams_for(split)[1])
 
     @torch.inference_mode()
     def start_prefill(self, job: PrefillJob) -> None:

@@ -5,7 +5,8 @@ whole context. A backend turns one step's AttentionMetadata into a *plan* once p
 masks, kernel parameters) that all layers reuse, so per-layer work is only the kernels themselves.
 
 Backends: `sdpa` (any device; torch SDPA over a block-table gather), `flash-attn` and `flashinfer` (CUDA,
-fp16/bf16, imported lazily) and `flex` (torch FlexAttention; compiled on CUDA, eager on CPU).
+fp16/bf16, imported lazily), `triton` (CUDA; Triton kernels reading the paged pool, split-KV decode
+capturable in CUDA graphs) and `flex` (torch FlexAttention; compiled on CUDA, eager on CPU).
 Query j of a sequence with context length L and n new tokens sits at position L-n+j and attends keys
 0..L-n+j, or only the last `window` of them under a sliding window (HF: key > query - window).
 """
@@ -23,10 +24,19 @@ import torch
 import torch.nn.functional as F
 
 from drift_agent.models.attention_metadata import AttentionMetadata
+from drift_agent.models.triton_attention import (
+    decode_workspace,
+    interpreting,
+    num_kv_splits,
+    paged_decode,
+    paged_decode_torch,
+    paged_extend,
+    triton_available,
+)
 
 logger = logging.getLogger(__name__)
 
-BACKEND_NAMES: tuple[str, ...] = ("auto", "sdpa", "flash-attn", "flashinfer", "flex")
+BACKEND_NAMES: tuple[str, ...] = ("auto", "sdpa", "flash-attn", "flashinfer", "triton", "flex")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 Window = int | None
 
@@ -53,8 +63,9 @@ def flashinfer_available() -> bool:
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """Map a requested backend to the one that will actually run on `device` (and `dtype`, if known).
 
-    `auto` picks flash-attn, then flashinfer, on CUDA with half precision, else sdpa. An explicit GPU backend
-    that cannot run here falls back to sdpa with a warning rather than failing the engine.
+    `auto` picks flash-attn, then flashinfer, then triton, on CUDA with half precision, else sdpa. An explicit
+    GPU backend that cannot run here falls back to sdpa with a warning rather than failing the engine. `triton`
+    also takes fp32, and runs on CPU under TRITON_INTERPRET=1 (tests).
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -67,8 +78,15 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
             return "flash-attn"
         if on_cuda and half and flashinfer_available():
             return "flashinfer"
+        if on_cuda and half and triton_available():
+            return "triton"
         return "sdpa"
-    available = flash_attn_available() if name == "flash-attn" else flashinfer_available()
+    if name == "triton":
+        available = triton_available()
+        on_cuda = on_cuda or interpreting()
+        half = True
+    else:
+        available = flash_attn_available() if name == "flash-attn" else flashinfer_available()
     reason = None
     if not on_cuda:
         reason = "needs a CUDA device"
@@ -225,7 +243,8 @@ class SdpaBackend(AttentionBackend):
 
     name = "sdpa"
 
-    def plan(self, attn: AttentionMetadata, windows: Iterable[Window]) -> _SdpaPlan:
+    def plan(self, attn: AttentionMetadata, windows: Iterable[Window], decodes: bool = True) -> _SdpaPlan:
+        """`decodes=False` leaves single-token sequences out (another kernel attends them)."""
         windows = set(windows)
         qlens, slens = attn.query_lens_cpu, attn.seq_lens_cpu
         bs = attn.block_size
@@ -234,7 +253,7 @@ class SdpaBackend(AttentionBackend):
         starts = [0]
         for n in qlens:
             starts.append(starts[-1] + n)
-        dec = [i for i, n in enumerate(qlens) if n == 1]
+        dec = [i for i, n in enumerate(qlens) if n == 1] if decodes else []
         if dec:
             tables = attn.block_tables.to(torch.int64)
             nblocks = [-(-slens[i] // bs) for i in dec]
@@ -566,6 +585,147 @@ class FlexBackend(AttentionBackend):
         return o.squeeze(0).transpose(0, 1)
 
 
+# --------------------------------------------------------------------------------------------------- triton
+
+
+@dataclass
+class _ExtendPlan:
+    """The multi-token sequences of a step, for the Triton extend kernel."""
+
+    block_tables: torch.Tensor  # [P, W] int32
+    row_starts: torch.Tensor  # [P] int32: first token row of each
+    query_lens: torch.Tensor  # [P] int32
+    seq_lens: torch.Tensor  # [P] int32
+    max_query_len: int
+
+
+@dataclass
+class _TritonPlan:
+    decode_rows: slice | torch.Tensor | None  # token rows of the single-token sequences; None: there are none
+    block_tables: torch.Tensor  # [Bd, W] int32, of those sequences
+    seq_lens: torch.Tensor  # [Bd] int32
+    splits: int
+    workspace: tuple[torch.Tensor, torch.Tensor] | None  # the kernel's partials, shared by all layers
+    # The multi-token sequences (both None when the step is decode only): the extend kernel's, or sdpa's.
+    extend: _ExtendPlan | None = None
+    prefill: _SdpaPlan | None = None
+
+
+class TritonBackend(SdpaBackend):
+    """Single-token sequences through the Triton split-KV paged decode kernel, multi-token ones (prefill
+    chunks, with or without a cached prefix) through the Triton extend kernel; both read the paged pool.
+
+    A decode-only plan reads nothing from the host but the batch size: the block tables and lengths stay
+    device tensors, so a forward pass over static buffers can be captured in a CUDA graph and replayed.
+    `use_kernel=False` runs the same plans without triton: a fixed-shape torch decode, sdpa for the rest.
+    """
+
+    name = "triton"
+    cuda_graph_decode = True
+
+    def __init__(self, *args: Any, use_kernel: bool = True) -> None:
+        super().__init__(*args)
+        self.use_kernel = use_kernel
+
+    def plan(self, attn: AttentionMetadata, windows: Iterable[Window], decodes: bool = True) -> _TritonPlan:
+        device = attn.block_tables.device
+        extend, prefill = None, None
+        if attn.is_decode_only:
+            rows: slice | torch.Tensor | None = slice(0, attn.num_seqs)
+            tables, lens = attn.block_tables, attn.seq_lens
+        else:
+            starts = [0]
+            for n in attn.query_lens_cpu:
+                starts.append(starts[-1] + n)
+            dec = [i for i, n in enumerate(attn.query_lens_cpu) if n == 1]
+            token_rows = [starts[i] for i in dec]
+            idx = torch.tensor(dec, dtype=torch.int64, device=device)
+            tables = attn.block_tables.index_select(0, idx)
+            lens = attn.seq_lens.index_select(0, idx)
+            rows = None
+            if dec and token_rows == list(range(token_rows[0], token_rows[0] + len(dec))):
+                rows = slice(token_rows[0], token_rows[0] + len(dec))  # the usual layout: decodes last
+            elif dec:
+                rows = torch.tensor(token_rows, dtype=torch.int64, device=device)
+            multi = [i for i, n in enumerate(attn.query_lens_cpu) if n > 1]
+            if not self.use_kernel:
+                prefill = super().plan(attn, windows, decodes=False)
+            elif multi:
+                idx = torch.tensor(multi, dtype=torch.int64, device=device)
+                extend = _ExtendPlan(
+                    attn.block_tables.index_select(0, idx),
+                    torch.tensor([starts[i] for i in multi], dtype=torch.int32, device=device),
+                    torch.tensor([attn.query_lens_cpu[i] for i in multi], dtype=torch.int32, device=device),
+                    attn.seq_lens.index_select(0, idx).to(torch.int32),
+                    max(attn.query_lens_cpu[i] for i in multi),
+                )
+        num = tables.shape[0]
+        splits = num_kv_splits(num, self.num_kv_heads, device)
+        workspace = None
+        if self.use_kernel and num:
+            workspace = decode_workspace(num, self.num_heads, self.head_dim, splits, device)
+        return _TritonPlan(rows, tables, lens, splits, workspace, extend, prefill)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: _TritonPlan,  # type: ignore[override]
+        window: Window,
+    ) -> torch.Tensor:
+        if plan.prefill is None and plan.extend is None:
+            return self._paged_decode(q, k_cache, v_cache, plan, window)
+        out = q.new_empty(q.shape)
+        if plan.extend is not None:
+            e = plan.extend
+            paged_extend(
+                q,
+                out,
+                k_cache,
+                v_cache,
+                e.block_tables,
+                e.row_starts,
+                e.query_lens,
+                e.seq_lens,
+                e.max_query_len,
+                self.scale,
+                window,
+            )
+        if plan.prefill is not None:
+            k_blocks = k_cache.view(k_cache.shape[0], -1)
+            v_blocks = v_cache.view(v_cache.shape[0], -1)
+            for seq in plan.prefill.prefills:
+                out[seq.start : seq.end] = self._prefill(q, k, v, k_blocks, v_blocks, seq, window)
+        if isinstance(plan.decode_rows, slice):
+            out[plan.decode_rows] = self._paged_decode(q[plan.decode_rows], k_cache, v_cache, plan, window)
+        elif plan.decode_rows is not None:
+            o = self._paged_decode(q.index_select(0, plan.decode_rows), k_cache, v_cache, plan, window)
+            out.index_copy_(0, plan.decode_rows, o)
+        return out
+
+    def _paged_decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _TritonPlan, window: Window
+    ) -> torch.Tensor:
+        if not self.use_kernel:
+            return paged_decode_torch(
+                q, k_cache, v_cache, plan.block_tables, plan.seq_lens, self.scale, window
+            )
+        return paged_decode(
+            q,
+            k_cache,
+            v_cache,
+            plan.block_tables,
+            plan.seq_lens,
+            self.scale,
+            window,
+            plan.splits,
+            plan.workspace,
+        )
+
+
 def create_backend(
     name: str,
     device: torch.device | str,
@@ -584,4 +744,6 @@ def create_backend(
         return FlashInferBackend(*args)
     if resolved == "flex":
         return FlexBackend(*args, device=device)
+    if resolved == "triton":
+        return TritonBackend(*args)
     return SdpaBackend(*args)
