@@ -18,6 +18,8 @@ ALLOWED: dict[str, set[str]] = {
     "multiplex": {"core", "partition"},
     "engine": {"core", "partition", "models", "multiplex"},
     "bench": {"core", "argtypes"},
+    # scripts/gpu_check.sh: the prepared GPU check drives the engine, profiler and partitions in-process
+    "gpucheck": {"core", "partition", "models", "multiplex", "engine", "bench"},
     "routing": {"core", "multiplex", "partition"},  # the routing policies of the simulator and the router
     "sim": {"core", "partition", "multiplex", "bench", "argtypes", "routing"},
     "commands": {"core", "partition", "models", "multiplex", "engine", "bench"},
