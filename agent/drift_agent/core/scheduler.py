@@ -373,14 +373,20 @@ class Scheduler:
 
     def resume_swapped(self) -> None:
         """Start copying swapped-out sequences back, oldest first, while sequence slots and blocks (above the
-        watermark) last; they run once their copies are done (`copies_done`). The oldest one that cannot come
+        watermark and the running requests' growth this step) last; they run once their copies are done (`copies_done`). The oldest one that cannot come
         back blocks new admissions until it can."""
         self.admission_blocked = False
+        # Room for what the running requests claim this step comes first: a request brought back into it
+        # would be the newest running one, the first to be preempted again.
+        bm = self.bm
+        growth = sum(max(0, bm.blocks_needed(s.num_tokens) - len(s.block_table)) for s in self.running)
         while self.swapped and self.num_active < self.config.max_num_seqs:
             seq = self.swapped[0]
             if self._yields_to_waiting(seq):
                 return
-            ticket = self.bm.swap_in(seq, reserve=self.admission_reserve)
+            # ... and for its own next token, or it would only come back to preempt itself.
+            own = bm.blocks_needed(seq.num_tokens) - len(seq.host_block_table)
+            ticket = bm.swap_in(seq, reserve=self.admission_reserve + growth + max(own, 0))
             if ticket is None:
                 self.admission_blocked = True
                 return

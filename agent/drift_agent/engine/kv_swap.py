@@ -20,6 +20,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..core.kv_copies import DIRECTIONS, CopyRun, Direction, KVCopies
@@ -175,7 +176,13 @@ class KVCopier:
             for i in range(src.shape[0]):
                 dst[i, d : d + n].copy_(src[i, s : s + n], non_blocking=True)
         else:
-            dst[:, d : d + n].copy_(src[:, s : s + n])
+            # numpy's memcpy, not torch's copy_: torch would parallelise it with OpenMP on this worker thread,
+            # and a second OpenMP pool in the process slows every forward pass on the main thread. numpy
+            # releases the GIL while it copies, so the copy still overlaps the forward pass.
+            for i in range(src.shape[0]):
+                np.copyto(
+                    dst[i, d : d + n].view(torch.uint8).numpy(), src[i, s : s + n].view(torch.uint8).numpy()
+                )
 
     def _run_cpu(self, runs: dict[Direction, list[CopyRun]]) -> tuple[float, float]:
         self._check(runs)
