@@ -373,8 +373,8 @@ class Scheduler:
 
     def resume_swapped(self) -> None:
         """Start copying swapped-out sequences back, oldest first, while sequence slots and blocks (above the
-        watermark and the running requests' growth this step) last; they run once their copies are done (`copies_done`). The oldest one that cannot come
-        back blocks new admissions until it can."""
+        watermark and the running requests' growth this step) last; they run once their copies are done
+        (`copies_done`). The oldest one that cannot come back blocks new admissions until it can."""
         self.admission_blocked = False
         # Room for what the running requests claim this step comes first: a request brought back into it
         # would be the newest running one, the first to be preempted again.
