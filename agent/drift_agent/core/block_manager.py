@@ -103,10 +103,6 @@ class BlockManager:
         """Fraction of device blocks held (by sequences or copies; cached-but-free blocks count as free)."""
         return 1.0 - self.device.num_free / self.num_blocks
 
-    @property
-    def host_usage(self) -> float:
-        return 1.0 - self.host.num_free / self.host.num_blocks if self.host is not None else 0.0
-
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -276,9 +272,6 @@ class BlockManager:
         self.demoted_blocks += n
 
     # ---- swapping ------------------------------------------------------------------------------------
-    def can_swap_out(self, seq: Sequence) -> bool:
-        return self.host is not None and self._swap_out_plan(seq)[1] <= self.host.num_free
-
     def _swap_out_plan(self, seq: Sequence) -> tuple[list[int | None], int]:
         """Per block holding `seq`'s KV, the host block that holds its content already (None: copy it), and
         how many free host blocks that takes (the copies', and the reused ones that are free now)."""
@@ -332,9 +325,6 @@ class BlockManager:
         seq.block_table = []
         seq.num_registered_blocks = 0
         return True
-
-    def can_swap_in(self, seq: Sequence, reserve: int = 0) -> bool:
-        return self._swap_in_plan(seq, reserve) is not None
 
     def _swap_in_plan(self, seq: Sequence, reserve: int) -> list[int | None] | None:
         """Per host block of `seq`, the device block that holds its content already (None: copy it); None

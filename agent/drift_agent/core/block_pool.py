@@ -44,9 +44,6 @@ class BlockPool:
     def num_free(self) -> int:
         return len(self.empty) + len(self.cached)
 
-    def is_free(self, bid: int) -> bool:
-        return bid in self.cached or bid in self.empty
-
     def lookup(self, h: int, parent: int | None, tokens: tuple[int, ...]) -> int | None:
         """The block holding hash `h`, verified by content: a hash match alone is not proof."""
         bid = self.hash_to_block.get(h)

@@ -68,9 +68,5 @@ class KVCopies:
     def is_empty(self) -> bool:
         return not self.swap_out and not self.swap_in
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.swap_out) + len(self.swap_in)
-
     def runs(self, direction: Direction) -> list[CopyRun]:
         return coalesce(self.swap_out if direction == "out" else self.swap_in)

@@ -236,61 +236,55 @@ class Scheduler:
     def check_invariants(self) -> None:
         """The queues agree with the sequences' states and the block refcounts with the block tables (tests,
         and the engine after a failed step). Raises AssertionError."""
-        self.bm.check_invariants()
+        bm = self.bm
+        bm.check_invariants()
         queued: set[int] = set()
-        refs, host_refs = self.bm.held_by_copies()
-        bs = self.bm.block_size
+        refs, host_refs = bm.held_by_copies()
+        bs = bm.block_size
+
+        def queue_once(seq: Sequence, holds: dict[int, int], table: list[int]) -> None:
+            """`seq` is in one queue only; count the references its `table` holds."""
+            if id(seq) in queued:
+                raise AssertionError(f"{seq} is queued twice")
+            queued.add(id(seq))
+            for bid in table:
+                holds[bid] = holds.get(bid, 0) + 1
+
         for seq in self.swapped:
             if seq.status is not SequenceStatus.SWAPPED or seq.block_table or seq.in_flight:
                 raise AssertionError(
                     f"swapped {seq} is {seq.status.value}, holds device blocks or is in flight"
                 )
-            if len(seq.host_block_table) != self.bm.blocks_needed(seq.num_computed_tokens):
+            if len(seq.host_block_table) != bm.blocks_needed(seq.num_computed_tokens):
                 raise AssertionError(f"swapped {seq} has {len(seq.host_block_table)} host blocks for its KV")
-            if id(seq) in queued:
-                raise AssertionError(f"{seq} is queued twice")
-            queued.add(id(seq))
-            for hb in seq.host_block_table:
-                host_refs[hb] = host_refs.get(hb, 0) + 1
+            queue_once(seq, host_refs, seq.host_block_table)
         resuming = [seq for seqs in self.resuming.values() for seq in seqs]
         if len(resuming) != self.num_resuming:
             raise AssertionError(f"{len(resuming)} sequences resuming, {self.num_resuming} counted")
         for seq in resuming:
             if seq.status is not SequenceStatus.SWAPPED or not seq.in_flight or seq.host_block_table:
                 raise AssertionError(f"resuming {seq} is {seq.status.value}, idle or still holds host blocks")
-            if id(seq) in queued:
-                raise AssertionError(f"{seq} is queued twice")
-            queued.add(id(seq))
-            for bid in seq.block_table:
-                refs[bid] = refs.get(bid, 0) + 1
+            queue_once(seq, refs, seq.block_table)
         for seq in self.waiting:
             if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.in_flight:
                 raise AssertionError(f"waiting {seq} is {seq.status.value}, holds blocks or is in flight")
-            if id(seq) in queued:
-                raise AssertionError(f"{seq} is queued twice")
-            queued.add(id(seq))
+            queue_once(seq, refs, [])
         for seq in self.running:
             if seq.status is not SequenceStatus.RUNNING:
                 raise AssertionError(f"running {seq} is {seq.status.value}")
-            if id(seq) in queued:
-                raise AssertionError(f"{seq} is queued twice")
-            queued.add(id(seq))
+            queue_once(seq, refs, seq.block_table)
             if not seq.num_computed_tokens <= min(seq.num_tokens, len(seq.block_table) * bs):
                 raise AssertionError(f"{seq} has KV beyond its tokens or its blocks")
-            for bid in seq.block_table:
-                refs[bid] = refs.get(bid, 0) + 1
-        for block in self.bm.blocks:
-            if block.ref_count != refs.get(block.block_id, 0):
-                raise AssertionError(
-                    f"block {block.block_id} has refcount {block.ref_count} but "
-                    f"{refs.get(block.block_id, 0)} sequences and copies hold it"
-                )
-        for block in self.bm.host.blocks if self.bm.host is not None else ():
-            if block.ref_count != host_refs.get(block.block_id, 0):
-                raise AssertionError(
-                    f"host block {block.block_id} has refcount {block.ref_count} but "
-                    f"{host_refs.get(block.block_id, 0)} swapped sequences and copies hold it"
-                )
+        tiers = [("block", bm.blocks, refs, "sequences and copies")]
+        if bm.host is not None:
+            tiers.append(("host block", bm.host.blocks, host_refs, "swapped sequences and copies"))
+        for name, blocks, holds, holders in tiers:
+            for block in blocks:
+                if block.ref_count != holds.get(block.block_id, 0):
+                    raise AssertionError(
+                        f"{name} {block.block_id} has refcount {block.ref_count} but "
+                        f"{holds.get(block.block_id, 0)} {holders} hold it"
+                    )
 
     # ---- mechanics shared by policies ----------------------------------------------------------------
     @property
