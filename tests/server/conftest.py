@@ -117,3 +117,13 @@ def live(async_engine: AsyncLLMEngine) -> Iterator[LiveServer]:
     server = start_server(async_engine)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def doomed() -> Iterator[LiveServer]:
+    """A server of its own whose engine loop the test kills."""
+    engine = AsyncLLMEngine(LLMEngine(tiny_engine_config(num_kv_blocks=64)))
+    server = start_server(engine)
+    yield server
+    server.stop()
+    engine.shutdown()

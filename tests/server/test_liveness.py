@@ -5,16 +5,13 @@ event) while the server goes on serving and /health stays 200; a dead engine loo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from drift_agent.engine.async_engine import AsyncLLMEngine
 from drift_agent.engine.detokenizer import IncrementalDetokenizer
-from drift_agent.engine.llm_engine import LLMEngine
-from tests.server.conftest import MODEL, LiveServer, start_server, tiny_engine_config
+from tests.server.conftest import MODEL, LiveServer
 
 LABELS = frozenset({("model_name", MODEL)})
 NORMAL = {"prompt": "Hello", "max_tokens": 4, "ignore_eos": True}
@@ -87,16 +84,6 @@ def test_request_failing_in_the_engine_gets_an_error_response(live: LiveServer, 
         assert_still_serving(http)
     assert live.async_engine.is_running
     live.async_engine.engine.block_manager.check_invariants()
-
-
-@pytest.fixture
-def doomed() -> Iterator[LiveServer]:
-    """A server of its own whose engine loop the test kills."""
-    engine = AsyncLLMEngine(LLMEngine(tiny_engine_config(num_kv_blocks=64)))
-    server = start_server(engine)
-    yield server
-    server.stop()
-    engine.shutdown()
 
 
 def test_dead_engine_loop_fails_liveness_and_metrics_say_so(doomed: LiveServer) -> None:

@@ -148,15 +148,6 @@ def test_step_costs_are_weighted_means() -> None:
     assert costs.decode_batch == 10
 
 
-@pytest.fixture
-def doomed() -> Iterator[LiveServer]:
-    engine = AsyncLLMEngine(LLMEngine(tiny_engine_config(num_kv_blocks=64)))
-    server = start_server(engine)
-    yield server
-    server.stop()
-    engine.shutdown()
-
-
 def test_state_answers_200_with_engine_up_false_once_the_loop_died(doomed: LiveServer) -> None:
     def device_fault(batch: Any) -> Any:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
