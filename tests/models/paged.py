@@ -90,3 +90,30 @@ def greedy_generate(
         out.append(token)
         logits = driver.step_logits([(0, [token])])
     return out
+
+
+def dense_attention(
+    q: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    qlens: list[int],
+    window: int | None,
+) -> torch.Tensor:
+    """Explicit softmax(q k^T) v per sequence in fp32, causal offset and HF's window rule (k > q - window)."""
+    heads, kv_heads, dim = q.shape[1], keys[0].shape[1], q.shape[2]
+    out, start = [], 0
+    for k_s, v_s, n in zip(keys, values, qlens, strict=True):
+        total = k_s.shape[0]
+        qs = q[start : start + n].float()
+        start += n
+        kr = k_s.float().repeat_interleave(heads // kv_heads, dim=1)
+        vr = v_s.float().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("nhd,lhd->hnl", qs, kr) * dim**-0.5
+        qpos = torch.arange(total - n, total)[:, None]
+        kpos = torch.arange(total)[None, :]
+        allowed = kpos <= qpos
+        if window is not None:
+            allowed &= kpos > qpos - window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), vr))
+    return torch.cat(out)

@@ -14,6 +14,7 @@ from drift_agent.models.attention import (
     write_kv,
 )
 from drift_agent.models.attention_metadata import AttentionMetadata
+from tests.models.paged import dense_attention
 
 H, KVH, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 32
 
@@ -42,32 +43,6 @@ def _metadata(qlens: list[int], slens: list[int], seed: int) -> AttentionMetadat
     )
 
 
-def _reference(
-    q: torch.Tensor,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    qlens: list[int],
-    window: int | None,
-) -> torch.Tensor:
-    """Explicit softmax(q k^T) v per sequence with the causal offset and HF's window rule (k > q - window)."""
-    out, start = [], 0
-    for keys_s, values_s, n in zip(keys, values, qlens, strict=True):
-        total = keys_s.shape[0]
-        qs = q[start : start + n]
-        start += n
-        kr = keys_s.repeat_interleave(H // KVH, dim=1)  # [L, H, D]
-        vr = values_s.repeat_interleave(H // KVH, dim=1)
-        scores = torch.einsum("nhd,lhd->hnl", qs, kr) * D**-0.5
-        qpos = torch.arange(total - n, total)[:, None]
-        kpos = torch.arange(total)[None, :]
-        allowed = kpos <= qpos
-        if window is not None:
-            allowed &= kpos > qpos - window
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), vr))
-    return torch.cat(out)
-
-
 CASES = {
     "decode-uneven": ([1, 1, 1], [5, 13, 1]),
     "prefill-fresh": ([7, 12], [7, 12]),
@@ -86,7 +61,9 @@ BACKEND_CASES = [(case, "sdpa") for case in CASES] + [("mixed", "flex")]
 
 @pytest.mark.parametrize("window", [None, 3, 6])
 @pytest.mark.parametrize(("case", "backend_name"), BACKEND_CASES)
-def test_paged_attention_matches_dense_reference(case: str, window: int | None, backend_name: str) -> None:
+def test_paged_attention_matches_densedense_attention(
+    case: str, window: int | None, backend_name: str
+) -> None:
     qlens, slens = CASES[case]
     gen = torch.Generator().manual_seed(7)
     attn = _metadata(qlens, slens, seed=3)
@@ -108,7 +85,7 @@ def test_paged_attention_matches_dense_reference(case: str, window: int | None, 
     backend = create_backend(backend_name, "cpu", torch.float32, H, KVH, D)
     plan = backend.plan(attn, {None, 3, 6})
     out = backend.attend(q, new_k, new_v, k_cache, v_cache, plan, window)
-    torch.testing.assert_close(out, _reference(q, keys, values, qlens, window), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, dense_attention(q, keys, values, qlens, window), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["decode-groups-scattered", "decode-groups-sorted"])

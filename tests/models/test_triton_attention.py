@@ -19,36 +19,10 @@ import torch
 from drift_agent.models.attention import TritonBackend, create_backend, resolve_backend, write_kv
 from drift_agent.models.attention_metadata import AttentionMetadata
 from drift_agent.models.triton_attention import interpreting, paged_decode, paged_decode_torch, paged_extend
+from tests.models.paged import dense_attention
 
 # Set by the parent test for its child: the interpreter was on before anything imported triton.
 IN_CHILD = os.environ.get("DRIFT_TRITON_CHILD") == "1" and interpreting()
-
-
-def _reference(
-    q: torch.Tensor,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    qlens: list[int],
-    window: int | None,
-) -> torch.Tensor:
-    """Explicit softmax(q k^T) v per sequence in fp32, causal offset and HF's window rule (k > q - window)."""
-    heads, kv_heads, dim = q.shape[1], keys[0].shape[1], q.shape[2]
-    out, start = [], 0
-    for k_s, v_s, n in zip(keys, values, qlens, strict=True):
-        total = k_s.shape[0]
-        qs = q[start : start + n].float()
-        start += n
-        kr = k_s.float().repeat_interleave(heads // kv_heads, dim=1)
-        vr = v_s.float().repeat_interleave(heads // kv_heads, dim=1)
-        scores = torch.einsum("nhd,lhd->hnl", qs, kr) * dim**-0.5
-        qpos = torch.arange(total - n, total)[:, None]
-        kpos = torch.arange(total)[None, :]
-        allowed = kpos <= qpos
-        if window is not None:
-            allowed &= kpos > qpos - window
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), vr))
-    return torch.cat(out)
 
 
 def _setup(
@@ -138,12 +112,12 @@ def test_kernels_in_the_interpreter() -> None:
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("shape", DECODE_SHAPES)
-def test_decode_kernel_matches_reference(shape: str, window: int | None) -> None:
+def test_decode_kernel_matchesdense_attention(shape: str, window: int | None) -> None:
     heads, kv_heads, dim, page, slens = DECODE_SHAPES[shape]
     attn, q, k_cache, v_cache, keys, values = _setup(
         [1] * len(slens), slens, heads, kv_heads, dim, page, torch.float32
     )
-    ref = _reference(q, keys, values, attn.query_lens_cpu, window)
+    ref = dense_attention(q, keys, values, attn.query_lens_cpu, window)
     # Three splits: some empty (short sequences), some ending mid-tile.
     out = paged_decode(q, k_cache, v_cache, attn.block_tables, attn.seq_lens, dim**-0.5, window, 3)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -155,7 +129,7 @@ def test_decode_kernel_half_precision(dtype: torch.dtype) -> None:
     attn, q, k_cache, v_cache, keys, values = _setup([1, 1, 1], [37, 5, 64], 8, 2, 32, 16, dtype)
     out = paged_decode(q, k_cache, v_cache, attn.block_tables, attn.seq_lens, 32**-0.5, None, 1)
     assert out.dtype == dtype
-    ref = _reference(q, keys, values, attn.query_lens_cpu, None)
+    ref = dense_attention(q, keys, values, attn.query_lens_cpu, None)
     torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -171,7 +145,7 @@ EXTEND_SHAPES = {
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("window", [None, 10])
 @pytest.mark.parametrize("shape", EXTEND_SHAPES)
-def test_extend_kernel_matches_reference(shape: str, window: int | None) -> None:
+def test_extend_kernel_matchesdense_attention(shape: str, window: int | None) -> None:
     qlens, slens, heads, kv_heads, dim, page = EXTEND_SHAPES[shape]
     attn, q, k_cache, v_cache, keys, values = _setup(qlens, slens, heads, kv_heads, dim, page, torch.float32)
     out = torch.full_like(q, float("nan"))
@@ -190,7 +164,7 @@ def test_extend_kernel_matches_reference(shape: str, window: int | None) -> None
         dim**-0.5,
         window,
     )
-    torch.testing.assert_close(out, _reference(q, keys, values, qlens, window), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, dense_attention(q, keys, values, qlens, window), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.usefixtures("interpret")
@@ -201,7 +175,7 @@ def test_extend_kernel_bfloat16() -> None:
     starts = attn.query_start_loc[:-1].to(torch.int32)
     lens = torch.tensor(qlens, dtype=torch.int32)
     paged_extend(q, out, k_cache, v_cache, attn.block_tables, starts, lens, attn.seq_lens, 20, 32**-0.5, None)
-    ref = _reference(q, keys, values, qlens, None)
+    ref = dense_attention(q, keys, values, qlens, None)
     torch.testing.assert_close(out.float(), ref, atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
 
 
@@ -228,16 +202,16 @@ def test_backend_mixed_batches(case: str, use_kernel: bool, request: pytest.Fixt
     new_v = torch.cat([values[i][t - n :] for i, (n, t) in enumerate(zip(qlens, slens, strict=True))])
     for window in (None, 3):
         out = backend.attend(q, new_k, new_v, k_cache, v_cache, plan, window)
-        torch.testing.assert_close(out, _reference(q, keys, values, qlens, window), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(out, dense_attention(q, keys, values, qlens, window), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_torch_decode_fallback_matches_reference(window: int | None) -> None:
+def test_torch_decode_fallback_matchesdense_attention(window: int | None) -> None:
     slens = [5, 13, 1, 40]
     attn, q, k_cache, v_cache, keys, values = _setup([1] * 4, slens, 8, 2, 16, 4, torch.float32)
     out = paged_decode_torch(q, k_cache, v_cache, attn.block_tables, attn.seq_lens, 16**-0.5, window)
     torch.testing.assert_close(
-        out, _reference(q, keys, values, attn.query_lens_cpu, window), atol=2e-5, rtol=2e-5
+        out, dense_attention(q, keys, values, attn.query_lens_cpu, window), atol=2e-5, rtol=2e-5
     )
 
 
@@ -275,7 +249,7 @@ def test_decode_kernel_on_gpu(dtype: torch.dtype) -> None:
     move = [t.cuda() for t in (q, k_cache, v_cache, attn.block_tables, attn.seq_lens)]
     for window in (None, 256):
         out = paged_decode(*move, 128**-0.5, window, 4)
-        ref = _reference(q, keys, values, attn.query_lens_cpu, window)
+        ref = dense_attention(q, keys, values, attn.query_lens_cpu, window)
         torch.testing.assert_close(out.float().cpu(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -324,5 +298,5 @@ def test_extend_kernel_on_gpu(dtype: torch.dtype) -> None:
             q.cuda(), out, k_cache.cuda(), v_cache.cuda(), attn.block_tables.cuda(), starts, lens,
             attn.seq_lens.cuda(), max(qlens), 128**-0.5, window,
         )  # fmt: skip
-        ref = _reference(q, keys, values, qlens, window)
+        ref = dense_attention(q, keys, values, qlens, window)
         torch.testing.assert_close(out.float().cpu(), ref, atol=TOL[dtype], rtol=TOL[dtype])
