@@ -18,6 +18,7 @@ import pytest
 
 from drift_agent.core.errors import InvalidRequestError
 from drift_agent.engine.async_engine import AsyncLLMEngine
+from drift_agent.server import serving
 from drift_agent.server.chat_template import load_chat_template
 from drift_agent.server.settings import ServerSettings
 from tests.server.conftest import MODEL, LiveServer, start_server, wait_idle
@@ -101,6 +102,30 @@ def test_huge_body_is_413_at_once_while_health_answers(live: LiveServer) -> None
             assert err["type"] == "invalid_request_error"
         time.sleep(0.1)
     probe.assert_responsive()
+
+
+def test_large_body_is_decoded_off_the_event_loop(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded_on: list[str] = []
+
+    def spy(body: bytes) -> Any:
+        decoded_on.append(threading.current_thread().name)
+        return decode(body)
+
+    decode = serving._decode_json
+    monkeypatch.setattr(serving, "_decode_json", spy)
+    # Just under the 4 MiB limit, two million numbers: json.loads alone takes a few tenths of a second.
+    numbers = b"0," * ((4 * 1024 * 1024 - 100) // 2 - 1) + b"0"
+    body = b'{"prompt": "Hello", "max_tokens": 2, "padding": [' + numbers + b"]}"
+    assert len(body) <= 4 * 1024 * 1024
+    with live.client() as http:
+        assert _post_raw(http, "/v1/completions", body).status_code == 200
+        # The same body cut short gets the error a small malformed body gets.
+        r = _post_raw(http, "/v1/completions", body[:-1])
+        assert_openai_error(r, 400, contains="request body is not valid JSON: Expecting ',' delimiter")
+        small = json.dumps({"prompt": "Hello", "max_tokens": 2}).encode()
+        assert _post_raw(http, "/v1/completions", small).status_code == 200
+        assert_openai_error(_post_raw(http, "/v1/completions", small[:-1]), 400, contains="not valid JSON")
+    assert len(decoded_on) == 2 and all(n.startswith("drift-tokenizer") for n in decoded_on), decoded_on
 
 
 def test_chunked_body_past_the_limit_is_413(custom_live: LiveServer) -> None:

@@ -34,7 +34,7 @@ def prompt_list(prompt: Any) -> list[str | list[int]]:
     """OpenAI's four prompt forms (a string, strings, token ids, lists of token ids) as a list of prompts."""
     if isinstance(prompt, str):
         prompts: list[Any] = [prompt]
-    elif prompt and all(isinstance(t, int) for t in prompt):
+    elif prompt and isinstance(prompt[0], int):  # validated: a list holds one kind, so one look tells
         prompts = [prompt]
     else:
         prompts = list(prompt)

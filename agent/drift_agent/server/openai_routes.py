@@ -20,7 +20,7 @@ from .protocol import (
     ModelList,
     TokenizeRequest,
 )
-from .serving import check_text, encode, off_loop, state_of
+from .serving import OffLoopBodyRoute, check_text, encode, off_loop, state_of
 from .state import ServerState
 
 
@@ -61,7 +61,7 @@ def _tokenize_prompt(state: ServerState, req: TokenizeRequest, template: str | N
 
 
 def build_router() -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=OffLoopBodyRoute)
     router.add_api_route(
         "/v1/completions",
         create_completion,
