@@ -110,8 +110,10 @@ async def close_clients(memo: kopf.Memo, **_: Any) -> None:
 async def apply_llmservice(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Render and converge the children whenever the spec changes (and once when the operator starts)."""
     context = operator_context(memo)
-    outcome = await reconcile(context, body, memory_of(memo), run_loop=False)
-    await _publish(context, outcome, body, logger)
+    memory = memory_of(memo)
+    async with memory.lock:
+        outcome = await reconcile(context, body, memory, run_loop=False)
+        await _publish(context, outcome, body, logger)
 
 
 @kopf.timer(
@@ -126,7 +128,15 @@ async def feedback_loop(
 ) -> None:
     """The SLO loop: restore drifted children, read attainment, decide replicas and partition."""
     context = operator_context(memo)
-    tick = asyncio.ensure_future(reconcile(context, body, memory_of(memo), run_loop=True))
+    memory = memory_of(memo)
+
+    async def run_tick() -> Outcome:
+        async with memory.lock:
+            outcome = await reconcile(context, body, memory, run_loop=True)
+            await _publish(context, outcome, body, logger)
+            return outcome
+
+    tick = asyncio.ensure_future(run_tick())
     stop = asyncio.ensure_future(stopped.wait())
     # kopf never cancels a timer on exit: abandon an in-flight tick ourselves so shutdown is prompt.
     await asyncio.wait({tick, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -135,7 +145,6 @@ async def feedback_loop(
         tick.cancel()
         return
     outcome = tick.result()
-    await _publish(context, outcome, body, logger)
     operator_metrics.observe(
         body["metadata"]["namespace"],
         body["metadata"]["name"],

@@ -87,6 +87,12 @@ class ServiceMemory:
     pending_steering: bool = False
     # The decision log; the loop is its only writer (a stale body's copy must not drop a newer entry).
     decisions: list[dict[str, Any]] | None = None
+    # kopf runs the spec handler and the timer of one object concurrently; both reconcile the children, so
+    # they take turns (else both create a missing child, and a hand edit restored by the handler posts no
+    # Restored event).
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The generation whose children were last applied: a child differing after that is a hand edit.
+    applied_generation: int | None = None
 
     def effective_replicas(self, observed: int, now: float) -> int:
         if self.replicas_written is None:
@@ -207,7 +213,10 @@ async def reconcile(
             status, [Condition("Ready", "False", "ReconcileFailed", message)], events, error=message
         )
 
-    events.extend(_child_events(applied, run_loop))
+    # Between spec changes only a hand edit (or a lost update) makes a child differ. kopf may run the spec
+    # handler again on an unchanged spec (e.g. after a restart), so the generation tells, not the path.
+    events.extend(_child_events(applied, restoring=run_loop or memory.applied_generation == generation))
+    memory.applied_generation = generation
     deployment = DeploymentState.from_live(applied.deployment)
     status.update(
         replicas=deployment.replicas,
@@ -248,13 +257,12 @@ def _explain(exc: KubeApiError, namespace: str) -> str:
     return str(exc)
 
 
-def _child_events(applied: ApplyResult, run_loop: bool) -> list[Event]:
+def _child_events(applied: ApplyResult, *, restoring: bool) -> list[Event]:
     events = []
     for child, action in applied.actions.items():
         if action == "create":
             events.append(Event("Normal", "Created", f"created {child}"))
-        elif action == "patch" and run_loop:
-            # Between spec changes only a hand edit (or a lost update) makes a child differ.
+        elif action == "patch" and restoring:
             events.append(Event("Normal", "Restored", f"{child} differed from its rendered form; restored"))
         elif action == "delete":
             events.append(Event("Normal", "Deleted", f"deleted {child}"))
