@@ -1,16 +1,24 @@
 """`drift router` against the alternatives, on real processes on loopback, in one run.
 
     python scripts/bench_router.py [--agents 3] [--num-prompts 48] [--request-rate 1.5] [--save-result F.json]
+    python scripts/bench_router.py --only cpu      # the router's own CPU cost, against a fake upstream
 
-Three measurements, each printed as a table (figures for docs/benchmarks.md):
+Five measurements, each printed as a table (figures for docs/benchmarks.md, markdown rows at the end):
 
-1. Routing policies on a multi-turn workload (`drift bench serve --workload multi-turn`): fresh agents for each
-   router, so every run starts with cold prefix caches; the prefix-cache hit rate summed over the agents
-   (`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries`), mean and P50 TTFT, P50 TPOT and SLO attainment, for
-   `drift router` with prefix-affinity, slo-aware, least-loaded, round-robin and random (what a Kubernetes
-   Service's kube-proxy does), and for `vllm-router --policy cache_aware` when it is installed (the peer).
-2. Overhead: the same light load straight to one agent and through each router: P50 TTFT and TPOT.
-3. An agent killed in the middle of a run: every request completes or fails with an error, none hangs.
+1. `policies`: routing policies on a multi-turn workload (`drift bench serve --workload multi-turn`): fresh
+   agents for each router, so every run starts with cold prefix caches; the prefix-cache hit rate summed over
+   the agents (`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries`), mean and P50 TTFT, P50 TPOT and SLO
+   attainment, for `drift router` with prefix-affinity, slo-aware, least-loaded, round-robin and random (what a
+   Kubernetes Service's kube-proxy does), and for `vllm-router --policy cache_aware` when it is installed.
+2. `overhead`: the same traffic straight to one agent and through each router (one backend), in the order
+   A B C C B A, `--overhead-repeats` times: P50 TTFT and TPOT, mean and spread over the runs. Two loads: one
+   request at a time, and one agent's share of the multi-turn load of part 1 (its rate / `--agents`).
+3. `kill`: an agent killed in the middle of a run: every request completes or fails with an error, none hangs.
+4. `cpu`: the router's CPU time per non-streaming request and per relayed stream event, against a fake upstream
+   (its own process) that answers at once: `/proc/PID/stat` user+system time of the router process over each
+   phase, less its idle cost (polling `/state`) over the same wall time.
+5. `sim`: `drift sim run` with the count, rate, lengths, turns, think time, seed and SLO of part 1, per policy
+   (a GPU preset, or `--sim-profile` from `drift profile`): simulated hit rate and mean TTFT.
 
 The agents run the embedded model with one torch thread each, so several share a small machine; absolute
 figures move with the machine, the comparisons within one run do not.
@@ -25,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,6 +134,9 @@ def agents(n: int, logs: Path) -> Iterator[Agents]:
             stop(proc)
 
 
+_router_pids: dict[str, int] = {}  # router URL -> its process id (the CPU part reads its CPU time)
+
+
 @contextlib.contextmanager
 def router(kind: str, policy: str, backends: list[str], logs: Path) -> Iterator[str]:
     port = free_port()
@@ -151,10 +163,12 @@ def router(kind: str, policy: str, backends: list[str], logs: Path) -> Iterator[
     log = open(logs / f"router-{kind}-{policy}.log", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://{HOST}:{port}"
+    _router_pids[url] = proc.pid
     try:
         wait_ready(url, proc, ready, timeout_s=120)
         yield url
     finally:
+        _router_pids.pop(url, None)
         stop(proc)
 
 
@@ -214,29 +228,54 @@ def policies(args: argparse.Namespace, tokenizer: str, logs: Path) -> list[dict[
 
 
 def overhead(args: argparse.Namespace, tokenizer: str, logs: Path) -> list[dict[str, Any]]:
-    """Light load (one request at a time), one agent: straight, through drift router, through vllm-router,
-    in the order A B C C B A so a drift of the machine's speed during the run falls on every path alike."""
-    load = {"workload": "random", "num_prompts": 40, "input_len": 128, "output_len": 32, "max_concurrency": 1}
-    with agents(1, logs) as ag:
-        bench(ag.urls[0], tokenizer, logs / "warm.json", args, **load)  # warm caches and allocator
-        routers: dict[str, contextlib.AbstractContextManager[str]] = {
-            "drift router": router("drift", "round-robin", ag.urls, logs)
-        }
-        if shutil.which("vllm-router"):
-            routers["vllm-router"] = router("vllm-router", "round_robin", ag.urls, logs)
-        with contextlib.ExitStack() as stack:
-            urls = {"direct": ag.urls[0]} | {name: stack.enter_context(ctx) for name, ctx in routers.items()}
-            order = list(urls) + list(reversed(urls))
-            figures: dict[str, list[tuple[float, float]]] = {name: [] for name in urls}
-            for i, name in enumerate(order):
-                s = bench(urls[name], tokenizer, logs / f"overhead-{i}.json", args, **load)
-                figures[name].append((s["median_ttft_ms"], s["median_tpot_ms"]))
+    """One agent: straight, through drift router, through vllm-router, in the order A B C C B A, repeated
+    `--overhead-repeats` times, so a drift of the machine's speed during the run falls on every path alike.
+    Two loads: one request at a time, and one agent's share of part 1's multi-turn load."""
+    loads = {
+        "one at a time": {
+            "workload": "random", "num_prompts": 40, "input_len": 128, "output_len": 32, "max_concurrency": 1,
+        },
+        f"multi-turn, 1/{args.agents} of part 1": {
+            "workload": "multi-turn", "num_prompts": max(1, args.num_prompts // args.agents),
+            "request_rate": args.request_rate / args.agents, "input_len": args.input_len,
+            "output_len": args.output_len, "mean_turns": args.mean_turns, "think_time": args.think_time,
+        },
+    }  # fmt: skip
     rows = []
-    for name, runs in figures.items():
-        ttft = sum(r[0] for r in runs) / len(runs)
-        tpot = sum(r[1] for r in runs) / len(runs)
-        rows.append({"path": name, "p50_ttft_ms": ttft, "p50_tpot_ms": tpot, "runs": runs})
-        print(f"{name:<14} P50 TTFT {ttft:.2f} ms  P50 TPOT {tpot:.2f} ms  (runs: {runs})", flush=True)
+    for load_name, load in loads.items():
+        with agents(1, logs) as ag:
+            bench(ag.urls[0], tokenizer, logs / "warm.json", args, **load)  # warm caches and allocator
+            routers: dict[str, contextlib.AbstractContextManager[str]] = {
+                "drift router": router("drift", "prefix-affinity", ag.urls, logs)
+            }
+            if shutil.which("vllm-router"):
+                routers["vllm-router"] = router("vllm-router", "cache_aware", ag.urls, logs)
+            with contextlib.ExitStack() as stack:
+                urls = {"direct": ag.urls[0]} | {n: stack.enter_context(ctx) for n, ctx in routers.items()}
+                order = (list(urls) + list(reversed(urls))) * args.overhead_repeats
+                figures: dict[str, list[tuple[float, float]]] = {name: [] for name in urls}
+                for i, name in enumerate(order):
+                    s = bench(urls[name], tokenizer, logs / f"overhead-{i}.json", args, **load)
+                    figures[name].append((s["median_ttft_ms"], s["median_tpot_ms"]))
+        for name, runs in figures.items():
+            ttft = [r[0] for r in runs]
+            tpot = [r[1] for r in runs]
+            row = {
+                "load": load_name,
+                "path": name,
+                "p50_ttft_ms": statistics.fmean(ttft),
+                "p50_ttft_spread_ms": max(ttft) - min(ttft),
+                "p50_tpot_ms": statistics.fmean(tpot),
+                "p50_tpot_spread_ms": max(tpot) - min(tpot),
+                "runs": runs,
+            }
+            rows.append(row)
+            print(
+                f"{load_name:<24} {name:<14} P50 TTFT {row['p50_ttft_ms']:.2f} ms (spread "
+                f"{row['p50_ttft_spread_ms']:.2f})  P50 TPOT {row['p50_tpot_ms']:.2f} ms (spread "
+                f"{row['p50_tpot_spread_ms']:.2f})  over {len(runs)} runs",
+                flush=True,
+            )
     return rows
 
 
@@ -268,6 +307,195 @@ def kill_one(args: argparse.Namespace, tokenizer: str, logs: Path) -> dict[str, 
         return row
 
 
+# ---- 4. the router's own CPU cost ------------------------------------------------------------------------------
+FAKE_EVENT = b'data: {"id":"cmpl-x","object":"text_completion","choices":[{"index":0,"text":" a"}]}\n\n'
+
+
+def serve_fake_upstream(port: int, events: int, interval_s: float) -> None:
+    """A fake agent answering at once: `/state` (ready, idle), a small JSON completion, or a stream of `events`
+    events `interval_s` apart (each its own write, so the router relays each as its own read)."""
+    import asyncio
+
+    from aiohttp import web
+
+    state = {"model": "fake", "ready": True, "draining": False, "engine_up": True, "waiting": 0, "running": 0,
+             "pending_prefill_tokens": 0, "kv_blocks_total": 1000, "kv_blocks_free": 1000, "kv_used_tokens": 0,
+             "block_size": 16, "perf": {}, "slo": {"attainment": None}}  # fmt: skip
+    body = json.dumps({"id": "cmpl-x", "object": "text_completion", "model": "fake",
+                       "choices": [{"index": 0, "text": "ok", "finish_reason": "length"}]}).encode()  # fmt: skip
+
+    async def get_state(_: web.Request) -> web.Response:
+        return web.json_response(state)
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        if not payload.get("stream"):
+            return web.Response(body=body, content_type="application/json")
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        for _ in range(events):
+            await out.write(FAKE_EVENT)
+            await asyncio.sleep(interval_s)
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+    app = web.Application()
+    app.router.add_get("/state", get_state)
+    app.router.add_post("/v1/completions", generate)
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux `/proc/PID/stat`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def router_cpu(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    """Router CPU per non-streaming request and per relayed stream event, against a fake upstream in its own
+    process; the load generator is this process (aiohttp), so neither's CPU is counted."""
+    import asyncio
+
+    import aiohttp
+
+    events = args.cpu_stream_events
+    up_port = free_port()
+    up_log = open(logs / "fake-upstream.log", "w")  # noqa: SIM115 - closed with the process
+    upstream = subprocess.Popen(
+        [sys.executable, __file__, "--serve-fake-upstream", str(up_port), "--cpu-stream-events", str(events),
+         "--cpu-event-interval-ms", str(args.cpu_event_interval_ms)],
+        stdout=up_log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_ready(f"http://{HOST}:{up_port}", upstream, "/state", timeout_s=60)
+        with router("drift", "prefix-affinity", [f"http://{HOST}:{up_port}"], logs) as url:
+            pid = _router_pids[url]
+
+            async def requests(n: int, concurrency: int, stream: bool) -> int:
+                """n requests, `concurrency` at a time; returns the stream events received."""
+                got = 0
+                sem = asyncio.Semaphore(concurrency)
+                conn = aiohttp.TCPConnector(limit=0)
+                payload = {"model": "fake", "prompt": "hello", "max_tokens": 8, "stream": stream}
+                async with aiohttp.ClientSession(connector=conn) as session:
+
+                    async def one(i: int) -> None:
+                        nonlocal got
+                        async with (
+                            sem,
+                            session.post(
+                                url + "/v1/completions", json=payload, headers={"x-session-id": str(i % 64)}
+                            ) as r,
+                        ):
+                            assert r.status == 200, await r.text()
+                            if stream:
+                                async for line in r.content:
+                                    got += line.startswith(b"data: {")
+                            else:
+                                await r.read()
+
+                    await asyncio.gather(*(one(i) for i in range(n)))
+                return got
+
+            def measure(fn: Any) -> tuple[float, float, Any]:
+                c0, t0 = cpu_seconds(pid), time.monotonic()
+                out = fn()
+                return cpu_seconds(pid) - c0, time.monotonic() - t0, out
+
+            asyncio.run(requests(500, 32, False))  # warm-up: connections, allocator
+            idle_cpu, idle_wall, _ = measure(lambda: time.sleep(5.0))
+            idle_rate = idle_cpu / idle_wall  # polling /state, timers
+            n = args.cpu_requests
+            cpu, wall, _ = measure(lambda: asyncio.run(requests(n, 64, False)))
+            per_request = (cpu - idle_rate * wall) / n
+            streams = args.cpu_streams
+            cpu_s, wall_s, got = measure(lambda: asyncio.run(requests(streams, streams, True)))
+            assert got == streams * events, f"received {got} of {streams * events} events"
+            # A stream's own setup costs about a request; the rest is per relayed event.
+            per_event = (cpu_s - idle_rate * wall_s - streams * per_request) / got
+    finally:
+        stop(upstream)
+    row = {
+        "per_request_ms": 1000 * per_request,
+        "requests": n,
+        "requests_per_s": n / wall,
+        "per_event_us": 1e6 * per_event,
+        "streams": streams,
+        "events": got,
+        "events_per_s": got / wall_s,
+        "idle_cpu_fraction": idle_rate,
+    }
+    print(
+        f"router CPU: {row['per_request_ms']:.3f} ms per non-streaming request ({n} at {n / wall:.0f}/s), "
+        f"{row['per_event_us']:.1f} µs per relayed event ({streams} concurrent streams, {got} events at "
+        f"{got / wall_s:.0f}/s); idle {100 * idle_rate:.1f}% of a core",
+        flush=True,
+    )
+    return row
+
+
+# ---- 5. the simulator on the same workload ---------------------------------------------------------------------
+def simulate(args: argparse.Namespace, logs: Path) -> list[dict[str, Any]]:
+    """`drift sim run` with part 1's count, rate, lengths, turns, think time, seed and SLO, per policy."""
+    rows = []
+    for policy in args.drift_policies:
+        out = logs / f"sim-{policy}.json"
+        cmd = [*DRIFT, "sim", "run", "--instances", str(args.agents), "--router", policy,
+               "--workload", "multi-turn", "--num-prompts", str(args.num_prompts),
+               "--request-rate", str(args.request_rate), "--input-len", str(args.input_len),
+               "--output-len", str(args.output_len), "--mean-turns", str(args.mean_turns),
+               "--think-time", str(args.think_time), "--seed", str(args.seed), "--prefix-caching",
+               "--slo", f"ttft:{args.slo_ttft_ms}", f"tpot:{args.slo_tpot_ms}", "--save-result", str(out),
+               *args.sim_args]  # fmt: skip
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=1800)
+        run = json.loads(out.read_text())["runs"][0]
+        row = {
+            "router": policy,
+            "hit_rate": run.get("sim_stats", {}).get("prefix_cache_hit_rate"),
+            "mean_ttft_ms": run["summary"].get("mean_ttft_ms"),
+            "slo_attainment": run["summary"].get("slo_attainment"),
+        }
+        rows.append(row)
+        print(
+            f"sim {policy:<18} hit {100 * (row['hit_rate'] or 0):5.1f}%  mean TTFT {row['mean_ttft_ms']:.1f} ms"
+            f"  SLO {100 * (row['slo_attainment'] or 0):.1f}%",
+            flush=True,
+        )
+    return rows
+
+
+def pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def markdown(result: dict[str, Any]) -> None:
+    """The tables of docs/benchmarks.md's Routing section, from this run."""
+    if "policies" in result:
+        print("\n| router | prefix-cache hit rate | mean TTFT ms | P50 TTFT ms | P50 TPOT ms | SLO attainment "
+              "| requests per agent |\n| --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
+        for r in result["policies"]:
+            per_agent = " / ".join(f"{v:.0f}" for v in r["per_agent"])
+            print(f"| {r['router']} | {pct(r['hit_rate'])} | {ms(r['mean_ttft_ms'])} | {ms(r['p50_ttft_ms'])} | "
+                  f"{ms(r['p50_tpot_ms'])} | {pct(r['slo_attainment'])} | {per_agent} |")  # fmt: skip
+    if "overhead" in result:
+        print("\n| load | path | P50 TTFT ms (spread) | P50 TPOT ms (spread) |\n| --- | --- | --- | --- |")
+        for r in result["overhead"]:
+            print(f"| {r['load']} | {r['path']} | {r['p50_ttft_ms']:.1f} ({r['p50_ttft_spread_ms']:.1f}) | "
+                  f"{r['p50_tpot_ms']:.1f} ({r['p50_tpot_spread_ms']:.1f}) |")  # fmt: skip
+    if "sim" in result:
+        print("\n| router | simulated hit rate | simulated mean TTFT ms | simulated SLO attainment |\n"
+              "| --- | --- | --- | --- |")  # fmt: skip
+        for r in result["sim"]:
+            print(
+                f"| {r['router']} | {pct(r['hit_rate'])} | {r['mean_ttft_ms']:.1f} | {pct(r['slo_attainment'])} |"
+            )
+    if "cpu" in result:
+        c = result["cpu"]
+        print(f"\nrouter CPU: {c['per_request_ms']:.2f} ms per non-streaming request, {c['per_event_us']:.0f} µs "
+              f"per relayed event at {c['streams']} concurrent streams")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", type=int, default=3)
@@ -286,14 +514,31 @@ def main() -> None:
         nargs="+",
         default=["prefix-affinity", "slo-aware", "least-loaded", "round-robin", "random"],
     )
-    p.add_argument("--only", choices=["policies", "overhead", "kill"], nargs="+", default=None)
+    p.add_argument("--overhead-repeats", type=int, default=3, help="A B C C B A rounds per load")
+    p.add_argument("--cpu-requests", type=int, default=20000, help="non-streaming requests of the CPU part")
+    p.add_argument("--cpu-streams", type=int, default=300, help="concurrent streams of the CPU part")
+    p.add_argument("--cpu-stream-events", type=int, default=200, help="events per stream of the CPU part")
+    p.add_argument("--cpu-event-interval-ms", type=float, default=10.0, help="the fake upstream's event gap")
+    p.add_argument(
+        "--sim-args",
+        nargs="*",
+        default=[],
+        help="extra `drift sim run` arguments of the sim part, e.g. --profile F.json (after `--`)",
+    )
+    p.add_argument("--serve-fake-upstream", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=["policies", "overhead", "kill", "cpu", "sim"], nargs="+", default=None)
     p.add_argument("--save-result", type=Path, default=None)
     args = p.parse_args()
+    if args.serve_fake_upstream is not None:
+        serve_fake_upstream(
+            args.serve_fake_upstream, args.cpu_stream_events, args.cpu_event_interval_ms / 1000
+        )
+        return
 
     from drift_agent.models.embedded import embedded_model_dir
 
     tokenizer = str(embedded_model_dir())
-    parts = args.only or ["policies", "overhead", "kill"]
+    parts = args.only or ["policies", "overhead", "kill", "cpu", "sim"]
     with tempfile.TemporaryDirectory(prefix="drift-bench-router-") as tmp:
         logs = Path(tmp)
         result: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "save_result"}}
@@ -303,6 +548,11 @@ def main() -> None:
             result["overhead"] = overhead(args, tokenizer, logs)
         if "kill" in parts:
             result["kill"] = kill_one(args, tokenizer, logs)
+        if "cpu" in parts:
+            result["cpu"] = router_cpu(args, logs)
+        if "sim" in parts:
+            result["sim"] = simulate(args, logs)
+    markdown(result)
     if args.save_result:
         args.save_result.write_text(json.dumps(result, indent=2, default=str) + "\n")
 

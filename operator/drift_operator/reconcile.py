@@ -12,8 +12,9 @@ from typing import Any
 from . import constants as c
 from .diff import Plan, foreign_owner, plan_apply, plan_secret
 from .kube import KubeApiError, KubeClient, object_path
-from .render import Owner, render_children, render_secret
+from .render import Owner, render_children, render_secret, render_service
 from .spec import LLMServiceSpec
+from .status import DeploymentState
 
 _KINDS: dict[str, tuple[str, str]] = {
     "ConfigMap": ("v1", "configmaps"),
@@ -154,13 +155,17 @@ async def reconcile_children(
     if children.agents_service is not None:
         await apply_one(kube, children.agents_service, result.actions)
     result.deployment = await apply_one(kube, children.deployment, result.actions)
-    # Router on: its objects exist before the client Service turns to its pods. Router off: the client
-    # Service turns back to the agents before the router goes.
+    # Router on: its objects exist first, and the client Service turns to its pods only once one of them is
+    # ready (until then, and whenever none is, it keeps selecting the agents: clients never face a Service
+    # without endpoints). Router off: the client Service turns back to the agents before the router goes.
+    service = children.service
     if children.router is not None:
         for obj in children.router.objects():
             live = await apply_one(kube, obj, result.actions)
         result.router_deployment = live
-    await apply_one(kube, children.service, result.actions)
+        if DeploymentState.from_live(live).ready < 1:
+            service = render_service(owner, router=False)
+    await apply_one(kube, service, result.actions)
     if children.router is None:
         for kind in _ROUTER_KINDS:
             name = c.router_name(owner.name)

@@ -18,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from drift_agent.core.config import SLO_SETTINGS, EngineConfig
+from drift_agent.router import worst_case_shutdown_s as router_worst_case_shutdown_s
 from drift_agent.server.settings import ServerSettings
 
 from . import constants as c
@@ -476,9 +477,10 @@ def render_router_deployment(owner: Owner, spec: LLMServiceSpec) -> dict[str, An
         "automountServiceAccountToken": True,  # it watches EndpointSlices
         "securityContext": copy.deepcopy(_POD_SECURITY_CONTEXT),
         "enableServiceLinks": False,
-        # Streams in flight finish on SIGTERM; they last no longer than an agent's own drain.
+        # On SIGTERM the router drains (/ready 503, still serving while it leaves the endpoints; no preStop
+        # needed), then lets open streams finish: they last no longer than an agent's own drain.
         "terminationGracePeriodSeconds": math.ceil(
-            ServerSettings().worst_case_shutdown_s + c.SHUTDOWN_MARGIN_S
+            max(ServerSettings().worst_case_shutdown_s, router_worst_case_shutdown_s()) + c.SHUTDOWN_MARGIN_S
         ),
         # Replicas on different nodes, so one node's loss does not take the front door down.
         "affinity": {

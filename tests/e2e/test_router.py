@@ -55,6 +55,11 @@ def _mark_ready(namespace: str, pod: str) -> None:
             "-p", json.dumps({"status": status}))  # fmt: skip
 
 
+def _service_component(namespace: str) -> str | None:
+    live = get_obj("service", NAME, namespace) or {}
+    return live.get("spec", {}).get("selector", {}).get("app.kubernetes.io/component")
+
+
 def _can(namespace: str, verb: str, resource: str) -> bool:
     user = f"system:serviceaccount:{namespace}:{NAME}-router"
     out = kubectl("auth", "can-i", verb, resource, "-n", namespace, "--as", user, check=False)
@@ -87,10 +92,14 @@ def test_router_rendered_reported_and_switched_off(
     assert _can(namespace, "list", "endpointslices.discovery.k8s.io")
     assert not _can(namespace, "list", "pods") and not _can(namespace, "get", "secrets")
 
-    # Clients keep the Service's name and port; behind it now the router. The agents: a headless Service.
+    # Clients keep the Service's name and port. No router pod is ready yet: it still selects the agents
+    # (checked over several reconciles). The agents: a headless Service.
     service = kids["service"]
-    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "router"
     assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("http", 8000)]
+    for _ in range(3):
+        time.sleep(1.0)  # the operator's interval is 1 s: each sleep spans a reconcile
+        live = get_obj("service", NAME, namespace)
+        assert live["spec"]["selector"]["app.kubernetes.io/component"] == "agent", live["spec"]
     agents = get_obj("service", f"{NAME}-agents", namespace)
     assert owned_by(agents, uid) and agents["spec"]["clusterIP"] == "None"
     assert agents["spec"]["selector"]["app.kubernetes.io/component"] == "agent"
@@ -115,6 +124,12 @@ def test_router_rendered_reported_and_switched_off(
     status = get_obj(LLMS, NAME, namespace)["status"]
     assert status["router"] == {"enabled": True, "policy": "least-kv", "replicas": 2, "readyReplicas": 1}
     assert _router_condition(namespace)["message"] == "1/2 router replicas ready"
+    # One router pod ready (the Deployment controller counted it): the client Service turns to the router.
+    wait_for(
+        lambda: _service_component(namespace) == "router",
+        CONVERGE_S,
+        message=lambda: f"the Service on the router once one is ready\n{op.log_tail()}",
+    )
 
     # Off: the client Service selects the agents again, and the router's objects are deleted.
     kubectl(
@@ -137,22 +152,136 @@ def test_router_rendered_reported_and_switched_off(
     assert get_obj("service", f"{NAME}-agents", namespace) is not None
     assert get_obj("deployment", NAME, namespace) is not None
 
-    # On again: rendered anew, and the Service follows.
+    # On again: rendered anew; the Service follows once a router pod is ready again.
     kubectl(
         "patch", "llms", NAME, "-n", namespace, "--type=merge", "-p", '{"spec":{"router":{"enabled":true}}}'
     )
+    old = {p["metadata"]["name"] for p in pods}
+    pods = wait_for(
+        lambda: [p for p in list_items("pods", namespace, selector) if p["metadata"]["name"] not in old],
+        CONVERGE_S,
+        message="router pods created again",
+    )
+    assert _service_component(namespace) == "agent"
+    _mark_ready(namespace, pods[0]["metadata"]["name"])
     wait_for(
-        lambda: (
-            (get_obj("service", NAME, namespace) or {})
-            .get("spec", {})
-            .get("selector", {})
-            .get("app.kubernetes.io/component")
-            == "router"
-            and get_obj("deployment", f"{NAME}-router", namespace) is not None
-        ),
+        lambda: _service_component(namespace) == "router",
         CONVERGE_S,
         message=lambda: f"the router back\n{op.log_tail()}",
     )
     forbidden = [line for line in op.log_text().splitlines() if "forbidden" in line.lower()]
     assert not forbidden, "\n".join(forbidden[:5])
     op.assert_alive()
+
+
+def _host_ip() -> str | None:
+    """This machine's first non-loopback IPv4 address (EndpointSlice validation refuses loopback ones)."""
+    import ipaddress
+    import subprocess
+
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for word in out.split():
+        try:
+            ip = ipaddress.ip_address(word)
+        except ValueError:
+            continue
+        if ip.version == 4 and not ip.is_loopback and not ip.is_link_local:
+            return word
+    return None
+
+
+def _endpoint_slice(name: str, service: str, ip: str, port: int, ready: bool = True) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}}],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_router_discovers_real_agents_through_endpoint_slices_and_follows_changes(
+    namespace: str, tmp_path: Any
+) -> None:
+    """`drift router --discover NS/SVC` as a process with the kubeconfig, in front of two real agents on this
+    machine's address: the EndpointSlices (written by the test, as the endpointslice controller would for
+    ready pods) decide the backends; taking one agent's endpoint out (not ready) and back is followed live."""
+    import httpx
+
+    from tests.router.conftest import spawn, wait_ready
+    from tests.tiny_models import tiny_model_dir
+
+    ip = _host_ip()
+    if ip is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    args = ["serve", "--model", str(tiny_model_dir("llama")), "--served-model-name", "tiny",
+            "--num-kv-blocks", "64", "--num-threads", "1", "--no-access-log"]  # fmt: skip
+    agents = [spawn(args, tmp_path / f"agent{i}.log", host=ip) for i in range(2)]
+    router = None
+    try:
+        for a in agents:
+            wait_ready(a)
+        ports = [int(a.url.rsplit(":", 1)[1]) for a in agents]
+        apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "agents", "namespace": namespace},
+                "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 8000}]},  # no selector
+            }
+        )
+        apply(
+            [_endpoint_slice(f"agents-{i}", "agents", ip, p) for i, p in enumerate(ports)],
+            namespace=namespace,
+        )
+        router = spawn(
+            ["router", "--discover", f"{namespace}/agents", "--discover-port", "http", "--policy", "round-robin",
+             "--poll-interval-ms", "20"],
+            tmp_path / "router.log",
+        )  # fmt: skip
+        wait_ready(router, timeout=60)
+
+        def backends() -> set[str]:
+            data = httpx.get(f"{router.url}/backends", timeout=5).json()["backends"]
+            return {b["url"] for b in data if b["routable"]}
+
+        def used(n: int) -> set[str]:
+            out = set()
+            for _ in range(n):
+                r = httpx.post(
+                    f"{router.url}/v1/completions",
+                    json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                    timeout=30,
+                )
+                assert r.status_code == 200, r.text
+                out.add(r.headers["x-drift-backend"])
+            return out
+
+        urls = {a.url for a in agents}
+        wait_for(
+            lambda: backends() == urls,
+            30,
+            message=lambda: f"both agents discovered\n{router.log.read_text()}",
+        )
+        assert used(4) == urls
+        # The second agent's endpoint turns not ready (a failing probe): the router stops using it.
+        apply(_endpoint_slice("agents-1", "agents", ip, ports[1], ready=False), namespace=namespace)
+        wait_for(lambda: backends() == {agents[0].url}, 30, message="the unready agent left")
+        assert used(4) == {agents[0].url}
+        # Ready again, then its slice deleted: followed both ways.
+        apply(_endpoint_slice("agents-1", "agents", ip, ports[1]), namespace=namespace)
+        wait_for(lambda: backends() == urls, 30, message="the agent came back")
+        assert used(4) == urls
+        kubectl("delete", "endpointslice", "agents-1", "-n", namespace)
+        wait_for(lambda: backends() == {agents[0].url}, 30, message="the deleted slice's agent left")
+    finally:
+        if router is not None:
+            router.stop()
+        for a in agents:
+            a.stop()

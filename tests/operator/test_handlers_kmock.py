@@ -406,9 +406,6 @@ async def test_router_is_rendered_reported_and_removed_when_switched_off(
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
     agents = await eventually(lambda: _must(cluster.get(SERVICES, "chat-agents")))
     assert agents["spec"]["clusterIP"] == "None"
-    service = await eventually(lambda: _must(cluster.get(SERVICES, "chat")))
-    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "router"
-
     cond = await eventually(lambda: _cond(cluster.get(LLMS, "chat"), "RouterReady"))
     assert (cond["status"], cond["reason"]) == ("False", "NoRouterReplicasReady")
     assert cluster.get(LLMS, "chat")["status"]["router"] == {
@@ -417,11 +414,25 @@ async def test_router_is_rendered_reported_and_removed_when_switched_off(
         "replicas": 2,
         "readyReplicas": 0,
     }
+    # No router pod ready yet: the client Service still selects the agents (it is reconciled every tick).
+    ticks = len(cluster.requests("GET", SERVICES))
+    await eventually(lambda: _must(len(cluster.requests("GET", SERVICES)) >= ticks + 4 or None))
+    service = _must(cluster.get(SERVICES, "chat"))
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "agent"
+
     cluster.mark_deployment_ready("chat-router", 2)
     await eventually(
         lambda: _must(_cond(cluster.get(LLMS, "chat"), "RouterReady")["status"] == "True" or None)
     )
     assert cluster.get(LLMS, "chat")["status"]["router"]["readyReplicas"] == 2
+    # One router replica ready: the client Service turns to the router.
+    await eventually(
+        lambda: _must(
+            _must(cluster.get(SERVICES, "chat"))["spec"]["selector"]["app.kubernetes.io/component"]
+            == "router"
+            or None
+        )
+    )
 
     # Off: the client Service turns back to the agents, and the router's objects go.
     await cluster.patch_llmservice("chat", {"spec": {"router": {"enabled": False}}})

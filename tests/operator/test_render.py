@@ -204,7 +204,10 @@ def test_router_deployment_golden_fields() -> None:
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == "chat-router" and pod["automountServiceAccountToken"] is True
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    # SIGTERM: a 5 s drain (still serving), 30 s for open streams, a 10 s margin; no preStop hook needed.
+    assert pod["terminationGracePeriodSeconds"] == 45
     container = pod["containers"][0]
+    assert "lifecycle" not in container
     assert container["image"] == "ghcr.io/drift-serving/drift-agent:0.1.0"  # the agent image
     assert container["command"] == [
         "drift", "router", "--host", "0.0.0.0", "--port", "8000",

@@ -58,6 +58,7 @@ class FakeAgent:
     draining: bool = False
     retry_after: str = "30"
     api_key: str | None = None
+    interval: float = 0.02  # between two stream events
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
     url: str = ""
@@ -127,7 +128,11 @@ class FakeAgent:
             request.transport.abort()
             return out
         if self.mode == "stall-before-first":  # accepted the stream, never produced a token
-            await asyncio.sleep(3600)
+            # Until the router gives up on it and closes the connection (what aborts it on a real agent).
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.01)
+            self.disconnected.set()
+            return out
         try:
             n = 0
             while True:
@@ -139,7 +144,7 @@ class FakeAgent:
                     return out
                 if self.mode in ("ok", "hang") and n == 3:
                     break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(self.interval)
             await out.write(b"data: [DONE]\n\n")
             await out.write_eof()
         except (ConnectionError, asyncio.CancelledError):
@@ -266,12 +271,12 @@ class Proc:
                 self.proc.wait()
 
 
-def spawn(args: list[str], log: Path) -> Proc:
+def spawn(args: list[str], log: Path, host: str = "127.0.0.1", env: dict[str, str] | None = None) -> Proc:
     port = free_port()
-    cmd = [sys.executable, "-m", "drift_agent.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "drift_agent.cli", *args, "--host", host, "--port", str(port)]
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
-    return Proc(proc, f"http://127.0.0.1:{port}", log)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**_env(), **(env or {})})
+    return Proc(proc, f"http://{host}:{port}", log)
 
 
 def wait_ready(p: Proc, timeout: float = 120.0) -> None:

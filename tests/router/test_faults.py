@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import types
 
 import httpx
@@ -80,16 +81,27 @@ def test_a_stream_that_fails_before_its_first_event_goes_elsewhere(harness: Harn
     its first token: the client has received nothing yet, so the request goes to another agent instead of
     failing."""
     bad, ok = harness.fake(mode=mode), harness.fake()
+    # The defaults scaled down: the stall is caught by the first-token timeout, not the 300 s idle one.
     router = harness.router(
-        [bad.url, ok.url], policy="round-robin", first_byte_timeout_s=0.3, stream_idle_timeout_s=0.3
+        [bad.url, ok.url], policy="round-robin", first_byte_timeout_s=0.3, first_token_timeout_s=0.5
     )
     r = httpx.post(f"{router.url}/v1/completions", json={**COMPLETION, "stream": True}, timeout=20)
     assert r.status_code == 200, r.text
     assert r.headers["x-drift-backend"] == ok.url
     assert _events(r.text) == ['{"n": 0}', '{"n": 1}', '{"n": 2}', "[DONE]"]
     assert len(bad.requests) == 1
-    reason = "timeout" if mode == "stall-before-first" else "error"
+    reason = "first_token_timeout" if mode == "stall-before-first" else "error"
     assert router.metric("drift_router_retries_total", backend=bad.url, reason=reason) == 1
+    if mode == "stall-before-first":  # the stalled upstream request was closed (aborted on a real agent)
+        wait_until(bad.disconnected.is_set, "the stalled upstream was never closed")
+
+
+def test_only_stalled_backends_give_a_gateway_timeout_after_bounded_attempts(harness: Harness) -> None:
+    a, b = harness.fake(mode="stall-before-first"), harness.fake(mode="stall-before-first")
+    router = harness.router([a.url, b.url], first_token_timeout_s=0.3, max_attempts=5)
+    r = httpx.post(f"{router.url}/v1/completions", json={**COMPLETION, "stream": True}, timeout=20)
+    _assert_openai_error(r, 504, "upstream_timeout")
+    assert len(a.requests) == len(b.requests) == 1  # each backend once, however many attempts are allowed
 
 
 def test_only_hanging_backends_give_a_gateway_timeout(harness: Harness) -> None:
@@ -258,3 +270,57 @@ def test_discovery_adds_and_removes_backends_live(harness: Harness, monkeypatch:
     wait_until(lambda: httpx.get(f"{router.url}/ready").status_code == 200, "new backend never ready")
     assert httpx.post(f"{router.url}/v1/completions", json=COMPLETION).headers["x-drift-backend"] == b.url
     assert router.metric("drift_router_ejections_total", backend=a.url, reason="removed") == 1
+
+
+def test_static_backends_stay_next_to_discovered_ones(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--backend` with `--discover`: discovery's lists (even an empty one) never drop the static backend."""
+    static, found = harness.fake(), harness.fake()
+    holder: dict[str, object] = {}
+
+    def watch_endpoints(namespace: str, service: str, port: object, on_change: object, stop: object) -> None:
+        holder["on_change"] = on_change
+        on_change([found.url])  # type: ignore[operator]
+        stop.wait()  # type: ignore[attr-defined]
+
+    fake = types.ModuleType("drift_agent.router.discovery")
+    fake.watch_endpoints = watch_endpoints  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "drift_agent.router.discovery", fake)
+    monkeypatch.setattr(drift_agent.router, "discovery", fake, raising=False)
+    router = harness.router([static.url], discover="ns/agents", policy="round-robin")
+    wait_until(lambda: set(router.state.pool.backends) == {static.url, found.url}, "discovery not merged")
+    wait_until(lambda: len(httpx.get(f"{router.url}/ready").json().get("backends", [])) == 2, "not polled")
+    used = {
+        httpx.post(f"{router.url}/v1/completions", json=COMPLETION).headers["x-drift-backend"] for _ in "ab"
+    }
+    assert used == {static.url, found.url}
+    holder["on_change"]([])  # type: ignore[operator]
+    wait_until(lambda: list(router.state.pool.backends) == [static.url], "discovered backend not removed")
+    assert (
+        httpx.post(f"{router.url}/v1/completions", json=COMPLETION).headers["x-drift-backend"] == static.url
+    )
+
+
+def test_a_conversation_keeps_its_home_while_the_home_refuses(harness: Harness) -> None:
+    """prefix-affinity: the home's 429 sends the turn elsewhere, but the conversation goes back home once the
+    home takes requests again (its prefix cache is there); it is not moved for good."""
+    home, other = harness.fake(retry_after="1"), harness.fake()
+    router = harness.router([home.url, other.url], policy="prefix-affinity")
+    turn = {**COMPLETION, "user": "conversation-1"}
+
+    def send() -> str:
+        r = httpx.post(f"{router.url}/v1/completions", json=turn, timeout=20)
+        assert r.status_code == 200, r.text
+        return r.headers["x-drift-backend"]
+
+    assert send() == home.url  # a new key: the least loaded (a tie: the lowest id)
+    home.mode = "refuse"
+    assert send() == other.url  # refused by the home, retried on the other
+    assert send() == other.url  # the home is in its Retry-After window: a stand-in serves
+    assert router.metric("drift_router_decisions_total", policy="prefix-affinity", reason="home_away") == 1
+    assert len(home.requests) == 2
+    home.mode = "ok"
+    wait_until(lambda: router.state.pool.backends[home.url].routable(time.monotonic()), "home never back")
+    assert send() == home.url  # back home: sticky again
+    assert router.metric("drift_router_decisions_total", policy="prefix-affinity", reason="sticky") >= 1

@@ -20,7 +20,11 @@ from drift_agent.router.backend import (
     BackendPool,
     estimate_prompt_tokens,
 )
-from drift_agent.router.proxy import _only_openings, forward_headers, retry_after_s
+from drift_agent.router.proxy import (
+    _only_openings,
+    forward_headers,
+    retry_after_s,
+)
 from drift_agent.routing.policies import RouteRequest, make_router
 from drift_agent.routing.view import InstanceView
 
@@ -80,6 +84,10 @@ def test_a_backend_is_an_instance_view_of_its_polled_state() -> None:
     assert measured.prefill_s(10) == pytest.approx(0.01)
     assert measured.decode_step_s(4, 0) == pytest.approx(0.01)
     assert measured.decode_step_s(8, 0) > measured.decode_step_s(4, 0)
+    # SLO attainment: the agent's window, None while it has classified nothing.
+    assert b.slo_attainment is None
+    assert _backend(slo={"ttft_ms": 1000.0, "attainment": 0.75}).slo_attainment == 0.75
+    assert _backend(slo={"attainment": None}).slo_attainment is None
 
 
 def test_what_was_sent_counts_until_a_poll_issued_after_it_replaces_the_estimate() -> None:
@@ -122,6 +130,9 @@ def test_bad_state_documents_are_refused_or_read_safely() -> None:
         AgentState.from_json([1])
     s = AgentState.from_json({"ready": "yes", "running": "3", "perf": None})
     assert not s.ready and s.running == 0 and s.prefill_s_per_token is None and s.block_size == 16
+    for bad in ("0.5", True, 1.5, -0.1, [0.5]):
+        assert AgentState.from_json({"slo": {"attainment": bad}}).slo_attainment is None
+    assert AgentState.from_json({"slo": "x"}).slo_attainment is None
 
 
 @pytest.mark.parametrize(
@@ -143,6 +154,18 @@ def test_the_pool_follows_a_url_list_and_ids_are_stable_per_url() -> None:
     assert {u: b.index for u, b in pool.backends.items()} == {"http://b": 1, "http://c": 2}
     pool.set_urls(["http://a"])
     assert pool.backends["http://a"].index == 0  # back with its old id: affinity homes stay meaningful
+
+
+def test_static_backends_are_never_removed_by_discovery() -> None:
+    pool = BackendPool(0.05, 1.0)
+    pool.add_static("http://static/")
+    pool.set_urls(["http://a"])
+    assert set(pool.backends) == {"http://static", "http://a"}
+    pool.set_urls([])
+    assert set(pool.backends) == {"http://static"}
+    pool.set_urls(["http://static", "http://b"])  # discovered too: still one backend, still static
+    pool.set_urls([])
+    assert set(pool.backends) == {"http://static"} and pool.backends["http://static"].index == 0
 
 
 def _router_parser() -> argparse.ArgumentParser:
@@ -172,6 +195,9 @@ def test_the_command_line_refuses_a_router_without_backends_and_bad_settings(cap
         main(["router", "--policy", "nope"])
     with pytest.raises(ValueError):
         RouterSettings(policy="nope")
+    assert main(["router", "--backend", "http://a", "--first-token-timeout-s", "0"]) == 2
+    assert "timeouts" in capsys.readouterr().err
+    assert main(["router", "--backend", "http://a", "--drain-seconds", "-1"]) == 2
 
 
 def test_only_chat_openings_are_held_back() -> None:

@@ -35,6 +35,7 @@ class View:
     busy_until: float = 0.0
     per_token_s: float = 1e-4
     step_s: float = 0.01
+    slo_attainment: float | None = None
 
     @property
     def load_tokens(self) -> int:
@@ -72,6 +73,7 @@ def test_sim_instance_view_figures() -> None:
     assert inst.busy_for(0.1) == pytest.approx(0.15) and inst.busy_for(1.0) == 0.0
     assert (inst.num_running, inst.block_size) == (0, inst.config.block_size)
     assert inst.free_kv_blocks == inst.config.num_kv_blocks
+    assert inst.slo_attainment is None  # no window in the simulator: slo-aware chooses as without it
 
 
 def test_every_router_refuses_an_empty_list() -> None:
@@ -133,16 +135,38 @@ def test_prefix_affinity_keys_homes_by_index_and_forgets_departed_ones() -> None
     d = View(1, kv_used_tokens=5)
     assert router.route(RouteRequest(10, "s1"), [d, c, b, a], 0.0) is a
     assert router.sticky_hits == 1
-    # Its instance left: the key is new again (least loaded, not a re-home).
-    assert router.route(RouteRequest(10, "s1"), [c, b, d], 0.0) is d
-    assert router.home["s1"] == 1 and router.rehomed == 0
+    # Its instance is away (refusing, retried elsewhere): served by the least loaded, but it stays the home.
+    assert router.route(RouteRequest(10, "s1"), [c, b, d], 10.0) is d
+    assert router.home["s1"] == 7 and router.stand_ins == 1 and router.rehomed == 0
+    assert router.route(RouteRequest(10, "s1"), [c, b, d, a], 20.0) is a  # back: sticky again
+    # Away for longer than rehome_after_s (60 s): the key is new again (least loaded, not a re-home).
+    assert router.route(RouteRequest(10, "s1"), [c, b, d], 30.0) is d
+    assert router.route(RouteRequest(10, "s1"), [c, b, d], 89.0) is d and router.home["s1"] == 7
+    assert router.route(RouteRequest(10, "s1"), [c, b, d], 90.0) is d
+    assert router.home["s1"] == 1 and router.rehomed == 0 and router.stand_ins == 3 and not router.away
     # Overloaded past 2x the mean + slack: re-homed.
     d.kv_used_tokens = 100_000
-    assert router.route(RouteRequest(10, "s1"), [b, c, d], 0.0) is b
+    assert router.route(RouteRequest(10, "s1"), [b, c, d], 100.0) is b
     assert router.rehomed == 1 and router.home["s1"] == 3
     router.forget(3)
     assert "s1" not in router.home
     assert router.route(RouteRequest(10, None), [c, b], 0.0) is b  # no key: least loaded
+
+
+def test_slo_aware_passes_over_an_instance_failing_its_slo_only_when_attainment_is_known() -> None:
+    router = SLOAwareRouter()
+    req = RouteRequest(100, ttft_s=1.0)
+    idle, busier = View(0), View(1, pending_prefill_tokens=1000)
+    assert router.route(req, [idle, busier], 0.0) is idle
+    idle.slo_attainment = 0.9  # known and healthy: no change
+    assert router.route(req, [idle, busier], 0.0) is idle
+    idle.slo_attainment = 0.2  # failing targets its load figures do not explain: passed over
+    assert router.route(req, [idle, busier], 0.0) is busier
+    busier.slo_attainment = 0.1  # both failing: the predictions decide again
+    assert router.route(req, [idle, busier], 0.0) is idle
+    # A qualified (predicted to meet the target) failing instance still beats an unqualified healthy one.
+    slow = View(2, pending_prefill_tokens=50_000, slo_attainment=1.0)
+    assert router.route(req, [idle, slow], 0.0) is idle
 
 
 def test_prefix_affinity_bounds_its_keys_least_recent_first() -> None:

@@ -14,3 +14,17 @@ on uvloop when it is installed; no FastAPI, no torch.
 - `cli.py`: `drift router`.
 - `discovery.py`: Kubernetes discovery of the agents (`--discover`).
 """
+
+from __future__ import annotations
+
+# Shutdown defaults, here so the operator sizes the router pod's termination grace period without importing
+# the server side (aiohttp).
+DEFAULT_DRAIN_S = 5.0  # SIGTERM -> listener closed: /ready is 503 and requests are still served
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # listener closed -> open requests (streams) cut
+
+
+def worst_case_shutdown_s(
+    drain_s: float = DEFAULT_DRAIN_S, shutdown_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+) -> float:
+    """From SIGTERM to exit at the latest."""
+    return drain_s + shutdown_s

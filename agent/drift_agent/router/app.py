@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from ..routing.policies import ROUTERS, PrefixAffinityRouter, Router, make_router
+from . import DEFAULT_DRAIN_S, DEFAULT_SHUTDOWN_TIMEOUT_S
 from .backend import Backend, BackendPool
 from .errors import error_response
 from .metrics import RouterMetrics
@@ -48,7 +49,11 @@ class RouterSettings:
     discover_port: str = "8000"
     proxy: ProxySettings = field(default_factory=ProxySettings)
     access_log: bool = False
-    shutdown_timeout_s: float = 30.0  # on SIGTERM, how long open requests (streams) may finish
+    # On SIGTERM: /ready turns 503 and requests are still served for `drain_s` (endpoints controllers and
+    # load balancers stop sending new ones meanwhile), then the listener closes and open requests (streams)
+    # have `shutdown_timeout_s` to finish.
+    drain_s: float = DEFAULT_DRAIN_S
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.policy not in ROUTERS:
@@ -57,13 +62,21 @@ class RouterSettings:
             raise ValueError("max_attempts must be >= 1")
         if self.poll_interval_s <= 0 or self.poll_timeout_s <= 0:
             raise ValueError("poll interval and timeout must be > 0")
+        if self.drain_s < 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("drain and shutdown timeout must be >= 0")
+        p = self.proxy
+        if min(p.connect_timeout_s, p.first_byte_timeout_s, p.first_token_timeout_s) <= 0:
+            raise ValueError("timeouts must be > 0")
         if self.discover is not None and self.discover.count("/") != 1:
             raise ValueError(f"--discover takes NAMESPACE/SERVICE, got {self.discover!r}")
 
 
-def make_policy(name: str) -> Router:
+def make_policy(name: str, proxy: ProxySettings | None = None) -> Router:
     if name == "prefix-affinity":
-        return PrefixAffinityRouter(max_keys=AFFINITY_MAX_KEYS)
+        # A home away (refusing, retried elsewhere, failing polls) keeps its keys for as long as the longest
+        # Retry-After the router honours: past that it is down, not busy.
+        rehome = (proxy or ProxySettings()).max_retry_after_s
+        return PrefixAffinityRouter(max_keys=AFFINITY_MAX_KEYS, rehome_after_s=rehome)
     return make_router(name)
 
 
@@ -74,7 +87,7 @@ class RouterState:
         self.settings = settings
         self.started = time.time()
         self.shutting_down = False
-        self.policy = make_policy(settings.policy)
+        self.policy = make_policy(settings.policy, settings.proxy)
         self.pool = BackendPool(
             settings.poll_interval_s, settings.poll_timeout_s, self._on_change, self._on_removed
         )
@@ -82,7 +95,7 @@ class RouterState:
         self.session_holder: dict[str, aiohttp.ClientSession] = {}
         self.forwarder = Forwarder(self.pool, self.policy, self.session_holder, self.metrics, settings.proxy)
         for url in settings.backends:
-            self.pool.add(url)
+            self.pool.add_static(url)
         self._discovery_stop = threading.Event()
         self._discovery_task: asyncio.Future[Any] | None = None
 
@@ -285,6 +298,7 @@ async def _backends(request: web.Request) -> web.Response:
             "kv_used_tokens": b.kv_used_tokens,
             "num_running": b.num_running,
             "kv_usage": b.kv_usage,
+            "slo_attainment": b.slo_attainment,
         }
         for b in request.app[STATE_KEY].pool.backends.values()
     ]
@@ -350,7 +364,13 @@ async def _serve(settings: RouterSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # Draining: /ready answers 503 at once, but the listener stays open and requests are still served while
+    # the pod leaves the Service's endpoints (which takes a moment to reach every proxy and load balancer).
     app[STATE_KEY].shutting_down = True
+    stop.clear()
+    log.info("draining for %g s (signal again to stop now)", settings.drain_s)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), settings.drain_s)
     await runner.cleanup()  # stops accepting, lets open requests finish (aiohttp's shutdown timeout)
 
 

@@ -95,12 +95,15 @@ class AgentState:
     prefill_s_per_token: float | None
     decode_step_s: float | None
     decode_batch: int
+    slo_attainment: float | None  # `slo.attainment`: None while the agent's window has no classified request
 
     @classmethod
     def from_json(cls, d: Any) -> AgentState:
         if not isinstance(d, dict):
             raise ValueError("state is not a JSON object")
         perf = d.get("perf") if isinstance(d.get("perf"), dict) else {}
+        slo = d.get("slo") if isinstance(d.get("slo"), dict) else {}
+        attainment = slo.get("attainment")
         model = d.get("model")
         return cls(
             model=model if isinstance(model, str) else None,
@@ -117,6 +120,11 @@ class AgentState:
             prefill_s_per_token=_pos_float(perf, "prefill_s_per_token"),
             decode_step_s=_pos_float(perf, "decode_step_s"),
             decode_batch=max(1, _int(perf, "decode_batch", 1)),
+            slo_attainment=float(attainment)
+            if isinstance(attainment, (int, float))
+            and not isinstance(attainment, bool)
+            and 0 <= attainment <= 1
+            else None,
         )
 
 
@@ -226,6 +234,10 @@ class Backend:
     def block_size(self) -> int:
         return self.state.block_size if self.state else 16
 
+    @property
+    def slo_attainment(self) -> float | None:
+        return self.state.slo_attainment if self.state else None
+
     def _prefill_per_token(self) -> float:
         s = self.state
         return (s.prefill_s_per_token if s else None) or DEFAULT_PREFILL_S_PER_TOKEN
@@ -265,6 +277,7 @@ class BackendPool:
         self.poll_interval_s = poll_interval_s
         self.poll_timeout_s = poll_timeout_s
         self.backends: dict[str, Backend] = {}
+        self.static: set[str] = set()  # `--backend` URLs: discovery never removes them
         self._ids: dict[str, int] = {}
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -293,10 +306,16 @@ class BackendPool:
         if self._on_removed is not None:
             self._on_removed(backend)
 
+    def add_static(self, url: str) -> Backend:
+        """A `--backend` URL: in the pool for the router's lifetime, whatever discovery says."""
+        backend = self.add(url)
+        self.static.add(backend.url)
+        return backend
+
     def set_urls(self, urls: Iterable[str]) -> None:
         """Discovery's full list of ready agents: add the new ones, remove the ones gone (their requests in
-        flight finish on them)."""
-        wanted = {u.rstrip("/") for u in urls}
+        flight finish on them). Static backends stay (their own polls decide whether they are routable)."""
+        wanted = {u.rstrip("/") for u in urls} | self.static
         for url in list(self.backends):
             if url not in wanted:
                 self.remove(url)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..routing.policies import DEFAULT_ROUTER, ROUTERS
+from . import DEFAULT_DRAIN_S, DEFAULT_SHUTDOWN_TIMEOUT_S
 
 _DEFAULT_POLICY = DEFAULT_ROUTER
 
@@ -81,6 +82,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(default: %(default)g)",
     )
     p.add_argument(
+        "--first-token-timeout-s",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="streaming: wait from sending a request until its first token; past it the stalled agent's "
+        "request is aborted and the request goes elsewhere (nothing has reached the client yet) "
+        "(default: %(default)g)",
+    )
+    p.add_argument(
         "--request-timeout-s",
         type=float,
         default=600.0,
@@ -111,11 +121,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="larger request bodies get 413 (default: %(default)s)",
     )
     p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=DEFAULT_DRAIN_S,
+        metavar="S",
+        help="on SIGTERM, /ready turns 503 at once and requests are still served this long, while the pod "
+        "leaves the Service's endpoints; a second signal ends it early (default: %(default)g)",
+    )
+    p.add_argument(
         "--shutdown-timeout-s",
         type=float,
-        default=30.0,
+        default=DEFAULT_SHUTDOWN_TIMEOUT_S,
         metavar="S",
-        help="on SIGTERM, how long open requests may finish while /ready is 503 (default: %(default)g)",
+        help="after the drain, how long open requests (streams) may finish before they are cut "
+        "(default: %(default)g)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     p.set_defaults(func=run)
@@ -143,11 +162,13 @@ def run(args: argparse.Namespace) -> int:
             discover=args.discover,
             discover_port=args.discover_port,
             access_log=args.access_log,
+            drain_s=args.drain_seconds,
             shutdown_timeout_s=args.shutdown_timeout_s,
             proxy=ProxySettings(
                 max_attempts=args.max_attempts,
                 connect_timeout_s=args.connect_timeout_s,
                 first_byte_timeout_s=args.first_byte_timeout_s,
+                first_token_timeout_s=args.first_token_timeout_s,
                 request_timeout_s=args.request_timeout_s,
                 stream_idle_timeout_s=args.stream_idle_timeout_s,
                 max_retry_after_s=args.max_retry_after_s,

@@ -89,7 +89,7 @@ class RouterMetrics:
         )
         self.decisions = Counter(
             "drift_router_decisions",
-            "routing decisions by policy and reason (policy, sticky, rehomed, single, retry, no_backend)",
+            "routing decisions by policy and reason (policy, sticky, rehomed, home_away, single, retry, no_backend)",
             ["policy", "reason"],
             registry=r,
         )

@@ -2,7 +2,8 @@
 
 Until the client has received its first byte a request can still go elsewhere, so a backend that refuses
 (429, 503: full, draining, engine dead; its `Retry-After` keeps it out for that long), cannot be reached,
-sends nothing within the first-byte timeout, or accepts a stream and breaks before its first token, is skipped
+sends nothing within the first-byte timeout, or accepts a stream and breaks or stalls before its first token
+(the first-token timeout), is skipped
 and the request is sent to another backend, at most `max_attempts` backends in all. Nothing reaches the client
 before that first token (a chat's opening role chunk is held back with it). Once the response has started
 (streaming: the first token; not streaming: the whole body, which the router holds anyway to send with a
@@ -109,6 +110,8 @@ class ProxySettings:
     max_attempts: int = 3
     connect_timeout_s: float = 2.0
     first_byte_timeout_s: float = 30.0  # streaming: until the agent accepts the stream (its headers)
+    # Streaming: from sending the request until its first token (see `first_token_timeout`).
+    first_token_timeout_s: float = 60.0
     request_timeout_s: float = 600.0  # not streaming: the whole response (its first byte is its end)
     stream_idle_timeout_s: float = 300.0  # streaming: the longest gap between two upstream reads
     default_retry_after_s: float = 1.0
@@ -131,7 +134,7 @@ class Unreachable(Exception):
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
-        self.reason = reason  # "connect", "timeout", "error"
+        self.reason = reason  # "connect", "timeout", "first_token_timeout", "error"
 
 
 class ClientGone(Exception):
@@ -239,10 +242,16 @@ class Forwarder:
     # ---- choosing ------------------------------------------------------------------------------------------
     def choose(self, route_req: RouteRequest, candidates: list[Backend], now: float, attempt: int) -> Backend:
         policy = self.policy
-        before = (getattr(policy, "sticky_hits", 0), getattr(policy, "rehomed", 0))
+        before = (
+            getattr(policy, "sticky_hits", 0),
+            getattr(policy, "rehomed", 0),
+            getattr(policy, "stand_ins", 0),
+        )
         backend = policy.route(route_req, candidates, now)
         if attempt > 0:
             reason = "retry"
+        elif getattr(policy, "stand_ins", 0) != before[2]:  # the key's home is out of rotation for now
+            reason = "home_away"
         elif len(candidates) == 1:
             reason = "single"
         elif getattr(policy, "sticky_hits", 0) != before[0]:
@@ -263,17 +272,28 @@ class Forwarder:
 
     # ---- one attempt ---------------------------------------------------------------------------------------
     async def open(
-        self, backend: Backend, method: str, path: str, body: bytes, headers: CIMultiDict[str], stream: bool
+        self,
+        backend: Backend,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: CIMultiDict[str],
+        stream: bool,
     ) -> Upstream:
         """Send the request to `backend`; return its response once its first event is in (streaming) or it
         is complete (not streaming). Raises `Refused` or `Unreachable` when the request may go elsewhere."""
         s = self.settings
+        sent_at = time.monotonic()
+        # Fixed, not derived from the request's TTFT target: a request merely queued behind others on a busy
+        # agent would be moved (losing its place) and, after `max_attempts`, fail.
+        first_token_s = s.first_token_timeout_s
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=s.connect_timeout_s,
             sock_read=s.stream_idle_timeout_s if stream else s.request_timeout_s,
         )
-        first_byte = s.first_byte_timeout_s if stream else s.request_timeout_s
+        # A stream's headers come before its first token: their wait is within the first-token deadline too.
+        first_byte = min(s.first_byte_timeout_s, first_token_s) if stream else s.request_timeout_s
         resp: aiohttp.ClientResponse | None = None
         first = b""
         try:
@@ -285,14 +305,26 @@ class Forwarder:
                     await resp.read()  # within the same deadline; the body then goes out with a length
             if stream and resp.status == 200:
                 # The agent accepted the stream. Nothing goes to the client before its first token, so an
-                # agent that dies before it (during the prefill) leaves the request free to go elsewhere;
-                # a slow first token waits (queueing is not a fault), up to the stream's idle timeout.
-                first = await _read_until_first_token(resp.content)
+                # agent that dies or stalls before it (during the prefill) leaves the request free to go
+                # elsewhere: closing the response aborts it on the stalled agent.
+                left = max(0.0, first_token_s - (time.monotonic() - sent_at))
+                try:
+                    async with _timeout(left):
+                        first = await _read_until_first_token(resp.content)
+                except aiohttp.ServerTimeoutError as exc:  # the socket's idle timeout came first
+                    resp.close()
+                    raise Unreachable(
+                        "timeout", f"{backend.url} silent for {s.stream_idle_timeout_s:g} s before a token"
+                    ) from exc
+                except asyncio.TimeoutError as exc:
+                    resp.close()
+                    raise Unreachable(
+                        "first_token_timeout", f"no first token from {backend.url} within {first_token_s:g} s"
+                    ) from exc
         except asyncio.TimeoutError as exc:
             if resp is not None:
                 resp.close()
-            limit = s.stream_idle_timeout_s if first == b"" and resp is not None and stream else first_byte
-            raise Unreachable("timeout", f"no response from {backend.url} within {limit:g} s") from exc
+            raise Unreachable("timeout", f"no response from {backend.url} within {first_byte:g} s") from exc
         except aiohttp.ClientConnectorError as exc:
             raise Unreachable("connect", f"cannot connect to {backend.url}: {exc}") from exc
         except (aiohttp.ClientError, ConnectionError) as exc:
@@ -374,7 +406,9 @@ class Forwarder:
             return web.Response(status=last.status, body=last.body, headers=headers)
         if isinstance(last, Unreachable):
             status, code = (
-                (504, "upstream_timeout") if last.reason == "timeout" else (502, "upstream_unavailable")
+                (504, "upstream_timeout")
+                if last.reason in ("timeout", "first_token_timeout")
+                else (502, "upstream_unavailable")
             )
             self.metrics.client_errors.labels(str(status), code).inc()
             return error_response(status, f"no backend answered: {last}", code=code)

@@ -49,6 +49,12 @@ class InstanceView(Protocol):
     @property
     def block_size(self) -> int: ...
 
+    @property
+    def slo_attainment(self) -> float | None:
+        """Fraction (0..1) of the instance's recent requests that met both their TTFT and TPOT targets; None
+        when unknown (no recent requests, or nothing measures it: the simulator has no such window)."""
+        ...
+
     def busy_for(self, now: float) -> float:
         """Seconds left of the step in flight at `now`; 0 when idle."""
         ...

@@ -251,6 +251,12 @@ class SimInstance:
     def block_size(self) -> int:
         return self.bm.block_size
 
+    @property
+    def slo_attainment(self) -> float | None:
+        """Unknown: an instance keeps no window of finished requests (the cluster measures attainment), so
+        `slo-aware` chooses as it always has here."""
+        return None
+
     def busy_for(self, now: float) -> float:
         return max(self.step_end - now, 0.0) if self.busy else 0.0
 
