@@ -50,10 +50,22 @@ def test_context_window_is_capped_to_the_pool_and_enforced(eng):
         eng.add_request("long", [5] * 128)
 
 
-def test_requests_without_targets_get_the_configured_defaults_in_seconds(eng):
-    seq = eng.make_sequence("no-slo", "hello")
-    assert seq.slo == SLO(eng.config.slo_ttft_ms / 1e3, eng.config.slo_tpot_ms / 1e3)
-    assert eng.make_sequence("own", "hello", slo=SLO.from_ms(300, None)).slo == SLO(0.3, None)
+def test_requests_without_targets_get_the_defaults_of_their_arrival_in_seconds(eng):
+    """Missing targets are filled in when a request is queued; a later change of the defaults (the admin API)
+    reaches only the requests queued after it."""
+    ttft_ms, tpot_ms = eng.config.slo_ttft_ms, eng.config.slo_tpot_ms
+    eng.add_request("no-slo", "hello")
+    eng.add_request("own", "hello", slo=SLO.from_ms(300, None, priority=1))
+    try:
+        eng.update_settings(slo_ttft_ms=2 * ttft_ms)
+        eng.add_request("later", "hello")
+        assert eng.requests["no-slo"].seq.slo == SLO(ttft_ms / 1e3, tpot_ms / 1e3)
+        assert eng.requests["own"].seq.slo == SLO(0.3, tpot_ms / 1e3, priority=1)
+        assert eng.requests["later"].seq.slo == SLO(2 * ttft_ms / 1e3, tpot_ms / 1e3)
+    finally:
+        eng.update_settings(slo_ttft_ms=ttft_ms)
+        for rid in ("no-slo", "own", "later"):
+            eng.abort_request(rid)
 
 
 def test_duplicate_request_id(eng):

@@ -379,7 +379,7 @@ def test_priority_goes_before_deadline_order():
     assert d.launch_ids == ("early",)
 
 
-# ---- just enough prefill: when sequence slots are the bottleneck --------------------------------------------
+# ---- just enough prefill: when sequence slots are the bottleneck -------------------------------------------
 
 
 def _prefill_s(tokens: int, sms: int) -> float:
@@ -430,7 +430,7 @@ def test_slot_bound_counts_the_queue_behind_the_plan() -> None:
 
 
 def test_slot_bound_late_prefills_do_not_take_decode_sms() -> None:
-    """Every waiting request has already missed its TTFT: prefill speed gains nothing, decode gets the most."""
+    """Every waiting request already missed its TTFT: prefill speed gains nothing, decode gets the most."""
     d = Dispatcher(SynthModel()).decide(
         state(now_s=2.0, decode=decodes(8, tpot=0.1), waiting=[req("a", 1000, 1.0)], slot_bound=True)
     )
@@ -449,7 +449,7 @@ def test_slot_bound_respects_the_decode_budget() -> None:
 
 
 # --- folding: short prompts inside the decode step ------------------------------------------------------
-# SynthModel costs a mixed step like a prefill of (prompt tokens + one per decode row): 0.1 ms each on 132 SMs.
+# SynthModel costs a mixed step as a prefill of (prompt tokens + one per decode row): 0.1 ms each on 132 SMs.
 
 
 def test_short_prompt_folds_into_the_decode_step() -> None:
@@ -507,7 +507,7 @@ def test_no_fold_while_a_prefill_runs_or_when_disabled_or_static() -> None:
         DispatcherConfig(fold_max_tokens=-1)
 
 
-# --- tpot margin: decode plans against budget / (1 + margin) -------------------------------------------------
+# --- tpot margin: decode plans against budget / (1 + margin) ------------------------------------------------
 
 
 def _with_margin(margin: float) -> Dispatcher:
@@ -515,7 +515,8 @@ def _with_margin(margin: float) -> Dispatcher:
 
 
 def test_tpot_margin_gives_decode_more_sms_when_positive_and_fewer_when_negative() -> None:
-    # 16 requests at 12 ms: margin 0 needs 44 decode SMs (see test_chooses_smallest_decode_share_meeting_tpot).
+    # 16 requests at 12 ms: margin 0 needs 44 decode SMs
+    # (see test_chooses_smallest_decode_share_meeting_tpot).
     s = state(decode=decodes(16, 0.012), waiting=[req("a", 2000, 10.0)])
     base, safer, bolder = (_with_margin(m).decide(s) for m in (0.0, 0.1, -0.1))
     assert base == Dispatcher(SynthModel()).decide(s)  # margin 0 is the dispatcher without one
@@ -530,7 +531,8 @@ def test_tpot_margin_gives_decode_more_sms_when_positive_and_fewer_when_negative
 
 
 def test_tpot_margin_sets_how_much_folds_into_the_decode_step() -> None:
-    # 8 ms budget, 30-token prompts: (60 + 8) x 0.1 ms fits at margin 0, one fewer at +0.25, one more at -0.25.
+    # 8 ms budget, 30-token prompts: (60 + 8) x 0.1 ms fits at margin 0; one fewer at +0.25, one more at
+    # -0.25.
     w = [req("a", 30, 1.0), req("b", 30, 2.0), req("c", 30, 3.0)]
     folded = {
         m: _with_margin(m).decide(state(decode=decodes(8, tpot=0.008), waiting=w)).launch_ids
@@ -576,3 +578,33 @@ def test_repeats_decode_alone_only_when_no_prefill_starts() -> None:
     busy = static.decide(state(decode=decodes(4), waiting=[req("a", 100, 1.0)]))
     assert quiet.mode == busy.mode == "static" and quiet.split == static.decode_alone_split(SPLITS)
     assert static.repeats_decode_alone(quiet) and not static.repeats_decode_alone(busy)
+
+
+@pytest.mark.parametrize("mode", ["slo", "static"])
+@pytest.mark.parametrize("stalled", [0, 2])
+def test_quiet_decode_split_agrees_with_decide(mode: str, stalled: int) -> None:
+    """Where `quiet_decode_split` names a split (the simulator skips that decision), `decide` runs decode
+    alone on it, starting no prefill, and leaves the stall count as it was; where it names none, the state
+    is not quiet or deciding would reset a stall count."""
+    tight = decodes(64, tpot=0.006)  # no mixed split meets it: decode first, then the quiet decision
+    states = [
+        state(decode=decodes(4)),
+        state(decode=tight),
+        state(decode=decodes(4), waiting=[req("a", 100, 1.0)]),
+        state(decode=decodes(4), waiting=[req("a", 2000, 10.0)]),
+        state(decode=tight, in_flight=_flight(3, 4000, 100.0)),
+        state(decode=decodes(4), paused=_flight(3, 4000, 100.0)),
+    ]
+    for s in states:
+        disp = Dispatcher(SynthModel(), DispatcherConfig(mode=mode, max_prefill_stall_steps=3))
+        for _ in range(stalled):
+            disp.decide(state(decode=tight, waiting=[req("b", 1000, 10.0)]))
+        before = disp.prefill_stall_steps
+        started = s.in_flight is not None or s.paused is not None
+        split = disp.quiet_decode_split(s.splits, waiting=bool(s.waiting), started=started)
+        d = disp.decide(s)
+        if split is not None:
+            assert d.run_decode and d.prefill_action is PrefillAction.NONE and d.split == split
+            assert disp.repeats_decode_alone(d) and disp.prefill_stall_steps == before == 0
+        else:
+            assert s.waiting or started or (before > 0 and disp.prefill_stall_steps != before)

@@ -1,5 +1,6 @@
 """The multiplexed engine's two lanes (`mux_loop.MuxLanes`): decode steps run back to back under a prefill
-block, the dispatcher decides only when the prefill lane is free, and the split only changes at a sync point."""
+block, the dispatcher decides only when the prefill lane is free, and the split changes only at a sync
+point."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from drift_agent.core.block_manager import BlockManager
 from drift_agent.core.sampling_params import SamplingParams
 from drift_agent.core.scheduler import Scheduler, SchedulerConfig
-from drift_agent.core.sequence import RequestTimes, Sequence
+from drift_agent.core.sequence import SLO, RequestTimes, Sequence
 from drift_agent.multiplex.dispatcher import DecodeLoad, DecodeRequest, DispatcherConfig
 from drift_agent.multiplex.mux_loop import MuxLanes
 from drift_agent.multiplex.policies import MultiplexPolicy, MuxContext
@@ -26,10 +27,10 @@ def make_lanes(
     tpot_s: float = 0.03, block_decode_steps: float = 1.0, prefix_caching: bool = True, **config: Any
 ) -> MuxLanes:
     model = SynthModel()
-    ctx = MuxContext(model, SPLITS, model.num_layers, default_ttft_s=60.0, default_tpot_s=tpot_s)
+    ctx = MuxContext(model, SPLITS, model.num_layers)
     policy = MultiplexPolicy("drift", ctx, DispatcherConfig(block_decode_steps=block_decode_steps, **config))
     pool = BlockManager(2000, 16, enable_prefix_caching=prefix_caching)
-    sched = Scheduler(SchedulerConfig(max_model_len=8192), pool, policy)
+    sched = Scheduler(SchedulerConfig(max_model_len=8192, default_slo=SLO(60.0, tpot_s)), pool, policy)
     return MuxLanes(sched)
 
 
@@ -175,9 +176,10 @@ def test_dispatcher_sees_only_requests_a_free_slot_can_take() -> None:
     """Requests beyond the free sequence slots wait for decodes to finish, not for prefill: the dispatcher is
     offered only as many as there are slots, and told the queue is slot-bound."""
     model = SynthModel()
-    ctx = MuxContext(model, SPLITS, model.num_layers, default_ttft_s=60.0, default_tpot_s=0.03)
+    ctx = MuxContext(model, SPLITS, model.num_layers)
     policy = MultiplexPolicy("drift", ctx, DispatcherConfig())
-    sched = Scheduler(SchedulerConfig(max_model_len=8192, max_num_seqs=3), BlockManager(2000, 16), policy)
+    config = SchedulerConfig(max_model_len=8192, max_num_seqs=3, default_slo=SLO(60.0, 0.03))
+    sched = Scheduler(config, BlockManager(2000, 16), policy)
     lanes = MuxLanes(sched)
     seen = []
     decide = policy.dispatcher.decide

@@ -1,4 +1,5 @@
-"""Engine configuration: one pydantic model, filled from CLI flags, DRIFT_* env vars and an optional YAML file."""
+"""Engine configuration: one pydantic model, filled from CLI flags, DRIFT_* env vars and an optional YAML
+file."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def field_bounds(field: FieldInfo) -> dict[str, Any]:
         for key in ("ge", "gt", "le", "lt")
         if getattr(meta, key, None) is not None
     }
+
+
+def bounds_text(field: FieldInfo) -> str:
+    """A field's range as help texts and messages state it: "in [-0.5, 1]", ">= 0" (from `field_bounds`)."""
+    b = field_bounds(field)
+    lo, hi = ("ge" if "ge" in b else "gt"), ("le" if "le" in b else "lt")
+    if lo in b and hi in b:
+        return f"in {'[' if lo == 'ge' else '('}{b[lo]:g}, {b[hi]:g}{']' if hi == 'le' else ')'}"
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return " and ".join(f"{ops[k]} {v:g}" for k, v in b.items())
 
 
 class PartitionConfig(BaseModel):
@@ -138,8 +149,8 @@ class EngineConfig(BaseModel):
     swap_space_gb: float = Field(
         0.0,
         ge=0,
-        description="host-memory KV tier in GiB (pinned on CUDA): holds the cached blocks the device pool lets "
-        "go and the KV of swapped-out requests; 0: none",
+        description="host-memory KV tier in GiB (pinned on CUDA): holds the cached blocks the device pool "
+        "lets go and the KV of swapped-out requests; 0: none",
     )
     preemption_mode: PreemptionMode = Field(
         "auto",

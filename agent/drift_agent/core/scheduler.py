@@ -17,7 +17,7 @@ from .config import EngineConfig
 from .errors import PromptTooLongError
 from .fairness import VirtualTokenCounter
 from .preemption import SwapCosts
-from .sequence import FinishReason, Sequence, SequenceStatus
+from .sequence import SLO, FinishReason, Sequence, SequenceStatus
 
 Phase = Literal["prefill", "decode", "mixed"]
 
@@ -44,6 +44,11 @@ class SchedulerConfig:
     # recompute: a victim's KV is dropped; swap: copied to the host tier and back; auto: per victim, whichever
     # `swap_costs` says is cheaper. Without a host tier every mode recomputes.
     preemption_mode: str = _ENGINE["preemption_mode"].default
+    # The targets of requests that bring none (`EngineConfig.default_slo`), filled in by `add` for every
+    # request queued (engine, Python API, simulator), so the policies read `seq.slo` as it is.
+    default_slo: SLO = field(
+        default_factory=lambda: SLO.from_ms(_ENGINE["slo_ttft_ms"].default, _ENGINE["slo_tpot_ms"].default)
+    )
 
 
 @dataclass(slots=True)
@@ -137,8 +142,10 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue `seq` behind every waiting sequence of the same or a more urgent priority (lower value first,
-        as vLLM's `priority`; FCFS within a priority, so with all priorities 0 this is plain FCFS)."""
+        as vLLM's `priority`; FCFS within a priority, so with all priorities 0 this is plain FCFS). Its
+        missing SLO targets are the defaults of now."""
         self.check_fits(seq)
+        seq.slo = seq.slo.with_defaults(self.config.default_slo)
         if self.vtc is not None:
             active = [s.slo.client for s in self.waiting]
             active += [s.slo.client for s in self.running]
@@ -224,8 +231,9 @@ class Scheduler:
 
     @staticmethod
     def stamp_scheduled(batches: list[Batch], now: float) -> None:
-        """Record when each sequence in `batches` was first scheduled. A decode batch is skipped: its sequences
-        were all scheduled before, for their prefill (a sequence handed over from elsewhere brings its time)."""
+        """Record when each sequence in `batches` was first scheduled. A decode batch is skipped: its
+        sequences were all scheduled before, for their prefill (a sequence handed over from elsewhere brings
+        its time)."""
         for batch in batches:
             if batch.phase == "decode":
                 continue
@@ -424,9 +432,9 @@ class Scheduler:
 
     def preempt_for_fairness(self) -> None:
         """VTC with preemption (FastSwitch's priority adjustment): when the oldest request of the least-served
-        waiting client cannot start (no sequence slot, or no blocks for its first chunk) and a running request's
-        client was served `fairness_preempt_gap` weighted tokens more, preempt that request (the newest of the
-        most-served client's). One per step, so a swap's copies can overlap the next."""
+        waiting client cannot start (no sequence slot, or no blocks for its first chunk) and a running
+        request's client was served `fairness_preempt_gap` weighted tokens more, preempt that request (the
+        newest of the most-served client's). One per step, so a swap's copies can overlap the next."""
         vtc, seq = self.vtc, self.waiting[0]
         assert vtc is not None
         if self.admission_blocked:  # a swapped-out request comes back first: nothing could start anyway
@@ -454,7 +462,7 @@ class Scheduler:
             self.num_fairness_preemptions += 1
             self.order_waiting()  # a recomputing victim was requeued at the front: it waits its turn
 
-    # ---- sequences that move between instances (migration, disaggregated hand-off) --------------------------
+    # ---- sequences that move between instances (migration, disaggregated hand-off) ----------------------
     def adopt(self, seq: Sequence, *, reserved: bool = False) -> bool:
         """Make `seq`, arriving with the KV of its first `num_computed_tokens` tokens computed elsewhere (a
         migrated or handed-off sequence), the newest running sequence. It gets blocks for that KV here and

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .sampling_params import SamplingParams
 
@@ -42,6 +42,17 @@ class SLO:
             ttft=None if ttft_ms is None else ttft_ms / 1e3,
             tpot=None if tpot_ms is None else tpot_ms / 1e3,
             priority=priority,
+        )
+
+    def with_defaults(self, default: SLO) -> SLO:
+        """These targets, the missing ones taken from `default` (a request's defaults are fixed when it
+        arrives: a later change of the server's defaults does not reach it)."""
+        if self.ttft is not None and self.tpot is not None:
+            return self
+        return replace(
+            self,
+            ttft=default.ttft if self.ttft is None else self.ttft,
+            tpot=default.tpot if self.tpot is None else self.tpot,
         )
 
 
@@ -89,8 +100,8 @@ class Sequence:
     num_registered_blocks: int = field(init=False, default=0)  # leading blocks published to the prefix cache
     in_flight: bool = field(init=False, default=False)  # part of a batch that has not completed yet
     abort_pending: bool = field(init=False, default=False)
-    # Whether a sampled token can end it (EOS honoured, or stop tokens): otherwise only its length can, and the
-    # scheduler skips `check_stop_token` until the length is reached. Fixed at creation, as the params are.
+    # Whether a sampled token can end it (EOS honoured, or stop tokens): otherwise only its length can, and
+    # the scheduler skips `check_stop_token` until the length is reached. Fixed at creation, as the params.
     stops_on_token: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:

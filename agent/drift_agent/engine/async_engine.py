@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import Sequence as Seq
+from collections import abc
 from dataclasses import dataclass
 
 from ..core.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, is_fatal_error
@@ -129,13 +129,13 @@ class AsyncLLMEngine:
     # ---- requests -----------------------------------------------------------------------------------
     async def generate(
         self,
-        prompt: str | Seq[int],
+        prompt: str | abc.Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
         slo: SLO | None = None,
         arrival_time: float | None = None,
     ) -> RequestStream:
-        """Validate synchronously (errors raise before the first yield), then stream outputs until finished."""
+        """Validate synchronously (errors raise before the first yield), then stream until finished."""
         if not self.is_running:
             raise EngineDeadError(
                 f"engine is not running: {self.error!r}" if self.error else "engine not started"

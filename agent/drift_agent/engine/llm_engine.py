@@ -151,6 +151,7 @@ class LLMEngine:
             fairness=config.fairness,
             fairness_preempt_gap=config.fairness_preempt_gap,
             preemption_mode=config.preemption_mode,
+            default_slo=config.default_slo,
         )
         self._mux: tuple[MuxContext, ModelMuxExecutor] | None = None  # built on first use
         self.trace = DecisionTrace(config.trace_path)
@@ -168,8 +169,8 @@ class LLMEngine:
         self._last_step: tuple[float | None, float | None] = (None, None)  # last lane: predicted, actual
         self._lanes: MuxLanes | None = None  # built on the first multiplexed step
         self._predicted: dict[str, float] = {}  # predicted latency of the work in flight on each lane
-        # Measured step costs (for `GET /state`); per lane in flight: (decode seqs or prompt tokens, share of the
-        # model's layers launched).
+        # Measured step costs (for `GET /state`); per lane in flight: (decode seqs or prompt tokens, share of
+        # the model's layers launched).
         self.costs = StepCosts(min(StepCosts.MIN_PREFILL_TOKENS, config.max_num_batched_tokens))
         self._lane_sizes: dict[str, tuple[int, float]] = {}
         self._pending_outputs: list[RequestOutput] = []  # posted while draining the lanes for a switch
@@ -270,13 +271,8 @@ class LLMEngine:
                 architecture=(getattr(self.hf_config, "architectures", None) or [None])[0],
             )
             log.info("performance model: %s", why)
-            default = cfg.default_slo
             ctx = MuxContext(
-                perf_model=perf,
-                splits=partitioner.splits,
-                num_layers=self.runner.model.num_layers,
-                default_ttft_s=default.ttft,
-                default_tpot_s=default.tpot,
+                perf_model=perf, splits=partitioner.splits, num_layers=self.runner.model.num_layers
             )
             self._mux = (ctx, ModelMuxExecutor(self.runner, partitioner))
         return self._mux[0]
@@ -345,7 +341,7 @@ class LLMEngine:
             params=params,
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
-            slo=slo or self.config.default_slo,
+            slo=slo if slo is not None else SLO(),  # its missing targets are filled in when it is queued
             times=RequestTimes(arrival=arrival_time if arrival_time is not None else time.monotonic()),
         )
         self.scheduler.check_fits(seq)
@@ -373,7 +369,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort at any time. Returns the final output (finish_reason 'abort') when the request ends now; a
-        request whose batch is running ends when that batch returns, and its final output comes from `step`."""
+        request whose batch is running ends when that batch returns, its final output then from `step`."""
         req = self.requests.get(request_id)
         if req is None:
             return None
@@ -852,6 +848,7 @@ class LLMEngine:
             self._lanes = None
         self.config = new
         self.scheduler.config.preemption_mode = new.preemption_mode
+        self.scheduler.config.default_slo = new.default_slo  # for requests queued from now on
         self.scheduler.set_fairness(new.fairness)
         if new_policy is not None:
             self.scheduler.policy = new_policy

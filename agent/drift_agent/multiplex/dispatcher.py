@@ -223,6 +223,10 @@ _PARTITION = PartitionConfig.model_fields  # the user-facing defaults, defined o
 
 @dataclass(frozen=True)
 class DispatcherConfig:
+    """`mode`, `static_prefill_share`, `tpot_margin` and `fold_max_tokens` come from the user's
+    `PartitionConfig` (`policies.dispatcher_config`); the rest are internal tunables that run at their
+    defaults (tests set them to force a situation; multiplex/README.md says why they are not flags)."""
+
     mode: Literal["slo", "static"] = "slo"
     # Static mode: the mixed split nearest this prefill share.
     static_prefill_share: float = _PARTITION["prefill_sm_share"].default
@@ -369,6 +373,16 @@ class Dispatcher:
         otherwise every SM to decode (lone phase)."""
         roles = self._roles(splits)
         return roles.static if roles.static is not None else roles.decode_end
+
+    def quiet_decode_split(self, splits: Sequence[Split], *, waiting: bool, started: bool) -> Split | None:
+        """The next decision's split without deciding, where it is known: with decode running, nothing
+        `waiting`, no prefill `started` (in flight or paused) and no prefill stall counted, `decide` runs
+        decode alone, starting no prefill, on `decode_alone_split`, and changes none of the dispatcher's
+        state, so a caller may skip it (the simulator's `join_span`). None otherwise: the decision could
+        differ, or deciding would reset the stall count."""
+        if waiting or started or self._stall_steps:
+            return None
+        return self.decode_alone_split(splits)
 
     def repeats_decode_alone(self, decision: DispatchDecision) -> bool:
         """Whether `decision` runs decode alone, starting no prefill (decode-only, a fold, or static mode with
@@ -529,8 +543,8 @@ class Dispatcher:
                 continue
             work += self._alone_s(r)
             limit = min(limit, share * (r.ttft_deadline_s - now) / work)
-        # An infinite limit means no deadline is left to keep (all late): prefill speed gains nothing, so decode
-        # takes the most SMs.
+        # An infinite limit means no deadline is left to keep (all late): prefill speed gains nothing, so
+        # decode takes the most SMs.
         allowed = limit * plan_work
         assert inputs.budget is not None
         for s in sorted(
@@ -657,7 +671,7 @@ class Dispatcher:
         return roles
 
     def _alone_s(self, r: PrefillRequest) -> float:
-        """Prefill time of `r` alone on the whole device, memoised by shape (a decision may sort a long queue)."""
+        """`r`'s prefill time alone on the whole device, memoised by shape (a decision sorts the queue)."""
         key = (r.new_tokens, r.cached_tokens)
         t = self._alone.get(key)
         if t is None:
@@ -670,8 +684,9 @@ class Dispatcher:
         return now + self._alone_s(r) > r.ttft_deadline_s
 
     def _prefill_order(self, waiting: Sequence[PrefillRequest], now: float) -> list[PrefillRequest]:
-        """The prefill order: priority, the client's fair share (fairness only), hopeless last, then EDF. The key runs for every waiting request, every
-        decision, so it reads the memo of `_alone_s` itself (`_hopeless` inlined)."""
+        """The prefill order: priority, the client's fair share (fairness only), hopeless last, then EDF. The
+        key runs for every waiting request, every decision, so it reads the memo of `_alone_s` itself
+        (`_hopeless` inlined)."""
         memo, alone_s = self._alone.get, self._alone_s
 
         def key(r: PrefillRequest) -> tuple:

@@ -85,13 +85,11 @@ class MuxContext:
     perf_model: PerfModel
     splits: list[Split]
     num_layers: int
-    default_ttft_s: float  # the targets of requests that bring none (`EngineConfig.default_slo`)
-    default_tpot_s: float
 
 
 def dispatcher_config(name: str, partition: PartitionConfig) -> DispatcherConfig:
-    """`static-split`, or `drift` with partition mode static/off, uses one fixed split; `drift` with auto adapts,
-    planning decode against its step budget / (1 + `tpot_margin`) (the lever the operator steers)."""
+    """`static-split`, or `drift` with partition mode static/off, uses one fixed split; `drift` with auto
+    adapts, planning decode against its step budget / (1 + `tpot_margin`) (the lever the operator steers)."""
     fixed = name == "static-split" or partition.mode in ("static", "off")
     return DispatcherConfig(
         mode="static" if fixed else "slo",
@@ -123,32 +121,28 @@ class MultiplexPolicy:
         self.dispatcher = Dispatcher(
             self.ctx.perf_model, dispatcher_config(self.name, engine_config.partition)
         )
-        default = engine_config.default_slo
-        self.ctx.default_ttft_s, self.ctx.default_tpot_s = default.ttft, default.tpot
-        self._waiting_memo.clear()  # deadlines follow the default TTFT
 
     # ---- state for the dispatcher ------------------------------------------------------------------
     def _decode_load(self, running: list[Sequence], now: float) -> DecodeLoad:
         """One pass over the running sequences that decode (the `DecodeRequest` fields, summed up without
         building them)."""
         borrow, floor = self.dispatcher.config.max_slack_borrow, CATCH_UP_FLOOR
-        default = self.ctx.default_tpot_s
         batch = kv = 0
         budget = math.inf
         for seq in running:
             n = len(seq.token_ids)
             p = seq.num_prompt_tokens
-            # `seq.is_prefilling`, inlined (this loop runs once per sequence per decision). A step in flight on
-            # the decode lane still counts: its sequences decode next too.
+            # `seq.is_prefilling`, inlined (this loop runs once per sequence per decision). A step in flight
+            # on the decode lane still counts: its sequences decode next too.
             if n - seq.num_computed_tokens > 1 or n == p:
                 continue
             batch += 1
             kv += n
             first = seq.times.first_token
-            t = seq.slo.tpot or default
+            t = seq.slo.tpot  # every queued request has its targets (`Scheduler.add`)
             # `DecodeRequest.step_budget(borrow)` with n - p - 1 tokens since the first, inlined; n > p here.
-            # The clamp can only lower the budget if the slack or the borrow cap is below it, so most sequences
-            # stop at the test.
+            # The clamp can only lower the budget if the slack or the borrow cap is below it, so most
+            # sequences stop at the test.
             slack = t * (n - p) if first is None or first > now else t * (n - p) - (now - first)
             hi = borrow * t
             if slack < budget or hi < budget:
@@ -195,7 +189,7 @@ class MultiplexPolicy:
             new_tokens=seq.num_tokens - hit.num_blocks * bm.block_size,
             cached_tokens=hit.num_blocks * bm.block_size,
             arrival_s=seq.times.arrival,
-            ttft_deadline_s=seq.times.arrival + (seq.slo.ttft or self.ctx.default_ttft_s),
+            ttft_deadline_s=seq.times.arrival + seq.slo.ttft,
             kv_blocks=bm.blocks_needed(seq.num_tokens) - len(hit.device) + revived,
             priority=seq.slo.priority,
         )
@@ -295,7 +289,7 @@ class MultiplexPolicy:
         items = self._admit(sched, ids, waiting)
         if not items:
             return None
-        deadline = min(s.seq.times.arrival + (s.seq.slo.ttft or self.ctx.default_ttft_s) for s in items)
+        deadline = min(s.seq.times.arrival + s.seq.slo.ttft for s in items)
         return PrefillJob(Batch(items, "prefill"), self.ctx.num_layers, deadline)
 
     def on_job_done(self, job: PrefillJob) -> None:
@@ -308,8 +302,9 @@ class MultiplexPolicy:
 def make_policy(
     name: str, engine_config: EngineConfig, mux_context: Callable[[], MuxContext] | None = None
 ) -> Policy:
-    """A policy by name, for the engine and the simulator alike. The multiplexing ones also need the performance
-    model and SM splits: `mux_context` is called only for them (the engine builds its context lazily)."""
+    """A policy by name, for the engine and the simulator alike. The multiplexing ones also need the
+    performance model and SM splits: `mux_context` is called only for them (the engine builds its context
+    lazily)."""
     if name in SEQUENTIAL_POLICIES:
         return SEQUENTIAL_POLICIES[name]()
     if name not in MULTIPLEX_POLICIES:

@@ -18,6 +18,7 @@ from ..commands.engine_args import (
     engine_config_from_args,
     engine_default,
 )
+from ..core.config import PartitionConfig, bounds_text
 from ..core.errors import DriftError
 from .settings import UVICORN_GRACEFUL_S, ServerSettings
 
@@ -96,7 +97,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--tpot-margin",
         type=float,
         metavar="MARGIN",
-        help="drift: plan decode against TPOT step budget / (1 + margin), in [-0.5, 1]; > 0 keeps decode on "
+        help="drift: plan decode against TPOT step budget / (1 + margin), "
+        f"{bounds_text(PartitionConfig.model_fields['tpot_margin'])}; > 0 keeps decode on "
         "more SMs when the performance model is optimistic, < 0 gives prefill more (favours TTFT); the "
         f"operator steers it at run time (default: {_partition_default('tpot_margin'):g})",
     )

@@ -68,13 +68,11 @@ def slo_from_headers(
             "priorities (start it with --allow-client-priority)",
             param="priority",
         )
-    given, default = SLO.from_ms(ttft_ms, tpot_ms, priority), config.default_slo
-    return SLO(
-        ttft=default.ttft if given.ttft is None else given.ttft,
-        tpot=default.tpot if given.tpot is None else given.tpot,
-        priority=priority,
-        client=client_id(headers, api_key_index),
-    )
+    # Filled now by `Scheduler.add`'s rule: the server classifies the request against this copy of the
+    # targets, also when it ends without any output from the engine.
+    slo = SLO.from_ms(ttft_ms, tpot_ms, priority).with_defaults(config.default_slo)
+    slo.client = client_id(headers, api_key_index)
+    return slo
 
 
 def client_id(headers: Mapping[str, str], api_key_index: int | None = None) -> str:

@@ -1,7 +1,7 @@
 """`drift sim run`, `drift sim plan` and `drift sim presets`.
 
-Wiring: the top-level CLI calls `add_parser(subparsers)`. Exit codes: 0 done, 1 the simulation could not finish,
-2 bad arguments or input files (one line on stderr), 130 interrupted.
+Wiring: the top-level CLI calls `add_parser(subparsers)`. Exit codes: 0 done, 1 the simulation could not
+finish, 2 bad arguments or input files (one line on stderr), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..argtypes import (
 )
 from ..bench.metrics import goodput_item
 from ..bench.workloads import WORKLOADS
-from ..core.config import POLICIES
+from ..core.config import POLICIES, PartitionConfig, bounds_text
 from ..core.fairness import FAIRNESS
 from ..core.preemption import PREEMPTION_MODES
 from ..routing.policies import ROUTERS
@@ -55,7 +55,7 @@ def _disagg(text: str) -> tuple[int, int]:
     return pair
 
 
-# ---- parser --------------------------------------------------------------------------------------------------
+# ---- parser ------------------------------------------------------------------------------------------------
 
 
 def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
@@ -178,8 +178,9 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
         "--tpot-margin",
         type=float,
         default=InstanceConfig.tpot_margin,
-        help="drift: decode plans against TPOT step budget / (1 + margin), in [-0.5, 1]; > 0 keeps decode on "
-        "more SMs (defends TPOT), < 0 gives prefill more (favours TTFT); what the operator steers",
+        help="drift: decode plans against TPOT step budget / (1 + margin), "
+        f"{bounds_text(PartitionConfig.model_fields['tpot_margin'])}; > 0 keeps decode on more SMs (defends "
+        "TPOT), < 0 gives prefill more (favours TTFT); what the operator steers",
     )
     e.add_argument(
         "--no-fast-forward",
@@ -230,7 +231,8 @@ def _common(p: argparse.ArgumentParser, *, many_policies: bool) -> None:
 def add_parser(subparsers: Any) -> None:
     sim = subparsers.add_parser(
         "sim",
-        help="simulate Drift instances and clusters on a virtual clock (policies, dispatch, capacity planning)",
+        help="simulate Drift instances and clusters on a virtual clock "
+        "(policies, dispatch, capacity planning)",
         description="Discrete-event simulation: the engine's own scheduler and policies, step latencies from "
         "the performance model (a measured profile or a built-in roofline of a preset model and GPU).",
     )
@@ -284,7 +286,7 @@ def add_parser(subparsers: Any) -> None:
     pr.set_defaults(func=presets_main)
 
 
-# ---- commands ------------------------------------------------------------------------------------------------
+# ---- commands ----------------------------------------------------------------------------------------------
 
 
 def _err(msg: str) -> None:
@@ -657,7 +659,8 @@ def plan_main(args: argparse.Namespace) -> int:
         out.print(f"No configuration up to {args.max_replicas} replicas meets the target.")
     else:
         out.print(
-            f"Fewest GPUs: {best.gpus} ({best.replicas} x TP{args.tp} {best.layout}) with policy {best.policy}"
+            f"Fewest GPUs: {best.gpus} ({best.replicas} x TP{args.tp} {best.layout}) "
+            f"with policy {best.policy}"
         )
     err.print(f"{len(result.points)} simulations in {time.perf_counter() - wall0:.1f} s")
     if args.save_result:
@@ -677,7 +680,8 @@ def presets_main(args: argparse.Namespace) -> int:
         m = p.shape
         params = (m.num_layers * m.layer_params + 2 * m.vocab_size * m.hidden_size) / 1e9
         print(
-            f"  {p.name:14s} {p.hf_id:30s} {params:5.1f}B params, {m.num_layers} layers, hidden {m.hidden_size}, "
+            f"  {p.name:14s} {p.hf_id:30s} {params:5.1f}B params, {m.num_layers} layers, "
+            f"hidden {m.hidden_size}, "
             f"heads {m.num_heads}/{m.num_kv_heads} KV, MLP {m.intermediate_size}, vocab {m.vocab_size}, "
             f"{m.kv_bytes_per_token // 1024} KiB of KV per token"
         )
@@ -685,7 +689,8 @@ def presets_main(args: argparse.Namespace) -> int:
     for name, (mem, link) in GPU_MEMORY.items():
         spec = device_preset(name)
         print(
-            f"  {name:24s} {spec.sms} SMs, {spec.peak_flops / 1e12:g} TFLOP/s BF16, {spec.mem_bw / 1e12:g} TB/s, "
+            f"  {name:24s} {spec.sms} SMs, {spec.peak_flops / 1e12:g} TFLOP/s BF16, "
+            f"{spec.mem_bw / 1e12:g} TB/s, "
             f"{mem / 1e9:g} GB, GPU link {link / 1e9:g} GB/s"
         )
     return 0

@@ -13,11 +13,12 @@ Where a span starts:
 
 - sequential policies: a step of every running sequence in which each samples, with nothing admissible
   waiting (`try_step_span`);
-- multiplexed policies: a decode-alone launch with no prefill job in flight, paused or starting, whose decision the
-  dispatcher would take again at each step end (`Dispatcher.repeats_decode_alone`; `try_mux_span`); or a decode launch beside a prefill job, up
-  to the job's predicted end. Such a span runs on past a layer block's end only where the lanes' decision
-  there keeps its decode steps as they are (`continue_span`); after the job's last block it may be extended
-  by the decode-alone steps that follow, the job's sequences joining (`join_span`).
+- multiplexed policies: a decode-alone launch with no prefill job in flight, paused or starting, whose
+  decision the dispatcher would take again at each step end (`Dispatcher.repeats_decode_alone`;
+  `try_mux_span`); or a decode launch beside a prefill job, up to the job's predicted end. Such a span runs on
+  past a layer block's end only where the lanes' decision there keeps its decode steps as they are
+  (`continue_span`); after the job's last block it may be extended by the decode-alone steps that follow, the
+  job's sequences joining (`join_span`).
 
 No span starts or runs on while the host KV tier has copies in flight or sequences swapped out or on their way
 back (`tier_busy`): copies land, and swapped sequences resume, at step boundaries a span would skip. Nor, with
@@ -62,8 +63,8 @@ def decode_run(
     sequence. Stops when none is left, or at the first finish when `stop_at_first_finish`.
 
     Between two finishes the batch is fixed and its context grows by one token per sequence a step, so such a
-    run is costed with one `PerfModel.decode_times` call (the same floats as a call per step; a test checks it)
-    and its start times are one running sum, as the step-by-step loop adds them."""
+    run is costed with one `PerfModel.decode_times` call (the same floats as a call per step; a test checks
+    it) and its start times are one running sum, as the step-by-step loop adds them."""
     order = sorted(after)
     n = len(order)
     kv = sum(map(itemgetter(1), order))
@@ -102,18 +103,19 @@ def decode_run(
 
 @dataclass(slots=True)
 class Span:
-    """Steps fast-forwarded together: a first step as scheduled, then decode steps. Each sequence gets one token
-    per step until it reaches its length."""
+    """Steps fast-forwarded together: a first step as scheduled, then decode steps. Each sequence gets one
+    token per step until it reaches its length."""
 
     seqs: list[Sequence]
-    # Per sequence, (tokens left after the first step, context of the second step): the context is one past the
-    # end of the first step's chunk, which is the sequence's first sampled position.
+    # Per sequence, (tokens left after the first step, context of the second step): the context is one past
+    # the end of the first step's chunk, which is the sequence's first sampled position.
     after: list[tuple[int, int]]
     durations: array  # latency of each step
     ends: list[float]  # end time of each step
     posted: int = 0  # steps already posted (a span beside prefill blocks is posted up to each block's end)
-    # The step each sequence joins at (None: all at the first). A joiner's `after` entry is written as if it had
-    # been there from the first step: (tokens left before its first step + start - 1, context there - start + 1).
+    # The step each sequence joins at (None: all at the first). A joiner's `after` entry is written as if it
+    # had been there from the first step:
+    # (tokens left before its first step + start - 1, context there - start + 1).
     starts: list[int] | None = None
 
 
@@ -137,8 +139,8 @@ class FastForward:
         # A request's finish can create work (sessions, a concurrency cap): spans then stop at the first one.
         self.finish_is_event = False
         self.span: Span | None = None
-        # A span beside prefill blocks: its split, and the length it may be cut back to when a block ended inside
-        # it (set until the lanes have decided).
+        # A span beside prefill blocks: its split, and the length it may be cut back to when a block ended
+        # inside it (set until the lanes have decided).
         self.split: tuple[int, int] | None = None
         self.cut: int | None = None
 
@@ -146,9 +148,10 @@ class FastForward:
     def try_step_span(
         self, out: SchedulerOutput, sampled: Sampled, now: float, dt: float, horizon: float
     ) -> Span | None:
-        """The span a sequential policy's step (`out`, launched at `now`, taking `dt`) starts, now `self.span`,
-        or None. It may start with any step of every running sequence in which each samples (decodes, and
-        prompts whose last chunk runs): afterwards all of them decode. A prompt cut short would prefill again."""
+        """The span a sequential policy's step (`out`, launched at `now`, taking `dt`) starts, now
+        `self.span`, or None. It may start with any step of every running sequence in which each samples
+        (decodes, and prompts whose last chunk runs): afterwards all of them decode. A prompt cut short would
+        prefill again."""
         batch = out.batches[0]
         if now + dt >= horizon or out.preempted or sampled.skip or self.tier_busy():
             return None
@@ -172,8 +175,8 @@ class FastForward:
         nothing admissible: all sequence slots taken) and no prefill left, until the next event that could add
         work (`horizon`) and while the KV pool holds every sequence's growth, the policy would schedule a
         decode step of all of them each time, minus the sequences that reach their length (decode all; no
-        prefill, no preemption, the same split). So those steps are applied at once, each step's latency from the
-        performance model for the sequences still running in it.
+        prefill, no preemption, the same split). So those steps are applied at once, each step's latency from
+        the performance model for the sequences still running in it.
 
         Multiplexed, `beside_prefill`: the steps run beside prefill layer blocks, contended. While a block
         runs the lanes relaunch the decode step with no decision (the queue does not matter), so the span may
@@ -210,11 +213,12 @@ class FastForward:
         return Span(seqs, after, durations, list(accumulate(durations, initial=now))[1:])
 
     def try_mux_span(self, launch: LaneLaunch, now: float, dt: float, horizon: float) -> Span | None:
-        """The span a multiplexed decode launch (at `now`, taking `dt`) starts, now `self.span`, or None: beside
-        a prefill block in flight, until the job's predicted end (the lanes relaunch decode without a decision;
-        each block's end may cut the span, see `continue_span`); or from a decode-alone launch with no prefill
-        job in flight, paused or starting, whose decision the dispatcher repeats (decode alone, same split; see
-        `Dispatcher.repeats_decode_alone`) at each step end until something can start a prefill."""
+        """The span a multiplexed decode launch (at `now`, taking `dt`) starts, now `self.span`, or None:
+        beside a prefill block in flight, until the job's predicted end (the lanes relaunch decode without a
+        decision; each block's end may cut the span, see `continue_span`); or from a decode-alone launch with
+        no prefill job in flight, paused or starting, whose decision the dispatcher repeats (decode alone,
+        same split; see `Dispatcher.repeats_decode_alone`) at each step end until something can start a
+        prefill."""
         inst = self.inst
         policy, lanes = inst.policy, inst.lanes
         batch, split = launch.decode, launch.split
@@ -322,10 +326,10 @@ class FastForward:
         return advanced, False
 
     def continue_span(self, launch: LaneLaunch, horizon: float, job_finished: bool) -> None:
-        """A prefill block ended inside the running span, which `at_block_end` posted up to the step in flight,
-        and the lanes have decided (`launch`). The span's later steps stand only if the prefill lane runs the
-        next block beside them (so the lanes relaunch decode with no decision, contended), the block did not
-        finish its job (`job_finished`: its prompts would join the next decode launch), nothing was
+        """A prefill block ended inside the running span, which `at_block_end` posted up to the step in
+        flight, and the lanes have decided (`launch`). The span's later steps stand only if the prefill lane
+        runs the next block beside them (so the lanes relaunch decode with no decision, contended), the block
+        did not finish its job (`job_finished`: its prompts would join the next decode launch), nothing was
         preempted, the pool still holds their KV after any admission, and they start before the next event;
         otherwise it ends with the step in flight, and where the block finished its job, the job's sequences
         may join it after that step (`join_span`)."""
@@ -352,20 +356,22 @@ class FastForward:
 
     def join_span(self, horizon: float) -> None:
         """The job that just finished leaves the prefill lane idle; after the decode step in flight the lanes
-        decide again, and with nothing waiting and no other job that decision is the decode step of every running
-        sequence, uncontended, on the split for decode alone (`Dispatcher.decode_alone_split`): the span's
-        sequences and those of the jobs that finished while it ran. Those steps are appended to the span (up to
-        the next event, as any span), the jobs' sequences joining it at the first of them."""
+        decide again, and with nothing waiting and no other job that decision is, where the dispatcher knows
+        it (`Dispatcher.quiet_decode_split`), the decode step of every running sequence, uncontended, on the
+        split for decode alone: the span's sequences and those of the jobs that finished while it ran. Those
+        steps are appended to the span (up to the next event, as any span), the jobs' sequences joining it at
+        the first of them."""
         span, inst = self.span, self.inst
         policy = inst.policy
         assert span is not None
-        if (
-            self.sched.waiting
-            or self.tier_busy()
-            or policy.active is not None
-            or policy.paused is not None
-            or policy.dispatcher.prefill_stall_steps  # (that decision would reset the prefill stall count)
-        ):
+        if self.tier_busy():
+            return
+        split = policy.dispatcher.quiet_decode_split(
+            policy.splits,
+            waiting=bool(self.sched.waiting),
+            started=policy.active is not None or policy.paused is not None,
+        )
+        if split is None:
             return
         j = len(span.durations)  # the joiners' first step
         start = span.ends[-1]
@@ -391,7 +397,6 @@ class FastForward:
         after += [
             (s.max_tokens - (len(s.token_ids) - s.num_prompt_tokens), len(s.token_ids)) for s in joiners
         ]
-        split = policy.dispatcher.decode_alone_split(policy.splits)
         run = self.run_from(after, start, horizon, self.finish_is_event, split.decode_sms, False)
         if not run or not self.span_kv_ok(seqs, after, len(run)):
             return
@@ -416,10 +421,10 @@ class FastForward:
     # ---- posting -----------------------------------------------------------------------------------------
     def post_span(self, span: Span, upto: int) -> list[Sequence]:
         """Post the span's steps from `span.posted` up to `upto`: sequence s gets one token per step until it
-        reaches its length (what the rounds of `on_batch_done` would do); finished ones retire in the order they
-        finished. Short of the span's end, step `upto` is in flight: its sequences stay in flight and hold its KV
-        slots, allocated as its launch would have. Returns the span's sequences for the caller to stamp (none
-        when no step ended)."""
+        reaches its length (what the rounds of `on_batch_done` would do); finished ones retire in the order
+        they finished. Short of the span's end, step `upto` is in flight: its sequences stay in flight and
+        hold its KV slots, allocated as its launch would have. Returns the span's sequences for the caller to
+        stamp (none when no step ended)."""
         sched, bm = self.sched, self.bm
         done, span.posted = span.posted, upto
         whole = upto == len(span.durations)

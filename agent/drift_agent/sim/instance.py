@@ -13,11 +13,11 @@ does when it polls its lanes.
 Where the policy's next decisions are known (the same decode step again and again), the instance's
 `FastForward` (`fast_forward.py`) applies a run of them at once; this module keeps the step-by-step logic.
 
-With a host KV tier (`swap_space_gb`) the block manager asks for copies between the tiers; each step takes them
-after scheduling, as the engine does, and `host_tier.CopyEngine` times them: a step that reads promoted blocks
-starts once they landed, the others overlap compute and are reported done at the first step boundary after
-they complete. With nothing to run but copies in flight, the instance waits for all of them (the engine's
-`wait_all`) as a step without a batch.
+With a host KV tier (`swap_space_gb`) the block manager asks for copies between the tiers; each step takes
+them after scheduling, as the engine does, and `host_tier.CopyEngine` times them: a step that reads promoted
+blocks starts once they landed, the others overlap compute and are reported done at the first step boundary
+after they complete. With nothing to run but copies in flight, the instance waits for all of them (the
+engine's `wait_all`) as a step without a batch.
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from ..core.block_manager import BlockManager
-from ..core.config import POLICIES, EngineConfig, PartitionConfig
+from ..core.config import POLICIES, EngineConfig, PartitionConfig, bounds_text
 from ..core.fairness import FAIRNESS
 from ..core.kv_copies import host_blocks_for_budget
 from ..core.preemption import PREEMPTION_MODES, SwapCosts
 from ..core.scheduler import Batch, Policy, Scheduler, SchedulerConfig
-from ..core.sequence import Sequence
+from ..core.sequence import SLO, Sequence
 from ..multiplex.devices import PCIE4_X16
 from ..multiplex.mux_loop import MuxLanes
 from ..multiplex.perf_model import PerfModel, PrefillShape
@@ -59,13 +61,11 @@ class InstanceConfig:
     max_num_batched_tokens: int = _ENGINE["max_num_batched_tokens"].default
     max_model_len: int = 32768
     enable_prefix_caching: bool = False
-    prefill_sm_share: float = _PARTITION["prefill_sm_share"].default  # static-split's prefill share
-    fold_max_tokens: int = _PARTITION[
-        "fold_max_tokens"
-    ].default  # drift: prompt tokens folded into a decode step at most (0: no fold)
-    tpot_margin: float = _PARTITION[
-        "tpot_margin"
-    ].default  # drift's TPOT margin: decode plans against step budget / (1 + margin)
+    # The engine's `PartitionConfig` fields the simulator varies (`partition` holds them to its schema):
+    # static-split's prefill share, drift's fold limit and TPOT margin.
+    prefill_sm_share: float = _PARTITION["prefill_sm_share"].default
+    fold_max_tokens: int = _PARTITION["fold_max_tokens"].default
+    tpot_margin: float = _PARTITION["tpot_margin"].default
     # The device takes this many times the performance model's latency (1: the model is exact); the policies
     # and router still predict with the model (see `executor.ScaledDevice`).
     model_error: float = 1.0
@@ -88,20 +88,30 @@ class InstanceConfig:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if min(self.block_size, self.num_kv_blocks, self.max_num_seqs, self.max_num_batched_tokens) < 1:
             raise ValueError("block size, KV blocks, max seqs and the token budget must be positive")
-        if self.fold_max_tokens < 0:
-            raise ValueError(f"fold_max_tokens must be >= 0, got {self.fold_max_tokens}")
-        if not -0.5 <= self.tpot_margin <= 1.0:  # `PartitionConfig.tpot_margin`'s range
-            raise ValueError(f"tpot_margin must be in [-0.5, 1], got {self.tpot_margin}")
+        _ = self.partition  # its bounds checked now, not when an instance starts
         if self.fairness not in FAIRNESS:
             raise ValueError(f"unknown fairness {self.fairness!r}; choose one of {', '.join(FAIRNESS)}")
         if not self.model_error > 0:
             raise ValueError(f"model_error must be positive, got {self.model_error}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(
-                f"unknown preemption mode {self.preemption_mode!r}; choose one of {', '.join(PREEMPTION_MODES)}"
+                f"unknown preemption mode {self.preemption_mode!r}; "
+                f"choose one of {', '.join(PREEMPTION_MODES)}"
             )
         if not self.swap_space_gb >= 0 or not self.host_bw > 0 or not self.fairness_preempt_gap > 0:
             raise ValueError("swap_space_gb must be >= 0, host_bw and fairness_preempt_gap > 0")
+
+    @property
+    def partition(self) -> PartitionConfig:
+        """The partition settings as the engine takes them, validated by their schema (mode: its default)."""
+        values = {
+            name: getattr(self, name) for name in ("prefill_sm_share", "fold_max_tokens", "tpot_margin")
+        }
+        try:
+            return PartitionConfig(**values)
+        except ValidationError as e:
+            name = str(e.errors()[0]["loc"][0])
+            raise ValueError(f"{name} must be {bounds_text(_PARTITION[name])}, got {values[name]}") from None
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -110,12 +120,7 @@ class InstanceConfig:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             enable_prefix_caching=self.enable_prefix_caching,
-            partition=PartitionConfig(
-                mode="auto",
-                prefill_sm_share=self.prefill_sm_share,
-                fold_max_tokens=self.fold_max_tokens,
-                tpot_margin=self.tpot_margin,
-            ),
+            partition=self.partition,
             slo_ttft_ms=self.slo_ttft_ms,
             slo_tpot_ms=self.slo_tpot_ms,
             fairness=self.fairness,
@@ -127,18 +132,10 @@ class InstanceConfig:
 
 def make_instance_policy(config: InstanceConfig, perf: PerfModel, splits: list[Split]) -> Policy:
     """The engine's policy for this instance (`multiplex.policies.make_policy`) over the simulated model."""
-    engine_config = config.engine_config()
-    default = engine_config.default_slo
     return make_policy(
         config.policy,
-        engine_config,
-        lambda: MuxContext(
-            perf_model=perf,
-            splits=splits,
-            num_layers=perf.num_layers,
-            default_ttft_s=default.ttft,
-            default_tpot_s=default.tpot,
-        ),
+        config.engine_config(),
+        lambda: MuxContext(perf_model=perf, splits=splits, num_layers=perf.num_layers),
     )
 
 
@@ -186,6 +183,7 @@ class SimInstance:
             fairness=config.fairness,
             fairness_preempt_gap=config.fairness_preempt_gap,
             preemption_mode=config.preemption_mode,
+            default_slo=SLO.from_ms(config.slo_ttft_ms, config.slo_tpot_ms),
         )
         self.policy = make_instance_policy(config, perf, splits)
         self.sched = Scheduler(sched_cfg, self.bm, self.policy)
@@ -199,7 +197,7 @@ class SimInstance:
         self.wake_pending = False
         self._batch: Batch | None = None
         self._sampled: Sampled | None = None
-        # Multiplexed: the two lanes, when each completes, and whether the last prefill block finished its job.
+        # Multiplexed: the two lanes, when each completes, and whether the last prefill block ended its job.
         self.lanes = MuxLanes(self.sched) if self.multiplexing else None
         self.decode_end: float | None = None
         self.prefill_end: float | None = None
