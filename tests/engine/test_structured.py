@@ -3,6 +3,7 @@ every scheduling policy, preemption, n > 1 seeds, and compile errors before anyt
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 
@@ -133,3 +134,76 @@ def test_compiled_grammars_are_cached(engine: LLMEngine) -> None:
 def test_matchers_released(engine: LLMEngine) -> None:
     engine.generate(["a", "b"], [js(1), js(2)])
     assert engine.runner.structured.matchers == {}
+
+
+@pytest.mark.parametrize("site", ["compute_logits", "sample"])
+def test_masks_never_outlive_a_failed_step(site: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that raises after its masks were started (the logits head, or before sampling as when a
+    multiplexed lane fails between its forward pass and its sampling) leaves no pending mask behind, so the
+    next batch samples with its own masks: greedy grammar outputs come out as without the fault."""
+    from tests.engine.test_failure_isolation import drive
+
+    eng = LLMEngine(tiny_engine_config())
+    prompts = ["a b", "c d e", "f"]
+    params = [js(temperature=0), js(temperature=0, max_tokens=60), js(temperature=0, max_tokens=70)]
+    ref = [o.text for o in eng.generate(prompts, params)]
+    runner = eng.runner
+    target = runner.model if site == "compute_logits" else runner
+    real = getattr(target, site)
+    calls = {"n": 0}
+
+    def failing(*args: object, **kw: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:  # a decode step, masks in flight
+            raise RuntimeError("injected")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(target, site, failing)
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        eng.add_request(f"r{i}", p, sp)
+    outs = drive(eng)
+    assert calls["n"] >= 2 and all(o.finish_reason == "error" for o in outs.values())
+    gc.collect()  # a batch that never sampled is freed with the failed step's state
+    assert runner._mask_jobs == {}
+    monkeypatch.setattr(target, site, real)
+    again = eng.generate(prompts, params)
+    assert [o.text for o in again] == ref
+    for o in again:
+        jsonschema.validate(json.loads(o.text), SCHEMA)
+    assert runner._mask_jobs == {}
+
+
+def test_stale_masks_are_dropped_with_their_batch(engine: LLMEngine) -> None:
+    """Masks started for a batch that is never sampled go away with the batch (their key, its id, may be
+    reused by a later batch only then), and clear_masks() forgets every pending one."""
+    from drift_agent.core.scheduler import Batch, ScheduledSeq
+
+    runner = engine.runner
+    seq = engine.make_sequence("m", "hello", js(1))
+    batch = Batch([ScheduledSeq(seq, 0, seq.num_prompt_tokens)], "prefill")
+    runner.start_masks(batch)
+    assert list(runner._mask_jobs) == [id(batch)]
+    del batch
+    gc.collect()
+    assert runner._mask_jobs == {}
+    again = Batch([ScheduledSeq(seq, 0, seq.num_prompt_tokens)], "prefill")
+    runner.start_masks(again)
+    runner.clear_masks()
+    assert runner._mask_jobs == {}
+    runner.release(seq.seq_id)
+
+
+def test_packed_masks_unpack_like_numpy() -> None:
+    """The packed bitmask unpacked on the device matches numpy's little-endian unpacking, bit 31 included."""
+    import numpy as np
+
+    from drift_agent.engine.structured import unpack_disallowed
+
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randint(-(2**31), 2**31 - 1, (5, 4), dtype=torch.int32, generator=gen)
+    packed[0] = -1
+    packed[1] = 0
+    packed[2, 0] = -(2**31)  # only bit 31
+    for vocab in (128, 100, 97):
+        want = np.unpackbits(packed.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab] == 0
+        assert torch.equal(unpack_disallowed(packed, vocab), torch.from_numpy(want))

@@ -124,3 +124,22 @@ def test_matching_helpers() -> None:
     assert key_index(b"k2", [b"k1", b"k2"]) == 1 and key_index(b"k", [b"k1", b"k2"]) is None
     assert is_protected("/v1/models") and is_protected("/tokenize") and not is_protected("/state")
     assert not is_protected("/v10") and not is_protected("/metrics")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "keys"),
+    [
+        (["--api-key", "K1", "K2"], {}, ("K1", "K2")),  # vLLM's spelling
+        (["--api-key", "K1", "K2", "--port", "9"], {}, ("K1", "K2")),
+        (["--api-key", "a", "--api-key", "b,c"], {}, ("a", "b", "c")),
+        (["--api-key", "a", "b", "--api-key", "c"], {"DRIFT_API_KEY": "env"}, ("a", "b", "c")),
+        ([], {"DRIFT_API_KEY": "e1,e2"}, ("e1", "e2")),
+        ([], {}, ()),
+    ],
+)
+def test_api_key_flag_spellings(argv: list[str], env: dict[str, str], keys: tuple[str, ...]) -> None:
+    from drift_agent.cli import build_parser
+    from drift_agent.server.cli import server_settings
+
+    args = build_parser().parse_args(["serve", *argv])
+    assert server_settings(args, env).api_key_values() == keys

@@ -133,6 +133,48 @@ def test_chat_streaming_greedy(client: openai.OpenAI) -> None:
     assert whole.startswith("{")  # greedy on random weights may nest until max_tokens
 
 
+def test_chat_streaming_with_n(client: openai.OpenAI) -> None:
+    """n > 1 on chat, streamed and not: every choice validates, and the seeded choices agree."""
+    kw: dict[str, Any] = dict(n=3, seed=11, max_tokens=200, extra_body={"guided_json": PERSON})
+    whole = chat(client, **kw)
+    texts = [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
+    streamed = [""] * 3
+    finish: list[str | None] = [None] * 3
+    for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason or finish[c.index]
+    assert streamed == texts and finish == ["stop"] * 3
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert len(set(texts)) > 1  # seed + i per choice
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"guided_json": PERSON, "guided_whitespace_pattern": "\n"},
+        {"structured_outputs": {"json": PERSON, "whitespace_pattern": "\n"}},
+        {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+            "guided_whitespace_pattern": "\n",
+        },
+    ],
+)
+def test_whitespace_pattern(client: openai.OpenAI, body: dict) -> None:
+    """vLLM's guided_whitespace_pattern: the only whitespace between JSON's tokens is what the pattern
+    allows (here newlines; the default compact form always has `": "`)."""
+    for seed in SEEDS[:3]:
+        text = chat(client, seed=seed, extra_body=body).choices[0].message.content
+        jsonschema.validate(json.loads(text), PERSON)
+        assert " " not in _STRINGS.sub('""', text), text
+    default = chat(client, seed=0, extra_body={"guided_json": PERSON}).choices[0].message.content
+    assert '": ' in default
+
+
 def test_structured_outputs_json_object(client: openai.OpenAI) -> None:
     body = {"structured_outputs": {"json_object": True}}
     outs = [chat(client, seed=s, max_tokens=400, extra_body=body).choices[0] for s in range(6)]
@@ -174,6 +216,11 @@ def test_free_text_unaffected(client: openai.OpenAI) -> None:
             {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "bogus"}}}},
             "response_format",
         ),
+        ({"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),  # no JSON constraint
+        ({"guided_regex": "a", "guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
+        ({"guided_json": PERSON, "guided_whitespace_pattern": "("}, "guided_whitespace_pattern"),
+        ({"guided_json": PERSON, "guided_whitespace_pattern": "(?= )"}, "guided_whitespace_pattern"),
+        ({"structured_outputs": {"json": PERSON, "whitespace_pattern": "["}}, "structured_outputs"),
     ],
 )
 def test_bad_grammar_is_400_with_param(client: openai.OpenAI, body: dict, param: str) -> None:
@@ -207,6 +254,11 @@ _SCALARS = st.sampled_from(
         {"type": "string", "enum": ["red", "green", "blue"]},
         {"type": "string", "pattern": "^[a-f0-9]{2,4}$"},
         {"const": "fixed"},
+        {"type": "string", "format": "date"},
+        {"type": "string", "format": "date-time"},
+        {"type": "string", "format": "email"},
+        {"type": "string", "format": "ipv4"},
+        {"type": "string", "format": "uuid"},
     ]
 )
 
@@ -232,17 +284,29 @@ def _schemas(children: st.SearchStrategy) -> st.SearchStrategy:
 SCHEMAS = st.recursive(_SCALARS, _schemas, max_leaves=5)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-@given(schema=SCHEMAS, seed=st.integers(0, 2**16))
-def test_schema_fuzz(live: LiveServer, schema: dict, seed: int) -> None:
+# Formats too, as far as jsonschema can check them with what is installed.
+FORMATS = jsonschema.FormatChecker()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(schema=SCHEMAS, seed=st.integers(0, 2**16), stream=st.booleans())
+def test_schema_fuzz(live: LiveServer, schema: dict, seed: int, stream: bool) -> None:
     client = openai.OpenAI(base_url=live.base_url, api_key="unused", max_retries=0)
+    kw: dict[str, Any] = dict(seed=seed, max_tokens=120, extra_body={"guided_json": schema})
     try:
-        resp = chat(client, seed=seed, max_tokens=120, extra_body={"guided_json": schema})
+        if stream:
+            text, finish = "", None
+            for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, **kw):
+                for c in chunk.choices:
+                    text += c.delta.content or ""
+                    finish = c.finish_reason or finish
+        else:
+            choice = chat(client, **kw).choices[0]
+            text, finish = choice.message.content, choice.finish_reason
     except openai.BadRequestError as exc:  # a 400 naming the field is fine; anything else fails the test
         assert exc.body["param"] == "guided_json"
         return
-    choice = resp.choices[0]
-    if choice.finish_reason == "stop":
-        jsonschema.validate(json.loads(choice.message.content), schema)
+    if finish == "stop":
+        jsonschema.Draft202012Validator(schema, format_checker=FORMATS).validate(json.loads(text))
     else:  # cut at max_tokens: still a prefix the grammar allowed, never a 5xx
-        assert choice.finish_reason == "length"
+        assert finish == "length"

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
+import pydantic
 import pytest
 
 from drift_agent.engine.async_engine import AsyncLLMEngine
@@ -236,3 +237,206 @@ def test_bad_requests_do_not_affect_the_batch(client: openai.OpenAI) -> None:
         else:
             assert res.choices[0].finish_reason == "tool_calls"
             check_call(res.choices[0].message.tool_calls[0], [WEATHER])
+
+
+# ---- nested schemas, lenient tool schemas, call ids --------------------------------------------------------
+class Addr(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=8)
+    zip: int = pydantic.Field(ge=0, le=99999)
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=8)
+    home: Addr
+
+
+class Shop(pydantic.BaseModel):  # its own `Addr`: the same name as Person's, another schema
+    class Addr(pydantic.BaseModel):
+        street: str = pydantic.Field(max_length=8)
+
+    at: Addr
+
+
+UNIQUE = {
+    "type": "function",
+    "function": {
+        "name": "tag",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2, "uniqueItems": True}
+            },
+            "required": ["tags"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _calls(client: openai.OpenAI, stream: bool, **kwargs: Any) -> tuple[str | None, list[Any]]:
+    """(finish_reason, tool calls) of choice 0, streamed (assembled by the client) or not."""
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        return choice.finish_reason, choice.message.tool_calls or []
+    with client.chat.completions.stream(**kwargs) as events:
+        choice = events.get_final_completion().choices[0]
+    return choice.finish_reason, choice.message.tool_calls or []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_with_pydantic_tools_using_defs(client: openai.OpenAI, stream: bool) -> None:
+    """openai.pydantic_function_tool of nested models puts `$defs` / `$ref` in the parameters (and two tools
+    define `Addr` differently): "required" still compiles and every call validates against its tool."""
+    tools = [openai.pydantic_function_tool(Person), openai.pydantic_function_tool(Shop)]
+    models = {"Person": Person, "Shop": Shop}
+    for seed in (1, 2):
+        kw = ARGS | {"seed": seed, "max_tokens": 200, "tools": tools, "tool_choice": "required"}
+        finish, calls = _calls(client, stream, **kw, parallel_tool_calls=False)
+        assert finish == "tool_calls" and len(calls) == 1
+        models[calls[0].function.name].model_validate_json(calls[0].function.arguments)
+        named = {"type": "function", "function": {"name": "Person"}}
+        finish, calls = _calls(client, stream, **(kw | {"tool_choice": named}))
+        assert finish == "tool_calls"
+        Person.model_validate_json(calls[0].function.arguments)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "tag"}}])
+def test_tools_with_unenforceable_keywords_still_work(
+    client: openai.OpenAI, choice: Any, stream: bool
+) -> None:
+    """uniqueItems cannot be enforced by the grammar: guided_json refuses it (400), a tool schema is compiled
+    leniently instead, so the call still parses and matches everything else the schema says."""
+    bad(client, extra_body={"guided_json": UNIQUE["function"]["parameters"]})  # still a 400 there
+    for seed in (1, 2, 3):
+        kw = ARGS | {"seed": seed, "tools": [UNIQUE], "tool_choice": choice, "parallel_tool_calls": False}
+        finish, calls = _calls(client, stream, **kw)
+        assert finish == "tool_calls" and calls[0].function.name == "tag"
+        tags = json.loads(calls[0].function.arguments)["tags"]
+        assert isinstance(tags, list) and len(tags) <= 2 and set(tags) <= {"a", "b"}
+
+
+# ---- auto mode with every parser, the model's text forced by guided_choice ---------------------------------
+PARIS = {"city": "Paris"}
+FORMATS: dict[str, list[tuple[str, str | None, list[tuple[str, dict]]]]] = {
+    # (model text, expected content, expected calls)
+    "hermes": [
+        (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+            None,
+            [("get_weather", PARIS)],
+        ),
+        (
+            'Let me look. <tool_call>{"name": "get_time", "arguments": {"zone": "utc"}}</tool_call>\n'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+            "Let me look. ",
+            [("get_time", {"zone": "utc"}), ("get_weather", PARIS)],
+        ),
+        ("It is sunny.", "It is sunny.", []),
+    ],
+    "llama3_json": [
+        (
+            '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
+            None,
+            [("get_weather", PARIS)],
+        ),
+        (
+            '{"name": "get_time", "parameters": {"zone": "cet"}}; {"name": "get_weather", "parameters": '
+            '{"city": "Paris"}}',
+            None,
+            [("get_time", {"zone": "cet"}), ("get_weather", PARIS)],
+        ),
+        ("It is sunny.", "It is sunny.", []),
+    ],
+    "mistral": [
+        (
+            '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+            None,
+            [("get_weather", PARIS)],
+        ),
+        (
+            '[TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "utc"}}, {"name": "get_weather", '
+            '"arguments": {"city": "Paris"}}]',
+            None,
+            [("get_time", {"zone": "utc"}), ("get_weather", PARIS)],
+        ),
+        ("It is sunny.", "It is sunny.", []),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def parsers(async_engine: AsyncLLMEngine) -> Iterator[dict[str, openai.OpenAI]]:
+    servers = {
+        name: start_server(async_engine, ServerSettings(host="127.0.0.1", port=0, tool_call_parser=name))
+        for name in FORMATS
+    }
+    yield {
+        name: openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0)
+        for name, s in servers.items()
+    }
+    for server in servers.values():
+        server.stop()
+
+
+def _check_id(call_id: str, parser: str) -> None:
+    if parser == "mistral":  # Mistral's templates need 9 alphanumeric characters
+        assert len(call_id) == 9 and call_id.isalnum(), call_id
+    else:
+        assert call_id.startswith("chatcmpl-tool-"), call_id
+
+
+@pytest.mark.parametrize("parser", sorted(FORMATS))
+def test_auto_tool_calls_with_every_parser(parsers: dict[str, openai.OpenAI], parser: str) -> None:
+    """The model's reply forced to the parser's format (guided_choice): n=2 choices come back as tool calls,
+    streamed and not, and agree; the call ids are in the parser's style."""
+    client, formats = parsers[parser], FORMATS[parser]
+    by_text = {text: (content, calls) for text, content, calls in formats}
+    kw = ARGS | {
+        "max_tokens": 200,
+        "n": 2,
+        "tools": [WEATHER, TIME],
+        "extra_body": {"guided_choice": list(by_text)},
+    }
+    seen: set[str] = set()
+    for seed in range(4):
+        whole = client.chat.completions.create(**(kw | {"seed": seed}))
+        streamed: dict[int, dict[str, Any]] = {}
+        for chunk in client.chat.completions.create(**(kw | {"seed": seed}), stream=True):
+            for c in chunk.choices:
+                out = streamed.setdefault(c.index, {"content": "", "calls": {}, "finish": None})
+                out["content"] += c.delta.content or ""
+                out["finish"] = c.finish_reason or out["finish"]
+                for d in c.delta.tool_calls or []:
+                    call = out["calls"].setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+                    call["id"] = d.id or call["id"]
+                    call["name"] = (d.function.name if d.function else None) or call["name"]
+                    call["arguments"] += (d.function.arguments or "") if d.function else ""
+        assert len(whole.choices) == 2
+        for choice in whole.choices:
+            got = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+            matches = [t for t, (content, calls) in by_text.items() if calls == got]
+            assert matches, got
+            content, _ = by_text[matches[0]]
+            seen.add(matches[0])
+            assert (choice.message.content or None) == content
+            assert choice.finish_reason == ("tool_calls" if got else "stop")
+            for call in choice.message.tool_calls:
+                _check_id(call.id, parser)
+            s = streamed[choice.index]  # seeded: the same text streamed
+            assert s["finish"] == choice.finish_reason
+            assert (s["content"] or None) == content
+            assert [(c["name"], json.loads(c["arguments"])) for c in s["calls"].values()] == got
+            for call in s["calls"].values():
+                _check_id(call["id"], parser)
+    assert len(seen) >= 2  # the seeds picked different replies
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_mistral_ids_for_every_tool_choice(parsers: dict[str, openai.OpenAI], choice: Any) -> None:
+    kw = ARGS | {"tools": [WEATHER, TIME], "tool_choice": choice, "parallel_tool_calls": False}
+    for stream in (False, True):
+        finish, calls = _calls(parsers["mistral"], stream, **kw)
+        assert finish == "tool_calls"
+        _check_id(calls[0].id, "mistral")
+    _check_id(_calls(parsers["hermes"], False, **kw)[1][0].id, "hermes")

@@ -167,7 +167,92 @@ def test_plan_modes_and_schemas() -> None:
     assert plan_tools([WEATHER], "required", None, parallel_tool_calls=False).schema["maxItems"] == 1
     named = plan_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}}, None)
     assert named.mode == "named" and named.function == "get_weather"
-    assert named.schema == WEATHER["function"]["parameters"]
+    # The tool's schema, leniently compiled (unenforceable keywords ignored), the client's tool untouched.
+    assert named.schema == {**WEATHER["function"]["parameters"], "x-guidance": {"lenient": True}}
+    assert "x-guidance" not in WEATHER["function"]["parameters"]
+    assert required.schema["x-guidance"] == {"lenient": True}
+
+
+def _resolve(schema: dict[str, Any], ref: str) -> Any:
+    node: Any = schema
+    for seg in ref.lstrip("#").split("/")[1:]:
+        node = node[seg.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return own + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_required_hoists_definitions_and_renames_clashes() -> None:
+    """`$defs` / `definitions` of every tool move to the combined schema's root (a `#/$defs/..` inside the
+    array's items would not resolve otherwise); a name two tools define differently is renamed in the
+    second, and every ref still points at its own tool's definition."""
+    addr = {"type": "object", "properties": {"street": {"type": "string"}}, "required": ["street"]}
+    zip_addr = {"type": "object", "properties": {"zip": {"type": "string"}}, "required": ["zip"]}
+    person = {
+        "type": "object",
+        "properties": {"home": {"$ref": "#/$defs/Addr"}, "boss": {"$ref": "#/$defs/Person"}},
+        "$defs": {"Addr": addr, "Person": {"type": "object", "properties": {"a": {"$ref": "#/$defs/Addr"}}}},
+    }
+    shop = {
+        "type": "object",
+        "properties": {"at": {"$ref": "#/definitions/Addr"}, "self": {"$ref": "#"}},
+        "definitions": {"Addr": zip_addr},
+    }
+    tools = [
+        {"type": "function", "function": {"name": "person", "parameters": person}},
+        {"type": "function", "function": {"name": "shop", "parameters": shop}},
+    ]
+    before = json.dumps(tools)
+    schema = plan_tools(tools, "required", None).schema
+    assert json.dumps(tools) == before  # the client's tools (and the chat template's) are untouched
+    items = schema["items"]["anyOf"]
+    p_params, s_params = (i["properties"]["parameters"] for i in items)
+    assert "$defs" not in p_params and _resolve(schema, p_params["properties"]["home"]["$ref"]) == addr
+    # "shop" refers to its own root: it became a definition, its Addr renamed away from person's.
+    s_root = _resolve(schema, s_params["$ref"])
+    assert _resolve(schema, s_root["properties"]["at"]["$ref"]) == zip_addr
+    assert _resolve(schema, s_root["properties"]["self"]["$ref"]) is s_root
+    for ref in _refs(schema):
+        _resolve(schema, ref)  # every ref resolves from the combined root
+    import jsonschema
+
+    ok = [{"name": "person", "parameters": {"home": {"street": "x"}}}, {"name": "shop", "parameters": {}}]
+    jsonschema.validate(ok, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "shop", "parameters": {"at": {"street": "x"}}}], schema)
+
+
+AUTO_TEXTS = {
+    "mistral": '[TOOL_CALLS][{"name": "f", "arguments": {}}]',
+    "hermes": '<tool_call>{"name": "f", "arguments": {}}</tool_call>',
+}
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", {"type": "function", "function": {"name": "f"}}])
+@pytest.mark.parametrize("server_parser", ["mistral", "hermes", None])
+def test_call_ids_follow_the_servers_parser(server_parser: str | None, choice: Any) -> None:
+    """Mistral's templates need 9-character alphanumeric ids, whatever the tool_choice of the call."""
+    if choice == "auto" and server_parser is None:
+        return
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    plan = plan_tools(tools, choice, server_parser)
+    if choice == "auto":
+        text = AUTO_TEXTS[server_parser or ""]
+    else:
+        text = '[{"name": "f", "parameters": {}}]' if choice == "required" else "{}"
+    _, calls = parse_output(plan, server_parser, text)
+    (call,) = calls
+    if server_parser == "mistral":
+        assert len(call["id"]) == 9 and call["id"].isalnum()
+    else:
+        assert call["id"].startswith("chatcmpl-tool-")
 
 
 @pytest.mark.parametrize(

@@ -48,9 +48,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--generation-config",
         metavar="auto|vllm|DIR",
         help=_with_default(
-            "default temperature, top_p, top_k, min_p, repetition_penalty and max_tokens (max_new_tokens) "
-            "of requests that leave them unset: auto reads the model's generation_config.json, vllm "
-            "ignores it, DIR reads DIR/generation_config.json",
+            "default temperature, top_p, top_k, min_p and repetition_penalty of requests that leave them "
+            "unset, and max_new_tokens as a cap on max_tokens: auto reads the model's "
+            "generation_config.json, vllm ignores it, DIR reads DIR/generation_config.json",
             "generation_config",
         ),
     )
@@ -59,7 +59,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help=_with_default(
-            "most logprobs (completions) or top_logprobs (chat) a request may ask for; more is a 400",
+            "most logprobs (completions) or top_logprobs (chat) a request may ask for, -1 for no limit; "
+            "more is a 400",
             "max_logprobs",
         ),
     )

@@ -105,9 +105,9 @@ class EngineConfig(BaseModel):
     )
     max_logprobs: int = Field(
         MAX_LOGPROBS,
-        ge=0,
-        le=MAX_LOGPROBS,
-        description="most logprobs (completions) or top_logprobs (chat) a request may ask for; more is a 400",
+        ge=-1,
+        description="most logprobs (completions) or top_logprobs (chat) a request may ask for; more is a 400; "
+        "-1: no limit (the whole vocabulary), as vLLM",
     )
     dtype: Dtype = Field(
         "auto", description="weights and KV cache dtype; auto: float32 on CPU, bfloat16 on GPU"

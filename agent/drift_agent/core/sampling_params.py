@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from .errors import InvalidRequestError
 
-# Bounds beyond which a value is certainly a client mistake rather than a choice.
+# The default of --max-logprobs (vLLM's, OpenAI's chat limit); the server enforces the configured one.
 MAX_LOGPROBS = 20
 # What torch.Generator.manual_seed accepts (an int64 or a uint64); anything else fails when the request is
 # sampled, long after it was accepted.
@@ -24,11 +24,14 @@ class StructuredOutput:
     json: any JSON object (`spec` unused); json_schema: a dict schema; regex: a pattern the whole output
     matches; choice: a list of strings, the output is one of them; grammar: a Lark (or GBNF) grammar.
     `param` names the request field it came from, so a compile error can name it in its 400.
+    `whitespace_pattern` (json kinds only, vLLM's `guided_whitespace_pattern`): a regex for the whitespace
+    allowed around JSON's structural characters, instead of the default compact `, ` / `: ` separators.
     """
 
     kind: StructuredKind
     spec: Any = None
     param: str | None = None
+    whitespace_pattern: str | None = None
 
     def validate(self) -> None:
         """What can be checked without the tokenizer; compiling (engine/structured.py) checks the rest."""
@@ -46,6 +49,10 @@ class StructuredOutput:
             raise bad("a JSON schema must be an object")
         if self.kind in ("regex", "grammar") and (not isinstance(spec, str) or not spec):
             raise bad(f"the {self.kind} must be a non-empty string")
+        if self.whitespace_pattern is not None and (
+            self.kind not in ("json", "json_schema") or not isinstance(self.whitespace_pattern, str)
+        ):
+            raise bad("a whitespace pattern needs a JSON constraint and must be a string")
         if self.kind == "choice" and (
             not isinstance(spec, (list, tuple))
             or not spec
@@ -124,10 +131,9 @@ class SamplingParams:
             raise bad("stop must be a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids must be non-negative integers")
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        # No upper bound here: --max-logprobs (the server's check) decides; the sampler caps at the vocabulary.
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise bad(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
         if self.structured is not None:
             if not isinstance(self.structured, StructuredOutput):
                 raise bad(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")

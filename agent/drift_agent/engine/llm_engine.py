@@ -329,6 +329,11 @@ class LLMEngine:
         """Validate a request and build its sequence without touching engine state (safe off-thread)."""
         params = params or SamplingParams()
         params.validate()  # again: the fields of a dataclass may have changed since it was built
+        limit = self.config.max_logprobs  # -1: no limit (vLLM's); SamplingParams itself has no bound
+        if params.logprobs is not None and 0 <= limit < params.logprobs:
+            raise InvalidRequestError(
+                f"logprobs must be at most {limit} (max_logprobs), got {params.logprobs}"
+            )
         if params.n != 1:
             raise InvalidRequestError("the engine runs one sequence per request; fan out n>1 as n requests")
         if params.structured is not None:
@@ -670,6 +675,7 @@ class LLMEngine:
         self._in_flight = []
         batches += self._quiesce_lanes()
         self.runner.take_failed()
+        self.runner.clear_masks()  # the batches in flight never sample
         victims: dict[int, Sequence] = {}
         for batch in batches:
             for item in batch.items:

@@ -7,6 +7,7 @@ comes from the scheduler's `Batch`; this module only turns it into flat tensors.
 from __future__ import annotations
 
 import logging
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -151,12 +152,12 @@ class ModelRunner:
             hidden = None if self.graphs is None else self.graphs.run(input_ids, positions, meta)
             if hidden is None:
                 hidden = self.model(input_ids, positions, meta)
+            if not rows:
+                return hidden.new_empty((0, 0))
+            return self.model.compute_logits(hidden[rows])
         except BaseException:
-            self._mask_jobs.pop(id(batch), None)
+            self._drop_masks(id(batch))  # this batch will never sample
             raise
-        if not rows:
-            return hidden.new_empty((0, 0))
-        return self.model.compute_logits(hidden[rows])
 
     def start_masks(self, batch: Batch) -> None:
         """Start computing the grammar masks of the batch's structured rows, to overlap the forward pass."""
@@ -165,7 +166,24 @@ class ModelRunner:
         sampling = [i.seq for i in batch.items if i.samples]
         job = self.structured.start_masks(sampling, self.device)
         if job is not None:
-            self._mask_jobs[id(batch)] = job
+            key = id(batch)
+            self._mask_jobs[key] = job
+            # A batch whose step failed between its forward pass and its sampling (the multiplexed lanes)
+            # takes its masks along when it is freed: its id, the key, can only be reused after that, so no
+            # later batch ever samples with another batch's masks.
+            weakref.finalize(batch, self._drop_masks, key, job)
+
+    def _drop_masks(self, key: int, job: Future | None = None) -> None:
+        """Forget the pending masks under `key` (only `job`'s, when given)."""
+        pending = self._mask_jobs.get(key)
+        if pending is not None and (job is None or pending is job):
+            self._mask_jobs.pop(key, None)
+            pending.cancel()  # not started yet: never runs
+
+    def clear_masks(self) -> None:
+        """Forget every pending mask (after a failed step: the batches in flight never sample)."""
+        for key in list(self._mask_jobs):
+            self._drop_masks(key)
 
     def _take_masks(self, batch: Batch, sampling: list[Sequence]) -> MaskBatch | None:
         job = self._mask_jobs.pop(id(batch), None)
@@ -179,7 +197,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> StepResult:
-        return self.sample(batch, self.forward_logits(batch))
+        logits = self.forward_logits(batch)
+        try:
+            return self.sample(batch, logits)
+        except BaseException:
+            # Failed before taking them, and the step's error (its traceback) may keep the batch alive.
+            self._drop_masks(id(batch))
+            raise
 
     def sample(self, batch: Batch, logits: torch.Tensor) -> StepResult:
         """Sample the next token of every item whose chunk reached the end of its known tokens."""

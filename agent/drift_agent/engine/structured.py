@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence as Seq
+from collections import abc as cabc  # not `Sequence`: that name is the engine's sequence class here
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -54,11 +54,20 @@ def grammar_of(so: StructuredOutput) -> str:
 
     LLMatcher = llguidance.LLMatcher
     so.validate()
+    # vLLM's whitespace pattern (outlines' meaning): bare `,` / `:` with the pattern around every structural
+    # character; it wins over the schema's own `x-guidance`.
+    overrides = (
+        None
+        if so.whitespace_pattern is None
+        else {"item_separator": ",", "key_separator": ":", "whitespace_pattern": so.whitespace_pattern}
+    )
     if so.kind == "json":
-        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema(
+            {"type": "object"}, defaults=JSON_OPTIONS, overrides=overrides
+        )
     if so.kind == "json_schema":
         try:
-            return LLMatcher.grammar_from_json_schema(so.spec, defaults=JSON_OPTIONS)
+            return LLMatcher.grammar_from_json_schema(so.spec, defaults=JSON_OPTIONS, overrides=overrides)
         except (ValueError, TypeError) as exc:
             raise compile_error(so, f"invalid JSON schema: {exc}") from None
     if so.kind == "regex":
@@ -78,8 +87,19 @@ def grammar_of(so: StructuredOutput) -> str:
     return LLMatcher.grammar_from_lark(text)
 
 
+def whitespace_pattern_error(pattern: Any) -> str | None:
+    """Why `pattern` cannot be a JSON whitespace pattern (llguidance's regex dialect), None when it can."""
+    import llguidance
+
+    if not isinstance(pattern, str) or not pattern:
+        return "must be a non-empty string"
+    error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_regex(pattern))
+    return " ".join(error.split()) or None
+
+
 def cache_key(so: StructuredOutput) -> str:
-    return json.dumps([so.kind, so.spec], sort_keys=True, ensure_ascii=False, default=str)
+    spec = [so.kind, so.spec] if so.whitespace_pattern is None else [so.kind, so.spec, so.whitespace_pattern]
+    return json.dumps(spec, sort_keys=True, ensure_ascii=False, default=str)
 
 
 @dataclass
@@ -108,6 +128,14 @@ class MaskBatch:
         sel = torch.tensor([j for j, _ in pairs], dtype=torch.long, device=self.disallowed.device)
         rows = torch.tensor([r for _, r in pairs], dtype=torch.long, device=dev)
         return MaskBatch(rows, self.disallowed.index_select(0, sel), self.failed)
+
+
+def unpack_disallowed(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [R, vocab_size], True where the packed allowed-bits (int32 [R, ceil(V / 32)], token t at bit
+    t % 32 of word t // 32) are 0. Runs on the bitmask's device."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # arithmetic shift: `& 1` still reads bit 31 right
+    return (bits == 0).reshape(bitmask.shape[0], -1)[:, :vocab_size]
 
 
 class StructuredOutputs:
@@ -191,7 +219,7 @@ class StructuredOutputs:
         self.matchers.pop(seq_id, None)
 
     # ---- masks --------------------------------------------------------------------------------
-    def start_masks(self, seqs: Seq[Sequence], device: torch.device) -> Future | None:
+    def start_masks(self, seqs: cabc.Sequence[Sequence], device: torch.device) -> Future | None:
         """Masks for the rows of `seqs` (the sampling rows, in order) with a grammar, computed on the worker
         thread; None when no row has one."""
         rows = [i for i, s in enumerate(seqs) if s.params.structured is not None]
@@ -223,16 +251,20 @@ class StructuredOutputs:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
             self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), words * 4, len(seqs))
-        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, : self.vocab_size]
-        disallowed = torch.from_numpy(bits == 0)
+        packed = bitmask.numpy().view(np.uint32)
         # A row with nothing allowed (an error state) gets EOS, so sampling stays defined.
-        dead = disallowed.all(dim=1)
-        if bool(dead.any()):
-            eos = [t for t in self.eos_token_ids if t < self.vocab_size]
-            disallowed[dead.nonzero().squeeze(1).unsqueeze(1), torch.tensor(eos, dtype=torch.long)] = False
+        live = packed.copy()
+        if self.vocab_size % 32:  # bits past the vocabulary do not count
+            live[:, -1] &= np.uint32((1 << (self.vocab_size % 32)) - 1)
+        dead = ~live.any(axis=1)
+        if dead.any():
+            for t in self.eos_token_ids:
+                if t < self.vocab_size:
+                    packed[dead, t // 32] |= np.uint32(1 << (t % 32))
+        # Packed bits cross to the device (a 32nd of a bool mask) and are unpacked there.
         return MaskBatch(
             torch.tensor(rows, dtype=torch.long, device=device),
-            disallowed.to(device, non_blocking=True),
+            unpack_disallowed(bitmask.to(device, non_blocking=True), self.vocab_size),
             failed,
         )
 

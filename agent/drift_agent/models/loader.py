@@ -257,7 +257,15 @@ def load_model(
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:
-    path = _check_dir(model_dir)
+    """The tokenizer of a model directory, or of a directory holding only tokenizer files (`--tokenizer`,
+    as vLLM accepts)."""
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"tokenizer directory {str(path)!r} does not exist or is not a directory")
+    if not any(
+        (path / name).is_file() for name in ("config.json", "tokenizer_config.json", "tokenizer.json")
+    ):
+        raise ModelLoadError(f"{path}: no tokenizer_config.json, tokenizer.json or config.json")
     from transformers import AutoTokenizer
 
     try:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from ..commands.engine_args import (
@@ -160,16 +161,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--api-key",
-        action="append",
+        nargs="+",
+        action="extend",  # vLLM's `--api-key K1 K2`; repeating the flag adds to the list too
         metavar="KEY",
         help="require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize (401 otherwise); "
-        "repeat or comma-separate for several keys; env DRIFT_API_KEY (comma-separated) "
+        "list, repeat or comma-separate for several keys; env DRIFT_API_KEY (comma-separated) "
         "(default: none, the routes are open)",
     )
     s.add_argument(
         "--disable-log-requests",
         action="store_true",
-        help="accepted for vLLM compatibility: drift serve never logs request contents (default: off)",
+        help="do not log a line per generation request (its id, route and sizes; never prompts or outputs), "
+        "as vLLM's flag (default: logged at INFO)",
     )
     s.add_argument(
         "--log-level",
@@ -236,25 +239,31 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(args: argparse.Namespace) -> int:
+def server_settings(args: argparse.Namespace, env: Mapping[str, str]) -> ServerSettings:
+    """The server's settings from its flags over the DRIFT_* environment; raises ValueError when invalid."""
     from .chat_template import load_chat_template  # imports FastAPI: not for `drift --help`
 
+    return ServerSettings.from_sources(
+        env,
+        host=args.host,
+        port=args.port,
+        slo_window_s=args.slo_window_s,
+        shutdown_timeout_s=args.shutdown_timeout_s,
+        max_request_body_bytes=args.max_request_body_bytes,
+        chat_template=load_chat_template(args.chat_template),
+        trust_request_chat_template=args.trust_request_chat_template or None,
+        tool_call_parser=args.tool_call_parser,
+        admin_port=args.admin_port,
+        allow_client_priority=args.allow_client_priority or None,
+        api_keys=args.api_key,
+        log_requests=False if args.disable_log_requests else None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
-        settings = ServerSettings.from_sources(
-            os.environ,
-            host=args.host,
-            port=args.port,
-            slo_window_s=args.slo_window_s,
-            shutdown_timeout_s=args.shutdown_timeout_s,
-            max_request_body_bytes=args.max_request_body_bytes,
-            chat_template=load_chat_template(args.chat_template),
-            trust_request_chat_template=args.trust_request_chat_template or None,
-            tool_call_parser=args.tool_call_parser,
-            admin_port=args.admin_port,
-            allow_client_priority=args.allow_client_priority or None,
-            api_keys=args.api_key,
-        )
+        settings = server_settings(args, os.environ)
     except (ValueError, OSError) as exc:
         print(f"drift serve: invalid configuration: {config_error_message(exc)}", file=sys.stderr)
         return 2

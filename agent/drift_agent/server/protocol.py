@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, StrictBool, Tag
 
 # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; choice i of a seeded request samples with seed + i.
 SEED_MIN = -(2**63)
@@ -77,7 +77,12 @@ class SamplingRequest(_Request):
     guided_grammar: Text | None = None
     # vLLM's current spelling: {"json": schema, "regex": ..., "choice": [...], "grammar": ..., "json_object": true}
     structured_outputs: dict[str, Any] | None = None
+    # Whitespace allowed around JSON's `{}[],:` (a regex), for JSON constraints only; `whitespace_pattern` in
+    # `structured_outputs`. Default: none, with `, ` and `: ` separators.
+    guided_whitespace_pattern: Text | None = None
     guided_decoding_backend: str | None = None  # accepted and ignored: one backend (llguidance)
+    # The generation config's max_new_tokens (set by the server, never by the client): caps max_tokens.
+    _max_tokens_cap: int | None = PrivateAttr(None)
 
 
 def _prompt_kind(value: Any) -> str:

@@ -121,20 +121,16 @@ def refuse_unsupported(req: SamplingRequest) -> None:
 def apply_model_defaults(req: SamplingRequest, defaults: Mapping[str, Any], max_logprobs: int) -> None:
     """The server's model settings on `req`, in place, before its sampling parameters are built: the
     `--generation-config` defaults (GENERATION_DEFAULT_KEYS' names) fill only the fields the request left
-    unset (absent or null), as vLLM applies them; a request asking for more logprobs than `--max-logprobs`
-    is a 400 naming the field."""
+    unset (absent or null), as vLLM applies them, except `max_tokens` (max_new_tokens), which caps the
+    request's own value as vLLM's get_max_tokens does: a request without one runs up to the context window
+    or the cap, whichever is first, and never fails for the cap. A request asking for more logprobs than
+    `--max-logprobs` (-1: no limit) is a 400 naming the field."""
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
         if name in defaults and getattr(req, name) is None:
             setattr(req, name, defaults[name])
-    if "max_tokens" in defaults:
-        if isinstance(req, ChatCompletionRequest):
-            unset = req.max_tokens is None and req.max_completion_tokens is None
-        else:  # completions' 16 is OpenAI's default, not the client's choice
-            unset = req.max_tokens is None or "max_tokens" not in req.model_fields_set
-        if unset:
-            req.max_tokens = defaults["max_tokens"]
+    req._max_tokens_cap = defaults.get("max_tokens")
     asked = logprobs_of(req)
-    if isinstance(asked, int) and asked > max_logprobs:
+    if isinstance(asked, int) and max_logprobs >= 0 and asked > max_logprobs:
         param = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
         raise APIError(
             400,
@@ -153,6 +149,23 @@ def _json_spec(value: Any, param: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise APIError(400, f"{param} must be a JSON schema object", param=param)
     return value
+
+
+def _with_whitespace(so: StructuredOutput | None, pattern: Any, param: str) -> StructuredOutput:
+    """`so` with vLLM's whitespace pattern; a 400 naming `param` when it cannot apply."""
+    from ..engine.structured import whitespace_pattern_error
+
+    if so is None or so.kind not in ("json", "json_schema"):
+        raise APIError(
+            400,
+            f"{param}: a whitespace pattern applies to a JSON constraint only (guided_json, response_format "
+            "json_object / json_schema, structured_outputs json / json_object)",
+            param=param,
+        )
+    error = whitespace_pattern_error(pattern)
+    if error:
+        raise APIError(400, f"{param}: invalid whitespace pattern: {error}", param=param)
+    return dataclasses.replace(so, whitespace_pattern=pattern)
 
 
 def structured_output_of(req: SamplingRequest) -> StructuredOutput | None:
@@ -216,6 +229,11 @@ def structured_output_of(req: SamplingRequest) -> StructuredOutput | None:
         raise APIError(
             400, f"at most one structured output constraint per request, got {names}", param=given[1].param
         )
+    pattern, pattern_param = req.guided_whitespace_pattern, "guided_whitespace_pattern"
+    if pattern is None and so is not None and so.get("whitespace_pattern") is not None:
+        pattern, pattern_param = so["whitespace_pattern"], "structured_outputs"
+    if pattern is not None:
+        given[:1] = [_with_whitespace(given[0] if given else None, pattern, pattern_param)]
     if not given:
         return None
     try:
@@ -226,10 +244,21 @@ def structured_output_of(req: SamplingRequest) -> StructuredOutput | None:
 
 
 def max_tokens_of(req: SamplingRequest) -> int | None:
+    """The request's own max_tokens (None: up to the context window)."""
     if isinstance(req, ChatCompletionRequest):
         return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     assert isinstance(req, CompletionRequest)
     return req.max_tokens
+
+
+def capped(params: SamplingParams, req: SamplingRequest) -> SamplingParams:
+    """`params` with max_tokens capped by the generation config's max_new_tokens (see apply_model_defaults).
+    Applied after the context-length check, which judges the request's own value, as vLLM orders them; the
+    engine also stops at the context window, so an unset max_tokens never fails for the cap."""
+    cap = req._max_tokens_cap
+    if cap is None or (params.max_tokens is not None and params.max_tokens <= cap):
+        return params
+    return dataclasses.replace(params, max_tokens=cap)
 
 
 def logprobs_of(req: SamplingRequest) -> int | None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +39,9 @@ from .generation import Aborted, GenerationGroup, Item
 from .protocol import PromptTokensDetails, SamplingRequest, UsageInfo, now_s
 from .sampling import (
     apply_model_defaults,
+    capped,
     check_context,
+    max_tokens_of,
     param_of,
     refuse_unsupported,
     sampling_params,
@@ -47,6 +50,8 @@ from .sampling import (
 from .state import ServerState
 
 T = TypeVar("T")
+# Per-request lines (ServerSettings.log_requests, off with --disable-log-requests).
+request_log = logging.getLogger("drift_agent.server.requests")
 
 # One thread, as vLLM does: HF fast tokenizers encode concurrently, but a call may first reconfigure the
 # tokenizer (padding, truncation, special-token splitting), which is not thread-safe; one thread also
@@ -210,7 +215,8 @@ class Job:
                 await off_loop(self.state.engine.runner.structured.compile, structured)
             for p, ids in enumerate(self.prompts):
                 for i in range(self.n):
-                    await group.add(p * self.n + i, ids, sampling_params(self.req, i), self.slo, self.arrival)
+                    params = capped(sampling_params(self.req, i), self.req)
+                    await group.add(p * self.n + i, ids, params, self.slo, self.arrival)
         except Exception as exc:
             for choice in group.choices:  # never started: nothing to classify, just free them
                 self.state.async_engine.abort(choice.request_id)
@@ -241,6 +247,16 @@ def prepare(
         api_key_index=request.scope.get("state", {}).get(API_KEY_INDEX),
     )
     rid = request.headers.get("x-request-id") or req.request_id or uuid.uuid4().hex
+    if state.settings.log_requests:  # sizes only: prompts and outputs never reach the log
+        request_log.info(
+            "Received request %s-%s: n=%d, max_tokens=%s, stream=%s, client=%r",
+            prefix,
+            rid,
+            req.n,
+            max_tokens_of(req),
+            req.stream,
+            slo.client,
+        )
     return f"{prefix}-{rid}", slo, arrival
 
 

@@ -56,6 +56,9 @@ class ServerSettings(BaseModel):
     tool_call_parser: str | None = Field(None, pattern=r"^(hermes|llama3_json|mistral)$")
     # Bearer keys of the OpenAI routes (auth.py): any one is accepted; None leaves them open, as vLLM does.
     api_keys: tuple[SecretStr, ...] | None = None
+    # One INFO line per generation request (its id and sizes, never its contents), as vLLM logs requests;
+    # --disable-log-requests turns them off.
+    log_requests: bool = True
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -16,10 +16,12 @@ reply is the same machine run over the whole text, so both always agree on well-
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 import secrets
 import string
+import urllib.parse
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -116,6 +118,113 @@ def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
     return tool["function"].get("parameters") or {"type": "object", "properties": {}}
 
 
+# Tool schemas are guaranteed-parseable calls, not validators: keywords the grammar compiler cannot enforce
+# (uniqueItems, not, ...) are ignored for them instead of refusing the tool (guided_json still refuses them).
+_LENIENT = {"lenient": True}
+_DEF_KEYS = ("$defs", "definitions")
+# Keywords whose values are data, not schemas: a `$ref` key in them is no reference.
+_DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
+
+
+def _lenient(schema: dict[str, Any]) -> dict[str, Any]:
+    guidance = schema.get("x-guidance")
+    return {**schema, "x-guidance": {**(guidance if isinstance(guidance, dict) else {}), **_LENIENT}}
+
+
+def _pointer(segments: list[str]) -> str:
+    return "#" + "".join("/" + s.replace("~", "~0").replace("/", "~1") for s in segments)
+
+
+def _segments(ref: str) -> list[str]:
+    """The JSON-pointer segments of a local `$ref` ("#/a/b")."""
+    path = urllib.parse.unquote(ref[1:])
+    return [s.replace("~1", "/").replace("~0", "~") for s in path.split("/")[1:]] if path else []
+
+
+def _hoist(params: dict[str, Any], fn_name: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameters for embedding in the "required" array schema: its `$defs` / `definitions` move
+    into `defs` (the combined schema's `$defs`), renamed where another tool took the name, and its local
+    `$ref`s are rewritten to match (a `#/$defs/...` inside an embedded schema would resolve against the
+    combined root, as vLLM's hoisting also avoids). A ref into the tool's own root (`#`, `#/properties/..`)
+    makes the whole tool a definition of its own. Never edits the client's tools."""
+    params = copy.deepcopy(params)
+    local: dict[tuple[str, str], Any] = {}
+    for key in _DEF_KEYS:
+        found = params.pop(key, None)
+        if isinstance(found, dict):
+            local.update({(key, name): sub for name, sub in found.items()})
+
+    def fresh(name: str) -> str:
+        new, i = name, 1
+        while new in defs or new in taken:
+            new, i = f"{fn_name}__{name}" + (f"_{i}" if i > 1 else ""), i + 1
+        return new
+
+    taken: set[str] = set()
+    renamed: dict[tuple[str, str], str] = {}
+    for key, name in local:
+        renamed[(key, name)] = fresh(name)
+        taken.add(renamed[(key, name)])
+    root = fresh(f"{fn_name}__parameters")
+    needs_root = False
+
+    def rewrite(node: Any) -> Any:
+        nonlocal needs_root
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+                seg = _segments(v)
+                if len(seg) >= 2 and (seg[0], seg[1]) in renamed:
+                    v = _pointer(["$defs", renamed[(seg[0], seg[1])], *seg[2:]])
+                else:
+                    needs_root = True
+                    v = _pointer(["$defs", root, *seg])
+            elif k not in _DATA_KEYS:
+                v = rewrite(v)
+            out[k] = v
+        return out
+
+    params = rewrite(params)
+    for (key, name), sub in local.items():
+        defs[renamed[(key, name)]] = rewrite(sub)
+    if needs_root:
+        defs[root] = params
+        return {"$ref": _pointer(["$defs", root])}
+    return params
+
+
+def _required_schema(tools: list[dict[str, Any]], parallel_tool_calls: bool | None) -> dict[str, Any]:
+    """The JSON schema of a "required" reply: an array of `{"name", "parameters"}` calls (vLLM's)."""
+    defs: dict[str, Any] = {}
+    items = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": [t["function"]["name"]]},
+                "parameters": _hoist(_parameters(t), t["function"]["name"], defs),
+            },
+            "required": ["name", "parameters"],
+            "additionalProperties": False,  # nothing else to write: the call ends when its arguments do
+        }
+        for t in tools
+    ]
+    schema: dict[str, Any] = {
+        "type": "array",
+        "minItems": 1,
+        "items": items[0] if len(items) == 1 else {"anyOf": items},
+        "x-guidance": _LENIENT,
+    }
+    if defs:
+        schema["$defs"] = defs
+    if parallel_tool_calls is False:
+        schema["maxItems"] = 1
+    return schema
+
+
 def plan_tools(
     tools: list[Any] | None, tool_choice: Any, parser: str | None, parallel_tool_calls: bool | None = None
 ) -> ToolPlan:
@@ -138,27 +247,10 @@ def plan_tools(
             )
         return ToolPlan("auto", checked)
     if choice == "required":
-        items = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string", "enum": [t["function"]["name"]]},
-                    "parameters": _parameters(t),
-                },
-                "required": ["name", "parameters"],
-                "additionalProperties": False,  # nothing else to write: the call ends when its arguments do
-            }
-            for t in checked
-        ]
-        schema: dict[str, Any] = {
-            "type": "array",
-            "minItems": 1,
-            "items": items[0] if len(items) == 1 else {"anyOf": items},
-        }
-        if parallel_tool_calls is False:
-            schema["maxItems"] = 1
         where = "tools[0].function.parameters" if len(checked) == 1 else "tools"
-        return ToolPlan("required", checked, schema, schema_param=where)
+        return ToolPlan(
+            "required", checked, _required_schema(checked, parallel_tool_calls), schema_param=where
+        )
     if isinstance(choice, dict):
         fn = choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
@@ -171,7 +263,8 @@ def plan_tools(
             )
         for i, tool in enumerate(checked):
             if tool["function"]["name"] == name:
-                return ToolPlan("named", checked, _parameters(tool), name, f"tools[{i}].function.parameters")
+                schema = _lenient(_parameters(tool))
+                return ToolPlan("named", checked, schema, name, f"tools[{i}].function.parameters")
         known = ", ".join(t["function"]["name"] for t in checked)
         raise APIError(
             400, f"tool_choice names function {name!r}, which is not in tools ({known})", param="tool_choice"
@@ -203,8 +296,9 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---- output side ---------------------------------------------------------------------------------------
-def _random_id(parser: str) -> str:
-    if parser == "mistral":  # Mistral's templates insist on 9 alphanumeric characters
+def _random_id(style: str | None) -> str:
+    """A tool-call id in the style of the server's parser (`--tool-call-parser`), whatever the tool_choice."""
+    if style == "mistral":  # Mistral's templates insist on 9 alphanumeric characters
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
@@ -277,8 +371,9 @@ class ToolCallParser(ABC):
 
     name = "base"
 
-    def __init__(self, eager: bool = True) -> None:
+    def __init__(self, eager: bool = True, id_style: str | None = None) -> None:
         self.eager = eager
+        self.id_style = id_style or self.name  # the server's parser: its ids, even for required/named
         self.text = ""
         self.pos = 0
         self.num_calls = 0
@@ -324,7 +419,7 @@ class ToolCallParser(ABC):
         self._out.tool_calls.append(
             {
                 "index": index,
-                "id": _random_id(self.name),
+                "id": _random_id(self.id_style),
                 "type": "function",
                 "function": {"name": name, "arguments": ""},
             }
@@ -565,8 +660,8 @@ class NamedFunctionParser(ToolCallParser):
 
     name = "named"
 
-    def __init__(self, eager: bool = True, function: str = "") -> None:
-        super().__init__(eager)
+    def __init__(self, eager: bool = True, function: str = "", id_style: str | None = None) -> None:
+        super().__init__(eager, id_style)
         self.function = function
         self._sent = 0
 
@@ -586,8 +681,8 @@ class RequiredParser(ToolCallParser):
 
     name = "required"
 
-    def __init__(self, eager: bool = True) -> None:
-        super().__init__(eager)
+    def __init__(self, eager: bool = True, id_style: str | None = None) -> None:
+        super().__init__(eager, id_style)
         self._st = _Objects(0)
         self._failed = False
 
@@ -612,9 +707,9 @@ _PARSER_CLASSES: dict[str, type[ToolCallParser]] = {
 def parser_for(plan: ToolPlan, parser: str | None, eager: bool = True) -> ToolCallParser | None:
     """The parser of one choice's output under `plan`; None when the reply is plain content."""
     if plan.mode == "named":
-        return NamedFunctionParser(eager, function=plan.function or "")
+        return NamedFunctionParser(eager, function=plan.function or "", id_style=parser)
     if plan.mode == "required":
-        return RequiredParser(eager)
+        return RequiredParser(eager, id_style=parser)
     if plan.mode == "auto" and parser is not None:
         return _PARSER_CLASSES[parser](eager)
     return None
