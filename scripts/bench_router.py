@@ -16,7 +16,9 @@ Five measurements, each printed as a table (figures for docs/benchmarks.md, mark
 3. `kill`: an agent killed in the middle of a run: every request completes or fails with an error, none hangs.
 4. `cpu`: the router's CPU time per non-streaming request and per relayed stream event, against a fake upstream
    (its own process) that answers at once: `/proc/PID/stat` user+system time of the router process over each
-   phase, less its idle cost (polling `/state`) over the same wall time.
+   phase, less its idle cost (polling `/state`) over the same wall time. Then the latency the router adds, one
+   request at a time against the same fake upstream: P50 direct and through the router, non-streaming and to a
+   stream's first event.
 5. `sim`: `drift sim run` with the count, rate, lengths, turns, think time, seed and SLO of part 1, per policy
    (a GPU preset, or `--sim-profile` from `drift profile`): simulated hit rate and mean TTFT.
 
@@ -157,8 +159,9 @@ def router(kind: str, policy: str, backends: list[str], logs: Path) -> Iterator[
     else:
         exe = shutil.which("vllm-router")
         assert exe, "vllm-router is not installed"
+        # Its metrics listener defaults to port 29000: a free one, so a leftover router cannot block it.
         cmd = [exe, "--host", HOST, "--port", str(port), "--policy", policy, "--worker-urls", *backends,
-               "--log-level", "warning"]  # fmt: skip
+               "--log-level", "warning", "--prometheus-port", str(free_port())]  # fmt: skip
         ready = "/health"
     log = open(logs / f"router-{kind}-{policy}.log", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -414,6 +417,38 @@ def router_cpu(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             assert got == streams * events, f"received {got} of {streams * events} events"
             # A stream's own setup costs about a request; the rest is per relayed event.
             per_event = (cpu_s - idle_rate * wall_s - streams * per_request) / got
+
+            async def latencies(target: str, n: int, stream: bool) -> list[float]:
+                """One request at a time: seconds to the whole body, or streaming to the first event."""
+                out = []
+                payload = {"model": "fake", "prompt": "hello", "max_tokens": 8, "stream": stream}
+                async with aiohttp.ClientSession() as session:
+                    for _ in range(n):
+                        t = time.perf_counter()
+                        async with session.post(target + "/v1/completions", json=payload) as r:
+                            if stream:
+                                async for line in r.content:
+                                    if line.startswith(b"data: {"):
+                                        break
+                            else:
+                                await r.read()
+                        out.append(time.perf_counter() - t)
+                return out
+
+            # The latency the router adds, with nothing else in the path to vary: direct and through the
+            # router in alternating blocks (A B B A ...), so a drift of the machine falls on both alike.
+            direct = f"http://{HOST}:{up_port}"
+            added: dict[bool, dict[str, list[float]]] = {
+                False: {"direct": [], "router": []},
+                True: {"direct": [], "router": []},
+            }
+            for stream in (False, True):
+                for block in range(8):
+                    order = ("direct", "router") if block % 2 == 0 else ("router", "direct")
+                    for name in order:
+                        added[stream][name] += asyncio.run(
+                            latencies(direct if name == "direct" else url, 100, stream)
+                        )
     finally:
         stop(upstream)
     row = {
@@ -426,10 +461,20 @@ def router_cpu(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         "events_per_s": got / wall_s,
         "idle_cpu_fraction": idle_rate,
     }
+    for stream, key in ((False, "request"), (True, "first_event")):
+        d, r = (statistics.median(added[stream][n]) * 1000 for n in ("direct", "router"))
+        row[f"p50_{key}_direct_ms"], row[f"p50_{key}_router_ms"], row[f"added_{key}_ms"] = d, r, r - d
     print(
         f"router CPU: {row['per_request_ms']:.3f} ms per non-streaming request ({n} at {n / wall:.0f}/s), "
         f"{row['per_event_us']:.1f} µs per relayed event ({streams} concurrent streams, {got} events at "
         f"{got / wall_s:.0f}/s); idle {100 * idle_rate:.1f}% of a core",
+        flush=True,
+    )
+    print(
+        f"router latency, one request at a time (P50 of 800 each): non-streaming {row['p50_request_direct_ms']:.3f}"
+        f" ms direct, {row['p50_request_router_ms']:.3f} ms through the router (+{row['added_request_ms']:.3f});"
+        f" streaming, to the first event: {row['p50_first_event_direct_ms']:.3f} ms direct, "
+        f"{row['p50_first_event_router_ms']:.3f} ms through the router (+{row['added_first_event_ms']:.3f})",
         flush=True,
     )
     return row
