@@ -7,6 +7,7 @@ import json
 import sys
 import time
 import types
+from typing import Any
 
 import httpx
 import pytest
@@ -247,25 +248,32 @@ def test_models_carries_the_clients_key_and_an_agents_401(harness: Harness) -> N
     assert r.status_code == 200 and r.json()["data"][0]["max_model_len"] == 99  # the agent's own card
 
 
-def test_discovery_adds_and_removes_backends_live(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    a, b = harness.fake(), harness.fake()
-    calls: list[tuple[str, str, object]] = []
-    holder: dict[str, object] = {}
+def fake_discovery(monkeypatch: pytest.MonkeyPatch, first: list[str]) -> dict[str, Any]:
+    """Replace the EndpointSlice watch with one that reports `first`; the returned dict records the watch's
+    arguments (`calls`) and its `on_change`, to report later lists with."""
+    seen: dict[str, Any] = {"calls": []}
 
-    def watch_endpoints(namespace: str, service: str, port: object, on_change: object, stop: object) -> None:
-        calls.append((namespace, service, port))
-        holder["on_change"] = on_change
-        on_change([a.url])  # type: ignore[operator]
-        stop.wait()  # type: ignore[attr-defined]
+    def watch_endpoints(namespace: str, service: str, port: object, on_change: Any, stop: Any) -> None:
+        seen["calls"].append((namespace, service, port))
+        seen["on_change"] = on_change
+        on_change(first)
+        stop.wait()
 
     fake = types.ModuleType("drift_agent.router.discovery")
     fake.watch_endpoints = watch_endpoints  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "drift_agent.router.discovery", fake)
     monkeypatch.setattr(drift_agent.router, "discovery", fake, raising=False)
+    return seen
+
+
+def test_discovery_adds_and_removes_backends_live(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = harness.fake(), harness.fake()
+    seen = fake_discovery(monkeypatch, [a.url])
+    calls = seen["calls"]
     router = harness.router([], discover="ns/agents", discover_port="http")
     assert calls == [("ns", "agents", "http")]
     assert list(router.state.pool.backends) == [a.url]
-    holder["on_change"]([b.url])  # type: ignore[operator]
+    seen["on_change"]([b.url])
     wait_until(lambda: list(router.state.pool.backends) == [b.url], "backend list not followed")
     wait_until(lambda: httpx.get(f"{router.url}/ready").status_code == 200, "new backend never ready")
     assert httpx.post(f"{router.url}/v1/completions", json=COMPLETION).headers["x-drift-backend"] == b.url
@@ -277,17 +285,7 @@ def test_static_backends_stay_next_to_discovered_ones(
 ) -> None:
     """`--backend` with `--discover`: discovery's lists (even an empty one) never drop the static backend."""
     static, found = harness.fake(), harness.fake()
-    holder: dict[str, object] = {}
-
-    def watch_endpoints(namespace: str, service: str, port: object, on_change: object, stop: object) -> None:
-        holder["on_change"] = on_change
-        on_change([found.url])  # type: ignore[operator]
-        stop.wait()  # type: ignore[attr-defined]
-
-    fake = types.ModuleType("drift_agent.router.discovery")
-    fake.watch_endpoints = watch_endpoints  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "drift_agent.router.discovery", fake)
-    monkeypatch.setattr(drift_agent.router, "discovery", fake, raising=False)
+    holder = fake_discovery(monkeypatch, [found.url])
     router = harness.router([static.url], discover="ns/agents", policy="round-robin")
     wait_until(lambda: set(router.state.pool.backends) == {static.url, found.url}, "discovery not merged")
     wait_until(lambda: len(httpx.get(f"{router.url}/ready").json().get("backends", [])) == 2, "not polled")
@@ -295,7 +293,7 @@ def test_static_backends_stay_next_to_discovered_ones(
         httpx.post(f"{router.url}/v1/completions", json=COMPLETION).headers["x-drift-backend"] for _ in "ab"
     }
     assert used == {static.url, found.url}
-    holder["on_change"]([])  # type: ignore[operator]
+    holder["on_change"]([])
     wait_until(lambda: list(router.state.pool.backends) == [static.url], "discovered backend not removed")
     assert (
         httpx.post(f"{router.url}/v1/completions", json=COMPLETION).headers["x-drift-backend"] == static.url
