@@ -32,7 +32,7 @@ def test_defaults_fill_only_unset_fields() -> None:
     defaults = {"temperature": 0.0, "top_p": 0.5, "top_k": 5, "max_tokens": 3}
     req = _chat(temperature=0.7, top_k=None)
     apply_model_defaults(req, defaults, 20)
-    params = capped(sampling_params(req, 0), req)
+    params = capped(sampling_params(req, 0), defaults.get("max_tokens"))
     assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.7, 0.5, 5, 3)
     untouched = _chat()
     apply_model_defaults(untouched, {}, 20)  # --generation-config vllm: today's behaviour
@@ -55,13 +55,13 @@ def test_max_new_tokens_caps_max_tokens(fields: dict, cap: int | None, expected:
     defaults = {} if cap is None else {"max_tokens": cap}
     req = _chat(**fields)
     apply_model_defaults(req, defaults, 20)
-    assert capped(sampling_params(req, 0), req).max_tokens == expected
+    assert capped(sampling_params(req, 0), cap).max_tokens == expected
     assert req.model_dump(exclude_unset=True).keys() == {"messages", *fields}  # the cap is no client value
     # Completions: OpenAI's implicit 16 counts as the request's value, as in vLLM.
     for body, want in (({"prompt": "x"}, 3), ({"prompt": "x", "max_tokens": 2}, 2)):
         completion = CompletionRequest.model_validate(body)
         apply_model_defaults(completion, {"max_tokens": 3}, 20)
-        assert capped(sampling_params(completion, 0), completion).max_tokens == want
+        assert capped(sampling_params(completion, 0), 3).max_tokens == want
     bad = _chat(max_tokens=0)
     apply_model_defaults(bad, {"max_tokens": 3}, 20)
     with pytest.raises(APIError) as info:  # an invalid value of the client's own is still refused

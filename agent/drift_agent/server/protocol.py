@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, StrictBool, Tag
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag
 
 # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; choice i of a seeded request samples with seed + i.
 SEED_MIN = -(2**63)
@@ -81,8 +81,6 @@ class SamplingRequest(_Request):
     # `structured_outputs`. Default: none, with `, ` and `: ` separators.
     guided_whitespace_pattern: Text | None = None
     guided_decoding_backend: str | None = None  # accepted and ignored: one backend (llguidance)
-    # The generation config's max_new_tokens (set by the server, never by the client): caps max_tokens.
-    _max_tokens_cap: int | None = PrivateAttr(None)
 
 
 def _prompt_kind(value: Any) -> str:

@@ -128,7 +128,6 @@ def apply_model_defaults(req: SamplingRequest, defaults: Mapping[str, Any], max_
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
         if name in defaults and getattr(req, name) is None:
             setattr(req, name, defaults[name])
-    req._max_tokens_cap = defaults.get("max_tokens")
     asked = logprobs_of(req)
     if isinstance(asked, int) and max_logprobs >= 0 and asked > max_logprobs:
         param = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
@@ -251,11 +250,11 @@ def max_tokens_of(req: SamplingRequest) -> int | None:
     return req.max_tokens
 
 
-def capped(params: SamplingParams, req: SamplingRequest) -> SamplingParams:
-    """`params` with max_tokens capped by the generation config's max_new_tokens (see apply_model_defaults).
-    Applied after the context-length check, which judges the request's own value, as vLLM orders them; the
-    engine also stops at the context window, so an unset max_tokens never fails for the cap."""
-    cap = req._max_tokens_cap
+def capped(params: SamplingParams, cap: int | None) -> SamplingParams:
+    """`params` with max_tokens capped by `cap`, the generation config's max_new_tokens (see
+    apply_model_defaults). Applied after the context-length check, which judges the request's own value, as
+    vLLM orders them; the engine also stops at the context window, so an unset max_tokens never fails for
+    the cap."""
     if cap is None or (params.max_tokens is not None and params.max_tokens <= cap):
         return params
     return dataclasses.replace(params, max_tokens=cap)

@@ -213,9 +213,10 @@ class Job:
             structured = sampling_params(self.req, 0).structured
             if structured is not None:  # compile (or find cached) off the event loop; the engine reuses it
                 await off_loop(self.state.engine.runner.structured.compile, structured)
+            max_new_tokens = self.state.engine.generation_defaults.get("max_tokens")
             for p, ids in enumerate(self.prompts):
                 for i in range(self.n):
-                    params = capped(sampling_params(self.req, i), self.req)
+                    params = capped(sampling_params(self.req, i), max_new_tokens)
                     await group.add(p * self.n + i, ids, params, self.slo, self.arrival)
         except Exception as exc:
             for choice in group.choices:  # never started: nothing to classify, just free them
