@@ -77,6 +77,11 @@ def _pos_float(d: dict[str, Any], key: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
 
 
+def _fraction(d: dict[str, Any], key: str) -> float | None:
+    v = d.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 else None
+
+
 @dataclass(frozen=True, slots=True)
 class AgentState:
     """The fields of an agent's `GET /state` the router uses (missing or mistyped numbers read as 0/None)."""
@@ -103,7 +108,6 @@ class AgentState:
             raise ValueError("state is not a JSON object")
         perf = d.get("perf") if isinstance(d.get("perf"), dict) else {}
         slo = d.get("slo") if isinstance(d.get("slo"), dict) else {}
-        attainment = slo.get("attainment")
         model = d.get("model")
         return cls(
             model=model if isinstance(model, str) else None,
@@ -120,11 +124,7 @@ class AgentState:
             prefill_s_per_token=_pos_float(perf, "prefill_s_per_token"),
             decode_step_s=_pos_float(perf, "decode_step_s"),
             decode_batch=max(1, _int(perf, "decode_batch", 1)),
-            slo_attainment=float(attainment)
-            if isinstance(attainment, (int, float))
-            and not isinstance(attainment, bool)
-            and 0 <= attainment <= 1
-            else None,
+            slo_attainment=_fraction(slo, "attainment"),
         )
 
 
